@@ -1,0 +1,146 @@
+"""Every TVM-version-sensitive import and attribute access lives here.
+
+Pinned to apache-tvm 0.27 (Relax shares its IR with tirx; StructInfo became Type: ``expr.ty``;
+``relax.Var.name``; constants are ``tvm.ir.GenericConst``). See ../shared/notes/tvm-0.27.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import tvm
+import tvm_ffi
+from tvm import relax
+
+TVM_VERSION = tvm.__version__
+
+IntImm = tvm.tirx.IntImm
+TirVar = tvm.tirx.Var
+GenericConst = tvm.ir.GenericConst
+Call = tvm.ir.Call
+Op = tvm.ir.Op
+GlobalVar = tvm.ir.GlobalVar
+PrimFunc = tvm.tirx.PrimFunc
+ExternFunc = relax.ExternFunc
+TensorType = relax.TensorType
+TupleType = relax.TupleType
+
+
+def op_name(call) -> str | None:
+    """The registered op name of ``call`` (e.g. ``"relax.matmul"``), or None."""
+    if isinstance(call, Call) and isinstance(call.op, Op):
+        return str(call.op.name)
+    return None
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element as TVM's planner counts them (bool is one byte)."""
+    dt = tvm.runtime.DataType(str(dtype))
+    return max(1, (int(dt.bits) + 7) // 8) * int(dt.lanes)
+
+
+def tensor_shape(ty) -> list | None:
+    """The shape of a TensorType as a list of ints / PrimExprs, or None if unknown."""
+    if not isinstance(ty, TensorType) or ty.shape is None:
+        return None
+    vals = getattr(ty.shape, "values", None)
+    if vals is None:
+        return None
+    return [int(d) if isinstance(d, IntImm) else d for d in vals]
+
+
+def tensor_dtype(ty) -> str:
+    return str(ty.dtype)
+
+
+def free_tir_vars(exprs: Iterable) -> list:
+    """The tirx.Vars used by a list of PrimExprs (dims), in first-seen order."""
+    seen: dict[str, object] = {}
+    for e in exprs:
+        if isinstance(e, int):
+            continue
+
+        def cb(node, vis, _seen=seen):
+            _seen.setdefault(str(node.name), node)
+            return vis.default_visit(node)
+
+        if isinstance(e, TirVar):
+            seen.setdefault(str(e.name), e)
+        else:
+            tvm_ffi.structural_visit(e, [(TirVar, cb)])
+    return list(seen.values())
+
+
+def upper_bounds_of(func) -> dict[str, int]:
+    """``tir_var_upper_bound`` attribute of a Relax function as {name: int}."""
+    attrs = func.attrs
+    if attrs is None or "tir_var_upper_bound" not in attrs:
+        return {}
+    return {str(k): int(v) for k, v in attrs["tir_var_upper_bound"].items()}
+
+
+def eval_upper(expr, bounds: dict[str, int]) -> int | None:
+    """Upper bound of a PrimExpr given {var name: upper bound} (vars range over [0, ub]).
+
+    Mirrors StaticPlanBlockMemory's GetUpperBoundShape. Returns None when unbounded.
+    """
+    if isinstance(expr, int):
+        return expr
+    if isinstance(expr, IntImm):
+        return int(expr)
+    ana = tvm.sym.Analyzer()
+    for v in free_tir_vars([expr]):
+        ub = bounds.get(str(v.name))
+        if ub is not None:
+            ana.bind(v, tvm.ir.Range.from_min_extent(0, ub + 1))
+    b = ana.const_int_bound(expr)
+    if b.max_value >= (1 << 62):
+        return None
+    return int(b.max_value)
+
+
+def prod(xs: Iterable[int]) -> int:
+    return math.prod(xs)
+
+
+def prim_func_global_alloc_bytes(pf) -> int:
+    """Bytes of global-scope buffers a PrimFunc allocates internally (run-time workspace).
+
+    On CPU the default pipeline leaves full-size intermediates (softmax's exp buffer, a fused
+    matmul's result) as global sblock buffers; TVM's Relax memory plan does not see them.
+    Sizes with symbolic dims are bounded with the PrimFunc's own ``tir_var_upper_bound`` if any,
+    else counted as 0 and reported as unknown by the caller.
+    """
+    total = 0
+
+    def add(buf):
+        nonlocal total
+        try:
+            scope = buf.scope()
+        except Exception:  # pragma: no cover - defensive
+            scope = "global"
+        if scope not in ("global", ""):
+            return
+        n = 1
+        for s in buf.shape:
+            if not isinstance(s, IntImm):
+                return
+            n *= int(s)
+        total += n * dtype_bytes(str(buf.dtype))
+
+    def on_block(b, vis):
+        for buf in b.alloc_buffers:
+            add(buf)
+        return vis.default_visit(b)
+
+    def on_alloc(node, vis):
+        add(node.buffer)
+        return vis.default_visit(node)
+
+    visitors = [(tvm.s_tir.stmt.SBlock, on_block)]
+    alloc_buffer = getattr(tvm.tirx.stmt, "AllocBuffer", None)
+    if alloc_buffer is not None:
+        visitors.append((alloc_buffer, on_alloc))
+    tvm_ffi.structural_visit(pf.body, visitors)
+    return total

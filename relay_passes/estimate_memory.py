@@ -1,0 +1,229 @@
+"""EstimateMemory: what one call of a Relax module will allocate, and where the peak is.
+
+Analysis only (never mutates the caller's module). Where it belongs: on a high-level Relax
+module (as imported) or on any module before ``StaticPlanBlockMemory``; it runs the target's
+legalization (``pipeline.estimate_passes``) on a copy and walks the result with
+``liveness.FrameWalker``, which reproduces TVM's static planner. Symbolic dims are evaluated
+at their ``tir_var_upper_bound``; an unbounded one raises ``SymbolicShapeError``.
+
+Not handled: dynamic (data-dependent) shapes without bounds; memory of external libraries
+(cuBLAS workspaces etc.), which the default pipelines do not use.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from . import _compat as C
+from .errors import PassContractError, SymbolicShapeError
+from .liveness import FrameAnalysis, FrameWalker, live_records, timeline
+from .pipeline import as_target, estimate_passes, is_gpu, run_passes
+from .plan import FrameMemory, MemoryProfile, TensorRecord
+
+
+def _check_module(mod, entry: str) -> relax.Function:
+    if not isinstance(mod, tvm.IRModule):
+        raise PassContractError(
+            f"expected a tvm.IRModule, got {type(mod).__name__}. Remedy: import the model first "
+            "(tvm_autochunk.from_torch / from_onnx)."
+        )
+    names = [gv.name_hint for gv in mod.functions]
+    if entry not in names:
+        raise PassContractError(
+            f"the module has no function '{entry}' (functions: {sorted(names)}). Remedy: name "
+            "the entry function 'main' or pass entry=..."
+        )
+    func = mod[entry]
+    if not isinstance(func, relax.Function):
+        raise PassContractError(f"'{entry}' is a {type(func).__name__}, not a Relax function")
+    return func
+
+
+def num_inputs(func: relax.Function) -> int:
+    """Parameters beyond ``num_input`` (relax.frontend.nn / detach_params style) are weights."""
+    attrs = func.attrs
+    if attrs is not None and "num_input" in attrs:
+        return int(attrs["num_input"])
+    return len(func.params)
+
+
+def check_bounds(func: relax.Function, name: str = "main") -> dict[str, int]:
+    """{symbolic dim: upper bound} for the entry's signature; error for an unbounded dim."""
+    bounds = C.upper_bounds_of(func)
+    for p in func.params:
+        shape = C.tensor_shape(p.ty)
+        if shape is None:
+            if isinstance(p.ty, C.TensorType):
+                raise SymbolicShapeError(
+                    f"input '{p.name}' of '{name}' has an unknown shape (ndim only). Remedy: "
+                    "export with concrete or bounded symbolic shapes."
+                )
+            continue
+        for v in C.free_tir_vars(shape):
+            if str(v.name) not in bounds:
+                raise SymbolicShapeError(
+                    f"dimension '{v.name}' of input '{p.name}' has no upper bound, so peak memory "
+                    "cannot be bounded. Remedy: bound it, e.g. torch.export.Dim("
+                    f"'{v.name}', max=N) when exporting, or tvm_autochunk.bound_dims(mod, "
+                    f"{{'{v.name}': N}}) (sets the function's 'tir_var_upper_bound' attribute)."
+                )
+    return bounds
+
+
+def _op_names(mod) -> dict[str, str]:
+    """{binding var name: high-level op name} over every Relax function, for reports."""
+    names: dict[str, str] = {}
+    for _, f in mod.functions_items():
+        if not isinstance(f, relax.Function):
+            continue
+
+        def cb(e, _names=names):
+            if isinstance(e, relax.VarBinding):
+                n = C.op_name(e.value)
+                if n and n not in ("relax.call_tir", "relax.call_tir_inplace"):
+                    _names.setdefault(str(e.var.name), n.removeprefix("relax."))
+
+        for block in f.body.blocks if isinstance(f.body, relax.SeqExpr) else []:
+            for b in block.bindings:
+                cb(b)
+    return names
+
+
+def _tensor_record(name, ty, bounds, kind) -> TensorRecord | None:
+    shape = C.tensor_shape(ty)
+    if shape is None:
+        return None
+    dims = tuple(int(C.eval_upper(d, bounds) or 0) for d in shape)
+    dtype = C.tensor_dtype(ty)
+    return TensorRecord(name, dims, dtype, C.prod(dims) * C.dtype_bytes(dtype), "", kind)
+
+
+def _weights(func: relax.Function, bounds) -> int:
+    seen: dict[int, int] = {}
+
+    def cb(e):
+        if isinstance(e, C.GenericConst) and isinstance(e.ty, C.TensorType):
+            r = _tensor_record("const", e.ty, bounds, "weight")
+            if r is not None:
+                seen[e.__hash__()] = r.nbytes
+
+    relax.analysis.post_order_visit(func, cb)
+    extra = 0
+    for p in func.params[num_inputs(func) :]:
+        r = _tensor_record(str(p.name), p.ty, bounds, "weight")
+        extra += r.nbytes if r else 0
+    return sum(seen.values()) + extra
+
+
+def analyze_frames(lowered, entry: str, target, op_names=None) -> dict[str, FrameAnalysis]:
+    """Walk ``entry`` and every Relax function it calls, transitively, on a lowered module."""
+    gpu = is_gpu(target)
+    ws_cache: dict[str, int] = {}
+
+    def workspace_of(gv) -> int:
+        key = str(gv.name_hint)
+        if key not in ws_cache:
+            f = lowered[gv] if gv in lowered.functions else None
+            ws_cache[key] = (
+                C.prim_func_global_alloc_bytes(f) if isinstance(f, C.PrimFunc) and not gpu else 0
+            )
+        return ws_cache[key]
+
+    out: dict[str, FrameAnalysis] = {}
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        func = lowered[name]
+        walker = FrameWalker(
+            lowered, func, name, C.upper_bounds_of(func), op_names, workspace_of
+        )
+        out[name] = walker.run()
+        todo.extend(c for c in out[name].callees if c not in out)
+    return out
+
+
+def frame_totals(frames: dict[str, FrameAnalysis], entry: str) -> dict[str, FrameMemory]:
+    """Each frame with its largest callee frame folded in (recursion counted once)."""
+    done: dict[str, FrameMemory] = {}
+
+    def total(name: str, stack: tuple[str, ...]) -> FrameMemory:
+        if name in done:
+            return done[name]
+        fa = frames[name]
+        best, best_name = 0, None
+        for c in sorted(set(fa.callees)):
+            if c in stack or c == name:
+                continue  # recursion: the frame is already counted
+            t = total(c, (*stack, name)).total_bytes
+            if t > best:
+                best, best_name = t, c
+        m = fa.memory
+        done[name] = FrameMemory(
+            m.function, m.storage_bytes, m.num_storages, m.unplanned_bytes, m.output_bytes,
+            best, best_name,
+        )
+        return done[name]
+
+    total(entry, ())
+    return done
+
+
+def estimate_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") -> MemoryProfile:
+    """Estimate the memory one call of ``mod[entry]`` allocates when built for ``target``."""
+    tgt = as_target(target)
+    func = _check_module(mod, entry)
+    bounds = check_bounds(func, entry)
+    op_names = _op_names(mod)
+    lowered = run_passes(mod, estimate_passes(tgt), tgt)
+    frames = analyze_frames(lowered, entry, tgt, op_names)
+    totals = frame_totals(frames, entry)
+    main = frames[entry]
+    frame = totals[entry]
+    ws_items = [
+        (ev.workspace, ev.op) for fa in frames.values() for ev in fa.events if ev.workspace
+    ]
+    workspace, workspace_func = max(ws_items, default=(0, None))
+    peak = frame.total_bytes + workspace
+
+    transient = {n: t.total_bytes - t.output_bytes for n, t in totals.items()}
+    tl = timeline(main, transient)
+    if tl:
+        top = max(tl, key=lambda e: (e.live_bytes, -e.index))
+    else:
+        top = None
+    inputs = tuple(
+        r
+        for p in func.params[: num_inputs(func)]
+        if (r := _tensor_record(str(p.name), p.ty, bounds, "input")) is not None
+    )
+    outputs = tuple(
+        TensorRecord(p.name, p.shape, p.dtype, p.nbytes, p.op, "output")
+        for p in main.protos
+        if p.output
+    )
+    notes = []
+    if is_gpu(tgt):
+        notes.append("GPU target: PrimFunc workspace taken as 0 (dlight-scheduled kernels)")
+    return MemoryProfile(
+        target=str(tgt.kind.name),
+        function=entry,
+        peak_bytes=peak,
+        frame=frame,
+        workspace_bytes=workspace,
+        workspace_func=workspace_func,
+        live_peak_bytes=top.live_bytes if top else 0,
+        peak_index=top.index if top else -1,
+        peak_binding=top.name if top else "",
+        peak_op=top.op if top else "",
+        live_at_peak=tuple(live_records(main.protos, top.index)) if top else (),
+        timeline=tuple(tl),
+        weight_bytes=_weights(func, bounds),
+        input_bytes=sum(r.nbytes for r in inputs),
+        inputs=inputs,
+        outputs=outputs,
+        symbolic_bounds=tuple(sorted(bounds.items())),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,435 @@
+"""Liveness and static-plan simulation of one Relax function frame (analysis only).
+
+Input: a Relax function at call_tir level (after legalization; see ``pipeline.estimate_passes``).
+The walk mirrors how TVM will execute the frame:
+
+* every tensor output of ``call_tir`` / ``call_dps_packed`` is one allocation (a *prototype*);
+  ``reshape``/``memory.view`` and tuple projections alias, never allocate;
+  ``call_tir_inplace`` writes into its argument;
+* a prototype is *planned* by ``StaticPlanBlockMemory`` unless it escapes: returned, passed to a
+  Relax function or any other non-PrimFunc call, used in another binding block or by an ``If``.
+  Planned prototypes are packed into storages with TVM's own 1-D token allocator (pool keyed
+  by (scope, dtype), best fit in [size/16, 16*size], smaller blocks grown), so the storage
+  total is what the planner will emit; escaping ones are run-time allocations;
+* the logical liveness timeline (a tensor is live from its binding to its last use) gives the
+  peak site and what is live there.
+
+Nothing here mutates IR; results are plain data (``plan.py``).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from tvm import relax
+
+from . import _compat as C
+from .errors import SymbolicShapeError
+from .plan import FrameMemory, TensorRecord, TimelineEntry
+
+_CALL_TIR = C.Op.get("relax.call_tir")
+_CALL_TIR_INPLACE = C.Op.get("relax.call_tir_inplace")
+_CALL_DPS_PACKED = C.Op.get("relax.call_dps_packed")
+_CALL_PURE_PACKED = C.Op.get("relax.call_pure_packed")
+_DPS_OPS = (_CALL_TIR, _CALL_DPS_PACKED)
+_VIEW_OPS = tuple(
+    C.Op.get(n) for n in ("relax.reshape", "relax.memory.view", "relax.memory.ensure_zero_offset")
+)
+_MATCH_RANGE = 16  # TokenAllocator1D::match_range_
+
+
+@dataclass(eq=False)
+class Proto:
+    """One tensor allocation (a builtin.alloc_tensor after CallTIRRewrite)."""
+
+    uid: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    op: str
+    block: int
+    born: int
+    refs: int = 0
+    planned: bool = True
+    runtime: bool = False  # allocated by a packed function / callee, never plannable
+    output: bool = False
+    from_callee: bool = False  # returned by a Relax callee: counted in the callee's frame
+    last_use: int = -1
+
+
+@dataclass(eq=False)
+class _Storage:
+    sid: int
+    nbytes: int
+    dtype: str
+    scope: str = "global"
+
+
+class _TokenAllocator1D:
+    """TVM's TokenAllocator1D (static_plan_block_memory.cc), same choices, same tie-breaks."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple[str, str], list[tuple[int, int, _Storage]]] = {}
+        self.storages: list[_Storage] = []
+        self._seq = 0
+
+    def request(self, p: Proto) -> _Storage:
+        pool = self.pools.setdefault(("global", p.dtype), [])
+        size = p.nbytes
+        keys = [k for k, _, _ in pool]
+        begin = bisect.bisect_left(keys, size // _MATCH_RANGE)
+        mid = bisect.bisect_left(keys, size)
+        end = bisect.bisect_right(keys, size * _MATCH_RANGE)
+        if mid != end:  # smallest block >= size (earliest inserted among equals)
+            return pool.pop(mid)[2]
+        if mid != begin:  # largest block < size (latest inserted among equals), grown
+            st = pool.pop(mid - 1)[2]
+            st.nbytes = size
+            return st
+        st = _Storage(len(self.storages), size, p.dtype)
+        self.storages.append(st)
+        return st
+
+    def release(self, st: _Storage) -> None:
+        pool = self.pools.setdefault((st.scope, st.dtype), [])
+        self._seq += 1
+        # multimap::insert puts equal keys after the existing ones
+        bisect.insort(pool, (st.nbytes, self._seq, st), key=lambda t: (t[0], t[1]))
+
+
+@dataclass
+class _Event:
+    index: int
+    name: str
+    op: str
+    allocs: list[Proto] = field(default_factory=list)
+    uses: list[Proto] = field(default_factory=list)  # PrimFunc/extern call args (refcounted)
+    workspace: int = 0
+    callee: str | None = None
+
+
+@dataclass(frozen=True)
+class FrameAnalysis:
+    """Everything the frame walk found (plain data, consumed by estimate_memory)."""
+
+    memory: FrameMemory
+    protos: tuple[Proto, ...]
+    events: tuple[_Event, ...]
+    callees: tuple[str, ...]
+    workspace_by_index: dict
+    num_bindings: int
+
+
+def _nested(tokens):
+    """Flatten a nested token structure (Proto | None | tuple) into a list of Protos."""
+    if tokens is None:
+        return []
+    if isinstance(tokens, Proto):
+        return [tokens]
+    out = []
+    for t in tokens:
+        out.extend(_nested(t))
+    return out
+
+
+class FrameWalker:
+    """Walk one Relax function at call_tir level; see the module docstring."""
+
+    def __init__(
+        self,
+        mod,
+        func,
+        fname: str,
+        bounds: dict[str, int],
+        op_names: dict[str, str] | None = None,
+        workspace_of=None,
+    ) -> None:
+        self.mod = mod
+        self.func = func
+        self.fname = fname
+        self.bounds = bounds
+        self.op_names = op_names or {}
+        self.workspace_of = workspace_of or (lambda gv: 0)
+        self.tokens: dict = {}  # relax.Var -> nested tokens
+        self.protos: list[Proto] = []
+        self.events: list[_Event] = []
+        self.callees: list[str] = []
+        self.var_uses: dict = {}
+        self._block = -1
+        self._index = 0
+
+    # ---------------------------------------------------------------- shapes
+    def _shape_bytes(self, ty, where: str) -> tuple[tuple[int, ...], str, int]:
+        shape = C.tensor_shape(ty)
+        dtype = C.tensor_dtype(ty)
+        if shape is None:
+            raise SymbolicShapeError(
+                f"tensor '{where}' in function '{self.fname}' has an unknown shape, so its "
+                "memory cannot be bounded. Remedy: give the model static shapes or bounded "
+                "symbolic dims (torch.export.Dim(..., max=N))."
+            )
+        dims = []
+        for d in shape:
+            ub = C.eval_upper(d, self.bounds)
+            if ub is None:
+                names = ", ".join(str(v.name) for v in C.free_tir_vars([d])) or str(d)
+                raise SymbolicShapeError(
+                    f"dimension '{names}' of tensor '{where}' in function '{self.fname}' has no "
+                    "upper bound, so peak memory cannot be bounded. Remedy: bound it, e.g. "
+                    f"torch.export.Dim('{names}', max=N) when exporting, or "
+                    f"tvm_autochunk.bound_dims(mod, {{'{names}': N}}) (sets the function's "
+                    "'tir_var_upper_bound' attribute)."
+                )
+            dims.append(int(ub))
+        return tuple(dims), dtype, C.prod(dims) * C.dtype_bytes(dtype)
+
+    def _new_proto(self, ty, name: str, op: str, **kw) -> Proto:
+        shape, dtype, nbytes = self._shape_bytes(ty, name)
+        p = Proto(len(self.protos), name, shape, dtype, nbytes, op, self._block, self._index, **kw)
+        self.protos.append(p)
+        return p
+
+    def _protos_for_type(self, ty, name: str, op: str, **kw):
+        if isinstance(ty, C.TensorType):
+            return self._new_proto(ty, name, op, **kw)
+        if isinstance(ty, C.TupleType):
+            return tuple(
+                self._protos_for_type(f, f"{name}[{i}]", op, **kw) for i, f in enumerate(ty.fields)
+            )
+        return None
+
+    # ---------------------------------------------------------------- tokens
+    def _tokens_of(self, expr):
+        if isinstance(expr, relax.Var):
+            return self.tokens.get(expr)
+        if isinstance(expr, relax.Tuple):
+            return tuple(self._tokens_of(f) for f in expr.fields)
+        if isinstance(expr, relax.TupleGetItem):
+            t = self._tokens_of(expr.tuple_value)
+            return t[expr.index] if isinstance(t, tuple) else None
+        return None
+
+    def _discard(self, tokens) -> None:
+        for p in _nested(tokens):
+            p.planned = False
+
+    def _use_in_primfunc(self, expr, ev: _Event) -> None:
+        for p in _nested(self._tokens_of(expr)):
+            if p.block != self._block:
+                p.planned = False
+            p.refs += 1
+            ev.uses.append(p)
+
+    def _op_label(self, name: str, fallback: str) -> str:
+        return self.op_names.get(name, fallback)
+
+    # ---------------------------------------------------------------- walk
+    def run(self) -> FrameAnalysis:
+        body = self.func.body
+        self._visit_seq(body, top=True)
+        n = self._index
+        for p in _nested(self._tokens_of(body.body)):
+            p.output = True
+            p.planned = False
+            p.last_use = n
+        self._discard(self._tokens_of(body.body))
+        return self._finish(n)
+
+    def _visit_seq(self, seq, top: bool = False) -> None:
+        for block in seq.blocks:
+            self._block += 1
+            for b in block.bindings:
+                self._visit_binding(b)
+        if not top:
+            self._record_uses(seq.body, self._index - 1)
+            self._discard(self._tokens_of(seq.body))
+
+    def _record_uses(self, expr, index: int) -> None:
+        for v in relax.analysis.free_vars(expr) if not isinstance(expr, relax.Var) else [expr]:
+            for p in _nested(self.tokens.get(v)):
+                p.last_use = max(p.last_use, index)
+
+    def _visit_binding(self, b) -> None:
+        var, value = b.var, b.value
+        name = str(var.name)
+        idx = self._index
+        self._record_uses(value, idx)
+        ev = _Event(idx, name, "")
+        if isinstance(b, relax.MatchCast):
+            self.tokens[var] = self._tokens_of(value)
+            ev.op = "match_cast"
+        elif isinstance(value, C.Call):
+            self._visit_call(var, value, ev)
+        elif isinstance(value, relax.If):
+            ev.op = "if"
+            self._discard(self._tokens_of(value.cond))
+            self._index += 1
+            self._visit_seq(value.true_branch)
+            self._visit_seq(value.false_branch)
+            idx = self._index
+            ev.index = idx
+            self.tokens[var] = None
+        elif isinstance(value, (relax.Var, relax.Tuple, relax.TupleGetItem)):
+            self.tokens[var] = self._tokens_of(value)
+            ev.op = type(value).__name__.lower()
+        else:
+            self.tokens[var] = None
+            ev.op = type(value).__name__
+        self.events.append(ev)
+        self._index = max(self._index, idx) + 1
+
+    def _visit_call(self, var, call, ev: _Event) -> None:
+        name = str(var.name)
+        op = call.op
+        if isinstance(op, C.Op) and (op.same_as(_CALL_TIR) or op.same_as(_CALL_DPS_PACKED)):
+            gv = call.args[0]
+            label = str(gv.name_hint) if isinstance(gv, C.GlobalVar) else str(gv)
+            ev.op = self._op_label(name, label)
+            for a in _call_args(call):
+                self._use_in_primfunc(a, ev)
+            outs = self._protos_for_type(var.ty, name, ev.op)
+            for p in _nested(outs):
+                p.refs += 1  # the DPS output argument
+                ev.allocs.append(p)
+                ev.uses.append(p)
+            if isinstance(gv, C.GlobalVar):
+                ev.workspace = self.workspace_of(gv)
+            self.tokens[var] = outs
+            return
+        if isinstance(op, C.Op) and op.same_as(_CALL_TIR_INPLACE):
+            gv = call.args[0]
+            ev.op = self._op_label(name, str(gv.name_hint))
+            args = _call_args(call)
+            for a in args:
+                self._use_in_primfunc(a, ev)
+            idxs = [int(i) for i in call.attrs.inplace_indices]
+            tys = list(var.ty.fields) if isinstance(var.ty, C.TupleType) else [var.ty]
+            outs = []
+            for j, ty in enumerate(tys):
+                if idxs[j] >= 0:
+                    outs.append(self._tokens_of(args[idxs[j]]))
+                else:
+                    p = self._new_proto(ty, f"{name}[{j}]" if len(tys) > 1 else name, ev.op)
+                    p.refs += 1
+                    ev.allocs.append(p)
+                    ev.uses.append(p)
+                    outs.append(p)
+            self.tokens[var] = tuple(outs) if isinstance(var.ty, C.TupleType) else outs[0]
+            if isinstance(gv, C.GlobalVar):
+                ev.workspace = self.workspace_of(gv)
+            return
+        if isinstance(op, C.Op) and any(op.same_as(v) for v in _VIEW_OPS):
+            ev.op = self._op_label(name, str(op.name).removeprefix("relax."))
+            self.tokens[var] = self._tokens_of(call.args[0])
+            return
+        if (isinstance(op, C.Op) and op.same_as(_CALL_PURE_PACKED)) or isinstance(op, C.ExternFunc):
+            args = list(call.args[1:]) if isinstance(op, C.Op) else list(call.args)
+            fn = call.args[0] if isinstance(op, C.Op) else op
+            ev.op = self._op_label(name, str(getattr(fn, "global_symbol", fn)))
+            for a in args:
+                self._use_in_primfunc(a, ev)
+            outs = self._protos_for_type(var.ty, name, ev.op, runtime=True, planned=False)
+            ev.allocs.extend(_nested(outs))
+            self.tokens[var] = outs
+            return
+        # Any other call: a Relax function or an op the planner does not look into. Its
+        # arguments escape (the planner discards their tokens) and its tensor results are
+        # allocated at run time by the callee.
+        for a in call.args:
+            self._discard(self._tokens_of(a))
+        if isinstance(op, C.GlobalVar):
+            ev.op = f"call {op.name_hint}"
+            callee = self.mod[op] if op in self.mod.functions else None
+            if isinstance(callee, relax.Function):
+                ev.callee = str(op.name_hint)
+                self.callees.append(ev.callee)
+        else:
+            ev.op = self._op_label(name, str(getattr(op, "name", op)).removeprefix("relax."))
+        outs = self._protos_for_type(
+            var.ty, name, ev.op, runtime=True, planned=False, from_callee=ev.callee is not None
+        )
+        ev.allocs.extend(_nested(outs))
+        self.tokens[var] = outs
+
+    # ---------------------------------------------------------------- plan
+    def _finish(self, n: int) -> FrameAnalysis:
+        alloc = _TokenAllocator1D()
+        assigned: dict[int, _Storage] = {}
+        refs = {p.uid: p.refs for p in self.protos}
+        for ev in self.events:
+            for p in ev.allocs:
+                if p.planned and not p.runtime:
+                    assigned[p.uid] = alloc.request(p)
+            for p in ev.uses:
+                if p.uid in assigned:
+                    refs[p.uid] -= 1
+                    if refs[p.uid] == 0:
+                        alloc.release(assigned[p.uid])
+        storage = sum(s.nbytes for s in alloc.storages)
+        unplanned = 0
+        outputs = 0
+        for p in self.protos:
+            if p.uid in assigned or p.from_callee:
+                continue
+            unplanned += p.nbytes
+            if p.output:
+                outputs += p.nbytes
+        for p in self.protos:
+            if p.last_use < p.born:
+                p.last_use = p.born
+        mem = FrameMemory(
+            function=self.fname,
+            storage_bytes=storage,
+            num_storages=len(alloc.storages),
+            unplanned_bytes=unplanned,
+            output_bytes=outputs,
+            callee_bytes=0,
+            callee=None,
+        )
+        ws = {ev.index: ev.workspace for ev in self.events if ev.workspace}
+        return FrameAnalysis(
+            mem, tuple(self.protos), tuple(self.events), tuple(self.callees), ws, n
+        )
+
+
+def _call_args(call) -> list:
+    args = call.args[1]
+    if isinstance(args, relax.Tuple):
+        return list(args.fields)
+    return [args]
+
+
+def live_records(protos, index: int) -> list[TensorRecord]:
+    """Tensors live right after binding ``index``."""
+    out = []
+    for p in protos:
+        if p.born <= index <= p.last_use:
+            kind = "output" if p.output else "intermediate"
+            out.append(TensorRecord(p.name, p.shape, p.dtype, p.nbytes, p.op, kind))
+    out.sort(key=lambda r: (-r.nbytes, r.name))
+    return out
+
+
+def timeline(analysis: FrameAnalysis, callee_transient: dict[str, int]) -> list[TimelineEntry]:
+    """Live bytes after each binding, with that binding's workspace and callee frame.
+
+    ``callee_transient`` maps a callee to the bytes its frame holds during the call beyond the
+    results it returns (those are live in this frame from the call on).
+    """
+    n = analysis.num_bindings
+    delta = [0] * (n + 2)
+    for p in analysis.protos:
+        delta[p.born] += p.nbytes
+        delta[min(p.last_use, n) + 1] -= p.nbytes
+    live = 0
+    per_index = []
+    for i in range(n + 1):
+        live += delta[i]
+        per_index.append(live)
+    out = []
+    for ev in analysis.events:
+        extra = ev.workspace + (callee_transient.get(ev.callee, 0) if ev.callee else 0)
+        out.append(TimelineEntry(ev.index, ev.name, ev.op, per_index[ev.index] + extra))
+    return out

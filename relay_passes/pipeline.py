@@ -1,0 +1,137 @@
+"""The TVM pipelines we build with, as lists of named phases.
+
+``llvm`` follows what ``tvm.compile(mod, target)`` runs for CPU targets (TVM's
+``default_build_pipeline``: LegalizeOps without FuseOps/FuseTIR, TIR left unscheduled).
+``cuda`` (and other GPU targets) follow TVM's target pipeline: LegalizeOps, FuseOps, FuseTIR
+and dlight scheduling. The memory estimator and the ground-truth planner both use these lists,
+so what we estimate is what gets built.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .errors import UnsupportedTargetError
+
+
+def as_target(target) -> tvm.target.Target:
+    """A ``tvm.target.Target`` from a Target, a TVM target dict, or a bare kind name."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    if isinstance(target, str):
+        try:
+            return tvm.target.Target(target)
+        except Exception as e:  # TVM raises its own error type for bad strings
+            raise UnsupportedTargetError(
+                f"cannot make a TVM target from {target!r} ({e}). Use 'llvm', 'cuda', a tag such "
+                "as 'nvidia/nvidia-h100', or a dict like {'kind': 'llvm', 'mcpu': 'skylake'}."
+            ) from e
+    raise UnsupportedTargetError(
+        f"target must be a tvm.target.Target, a dict or a string, got {type(target).__name__}"
+    )
+
+
+def is_gpu(target: tvm.target.Target) -> bool:
+    return "gpu" in target.keys
+
+
+def _backend(target: tvm.target.Target):
+    kind = target.kind.name
+    if kind == "llvm":
+        return None  # tvm.compile's default_build_pipeline
+    if kind == "cuda":
+        import tvm.relax.backend.cuda.pipeline as be
+
+        return be
+    if is_gpu(target):
+        import tvm.relax.backend.gpu_generic.pipeline as be
+
+        return be
+    raise UnsupportedTargetError(
+        f"target kind {kind!r} is not supported: use an 'llvm' (CPU, incl. cross-compiled "
+        "aarch64) or 'cuda' target"
+    )
+
+
+def lowering_passes(target: tvm.target.Target) -> list:
+    """Library dispatch and legalization: high-level Relax ops become call_tir of PrimFuncs."""
+    be = _backend(target)
+    if be is None:
+        return [
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            relax.transform.LegalizeOps(),
+        ]
+    return be.library_dispatch_passes(target) + be.legalize_passes(target)
+
+
+def estimate_passes(target: tvm.target.Target) -> list:
+    """The part of the pipeline the memory estimator models the module after.
+
+    Same as ``lowering_passes`` but without GPU scheduling (dlight only changes loop structure,
+    never which tensors exist), plus ``RewriteDataflowReshape`` which decides which reshapes
+    become free views.
+    """
+    be = _backend(target)
+    if be is None:
+        passes = lowering_passes(target)
+    else:
+        passes = [
+            *be.library_dispatch_passes(target),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    return [*passes, relax.transform.RewriteDataflowReshape()]
+
+
+def dataflow_lower_passes(target: tvm.target.Target) -> list:
+    be = _backend(target)
+    if be is None:
+        return [
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+        ]
+    return be.dataflow_lower_passes(target)
+
+
+def planning_passes(target: tvm.target.Target) -> list:
+    """Everything up to and including TVM's static memory planner."""
+    return [
+        *lowering_passes(target),
+        *dataflow_lower_passes(target),
+        relax.transform.StaticPlanBlockMemory(),
+    ]
+
+
+def finalize_passes(target: tvm.target.Target) -> list:
+    be = _backend(target)
+    if be is None:
+        return [
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.RewriteCUDAGraph(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
+    return be.finalize_passes(target)
+
+
+def build_passes(target: tvm.target.Target) -> list:
+    """The whole Relax pipeline, as ``tvm.compile`` would run it for this target."""
+    return [*lowering_passes(target), *dataflow_lower_passes(target), *finalize_passes(target)]
+
+
+def run_passes(mod: tvm.IRModule, passes: list, target: tvm.target.Target) -> tvm.IRModule:
+    with target:
+        return tvm.transform.Sequential(passes)(mod)

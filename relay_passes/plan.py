@@ -1,0 +1,103 @@
+"""Plain, frozen data produced by the analyses. All sizes are integer bytes.
+
+Nothing here imports TVM, so reports can be built, compared and serialised anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor in a liveness view: what it is and what it costs."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    op: str  # producing op (original Relax op where known, else the PrimFunc name)
+    kind: str  # "intermediate" | "output" | "input" | "weight" | "workspace" | "callee"
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """Live bytes right after one binding executes (transients of that binding included)."""
+
+    index: int
+    name: str
+    op: str
+    live_bytes: int
+
+
+@dataclass(frozen=True)
+class FrameMemory:
+    """Memory of one Relax function frame as TVM's static planner lays it out."""
+
+    function: str
+    storage_bytes: int  # sum of planned storages (memory.alloc_storage)
+    num_storages: int
+    unplanned_bytes: int  # tensors the planner leaves to run-time allocation (outputs included)
+    output_bytes: int  # the part of unplanned_bytes returned by the function
+    callee_bytes: int  # the largest frame of a Relax function called from here
+    callee: str | None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.storage_bytes + self.unplanned_bytes + self.callee_bytes
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What one call of a module's entry function allocates, and where the pressure is.
+
+    ``peak_bytes`` = planned storage + unplanned allocations (outputs included) + the largest
+    callee frame + the largest PrimFunc-internal workspace: the bytes the module allocates
+    during a call. Weights (constants) and inputs are owned by the caller and reported apart.
+    """
+
+    target: str
+    function: str
+    peak_bytes: int
+    frame: FrameMemory
+    workspace_bytes: int
+    workspace_func: str | None
+    live_peak_bytes: int  # peak of the liveness timeline (ideal reuse; <= peak_bytes)
+    peak_index: int
+    peak_binding: str
+    peak_op: str
+    live_at_peak: tuple[TensorRecord, ...]
+    timeline: tuple[TimelineEntry, ...]
+    weight_bytes: int
+    input_bytes: int
+    inputs: tuple[TensorRecord, ...] = ()
+    outputs: tuple[TensorRecord, ...] = ()
+    symbolic_bounds: tuple[tuple[str, int], ...] = ()  # dims evaluated at these upper bounds
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def activation_bytes(self) -> int:
+        """Alias of ``peak_bytes``: the activation memory of one call."""
+        return self.peak_bytes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["frame"]["total_bytes"] = self.frame.total_bytes
+        return d
+
+
+@dataclass(frozen=True)
+class PlannedMemory:
+    """Ground truth read off TVM's own plan after ``StaticPlanBlockMemory``."""
+
+    target: str
+    peak_bytes: int  # storage(main) + unplanned(main) + max callee frame + max workspace
+    frames: tuple[FrameMemory, ...]
+    workspace_bytes: int
+    workspace_func: str | None
+
+    def frame(self, name: str) -> FrameMemory:
+        for f in self.frames:
+            if f.function == name:
+                return f
+        raise KeyError(name)
