@@ -57,3 +57,7 @@ class ArtifactError(AutochunkError):
 
 class PassContractError(AutochunkError):
     """A pass was run on a module that does not meet its preconditions."""
+
+
+class InputError(AutochunkError, ValueError):
+    """Arguments passed to a built model do not match its signature."""

@@ -17,7 +17,7 @@ from tvm import relax
 
 from . import _compat as C
 from .errors import PassContractError, SymbolicShapeError
-from .liveness import FrameAnalysis, FrameWalker, live_records, timeline
+from .liveness import FrameAnalysis, FrameWalker, live_records, runtime_peak, timeline
 from .pipeline import as_target, estimate_passes, is_gpu, run_passes
 from .plan import FrameMemory, MemoryProfile, TensorRecord
 
@@ -171,6 +171,23 @@ def frame_totals(frames: dict[str, FrameAnalysis], entry: str) -> dict[str, Fram
     return done
 
 
+def _callee_order(frames: dict[str, FrameAnalysis], entry: str) -> list[str]:
+    """Functions in post-order (callees before callers), recursion cut."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(n: str) -> None:
+        if n in seen:
+            return
+        seen.add(n)
+        for c in frames[n].callees:
+            visit(c)
+        order.append(n)
+
+    visit(entry)
+    return order
+
+
 def estimate_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") -> MemoryProfile:
     """Estimate the memory one call of ``mod[entry]`` allocates when built for ``target``."""
     tgt = as_target(target)
@@ -189,6 +206,9 @@ def estimate_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") ->
     peak = frame.total_bytes + workspace
 
     transient = {n: t.total_bytes - t.output_bytes for n, t in totals.items()}
+    rt_peaks: dict[str, int] = {}
+    for name in _callee_order(frames, entry):
+        rt_peaks[name] = runtime_peak(frames[name], rt_peaks)
     tl = timeline(main, transient)
     if tl:
         top = max(tl, key=lambda e: (e.live_bytes, -e.index))
@@ -211,6 +231,7 @@ def estimate_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") ->
         target=str(tgt.kind.name),
         function=entry,
         peak_bytes=peak,
+        runtime_peak_bytes=rt_peaks[entry],
         frame=frame,
         workspace_bytes=workspace,
         workspace_func=workspace_func,

@@ -120,6 +120,7 @@ class FrameAnalysis:
     callees: tuple[str, ...]
     workspace_by_index: dict
     num_bindings: int
+    blocks: tuple[tuple[int, int, int], ...] = ()  # run-time allocations: (bytes, first, last)
 
 
 def _nested(tokens):
@@ -389,8 +390,22 @@ class FrameWalker:
             callee=None,
         )
         ws = {ev.index: ev.workspace for ev in self.events if ev.workspace}
+        spans = {}  # storage id -> (size, first use, last use)
+        for p in self.protos:
+            st = assigned.get(p.uid)
+            if st is None:
+                continue
+            size, lo, hi = spans.get(st.sid, (st.nbytes, p.born, p.last_use))
+            spans[st.sid] = (size, min(lo, p.born), max(hi, p.last_use))
+        blocks = list(spans.values())
+        blocks += [
+            (p.nbytes, p.born, p.last_use)
+            for p in self.protos
+            if p.uid not in assigned and not p.from_callee
+        ]
         return FrameAnalysis(
-            mem, tuple(self.protos), tuple(self.events), tuple(self.callees), ws, n
+            mem, tuple(self.protos), tuple(self.events), tuple(self.callees), ws, n,
+            tuple(blocks),
         )
 
 
@@ -433,3 +448,42 @@ def timeline(analysis: FrameAnalysis, callee_transient: dict[str, int]) -> list[
         extra = ev.workspace + (callee_transient.get(ev.callee, 0) if ev.callee else 0)
         out.append(TimelineEntry(ev.index, ev.name, ev.op, per_index[ev.index] + extra))
     return out
+
+
+PAGE = 4096  # the VM's pooled allocator rounds every allocation up to whole pages
+
+
+def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int]) -> int:
+    """Simulate the run-time memory of one call of the frame.
+
+    The VM allocates a storage at its first use and frees it after its last use into a pool
+    that never shrinks and hands a freed block to the next request of the same (page-rounded)
+    size; kernel workspace comes from a separate pool that grows to the largest request.
+    A callee's frame is taken from the same pool for the duration of the call. The result is
+    the high-water mark of both pools, i.e. what the process really touches.
+    """
+    n = analysis.num_bindings
+    starts: dict[int, list[int]] = {}
+    ends: dict[int, list[int]] = {}
+    for size, lo, hi in analysis.blocks:
+        r = -(-size // PAGE) * PAGE
+        starts.setdefault(lo, []).append(r)
+        ends.setdefault(min(hi, n), []).append(r)
+    for ev in analysis.events:
+        if ev.callee and callee_peak.get(ev.callee):
+            r = -(-callee_peak[ev.callee] // PAGE) * PAGE
+            starts.setdefault(ev.index, []).append(r)
+            ends.setdefault(ev.index, []).append(r)
+    free: dict[int, int] = {}
+    total = ws = peak = 0
+    for i in range(n + 1):
+        for r in sorted(starts.get(i, ()), reverse=True):
+            if free.get(r):
+                free[r] -= 1
+            else:
+                total += r
+        ws = max(ws, analysis.workspace_by_index.get(i, 0))
+        peak = max(peak, total + ws)
+        for r in ends.get(i, ()):
+            free[r] = free.get(r, 0) + 1
+    return peak

@@ -135,3 +135,33 @@ def build_passes(target: tvm.target.Target) -> list:
 def run_passes(mod: tvm.IRModule, passes: list, target: tvm.target.Target) -> tvm.IRModule:
     with target:
         return tvm.transform.Sequential(passes)(mod)
+
+
+def autochunk_build_passes(target: tvm.target.Target, *, budget_bytes=None, on_plan=None,
+                           pre_passes=()) -> list:
+    """Our build pipeline: [pre_passes (e.g. AutoChunk)] + TVM's pipeline for the target, with
+    ``VerifyMemoryBudget`` right after ``StaticPlanBlockMemory``."""
+    from .verify_memory_budget import VerifyMemoryBudget
+
+    fin = finalize_passes(target)
+    verify = VerifyMemoryBudget(budget_bytes, gpu=is_gpu(target), on_plan=on_plan)
+    return [
+        *pre_passes,
+        *lowering_passes(target),
+        *dataflow_lower_passes(target),
+        fin[0],  # StaticPlanBlockMemory
+        verify,
+        *fin[1:],
+    ]
+
+
+def autochunk_pipeline(target: tvm.target.Target, **kw) -> tvm.transform.Pass:
+    """The build pipeline as one module pass (what ``tvm.compile(relax_pipeline=...)`` takes)."""
+    passes = autochunk_build_passes(target, **kw)
+
+    @tvm.transform.module_pass(opt_level=0, name="AutochunkPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline

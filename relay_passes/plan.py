@@ -62,6 +62,7 @@ class MemoryProfile:
     frame: FrameMemory
     workspace_bytes: int
     workspace_func: str | None
+    runtime_peak_bytes: int  # simulated run-time high-water mark (VM pools; <= peak_bytes)
     live_peak_bytes: int  # peak of the liveness timeline (ideal reuse; <= peak_bytes)
     peak_index: int
     peak_binding: str

@@ -1,0 +1,45 @@
+"""VerifyMemoryBudget: after ``StaticPlanBlockMemory``, hold TVM's own plan to the budget.
+
+Where it belongs: right after ``StaticPlanBlockMemory`` (it reads ``memory.alloc_storage``).
+It never changes the module. It reads the plan (``planned_memory.read_plan``), hands it to
+``on_plan`` (so callers can report it) and raises ``BudgetInfeasibleError`` when the planned
+peak exceeds ``budget_bytes``: "estimate early, verify late" - a build never silently exceeds
+its budget.
+"""
+
+from __future__ import annotations
+
+import tvm
+
+from .errors import BudgetInfeasibleError
+from .planned_memory import read_plan
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+@tvm.transform.module_pass(opt_level=0, name="VerifyMemoryBudget")
+class VerifyMemoryBudget:
+    def __init__(self, budget_bytes: int | None, *, gpu: bool = False, entry: str = "main",
+                 on_plan=None):
+        self.budget_bytes = budget_bytes
+        self.gpu = gpu
+        self.entry = entry
+        self.on_plan = on_plan
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        plan = read_plan(mod, self.entry, gpu=self.gpu)
+        if self.on_plan is not None:
+            self.on_plan(plan)
+        if self.budget_bytes is not None and plan.peak_bytes > self.budget_bytes:
+            f = plan.frame(self.entry)
+            raise BudgetInfeasibleError(
+                f"TVM's memory plan needs {_fmt(plan.peak_bytes)} ({plan.peak_bytes} bytes) per "
+                f"call, over the budget of {_fmt(self.budget_bytes)} ({self.budget_bytes} bytes): "
+                f"storage {_fmt(f.storage_bytes)}, run-time allocations "
+                f"{_fmt(f.unplanned_bytes)}, largest callee {_fmt(f.callee_bytes)}, kernel "
+                f"workspace {_fmt(plan.workspace_bytes)}. Remedy: raise the budget or let "
+                "AutoChunk chunk more of the graph."
+            )
+        return mod

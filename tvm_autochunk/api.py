@@ -1,0 +1,144 @@
+"""The user API: ``estimate``, ``build``, ``bound_dims``. Validates input, never edits IR itself
+(IR changes are ``relay_passes`` passes), picks the pipeline, and wraps results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from relay_passes.errors import AutochunkError, BudgetInfeasibleError, BuildError
+
+from .budget import format_bytes, parse_budget
+from .report import MemoryReport
+from .targets import is_cross, resolve_target, target_summary
+
+log = logging.getLogger(__name__)
+
+CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-gcc"}
+
+
+def _import(model, example_args):
+    from .frontends import load_model
+
+    return load_model(model, example_args)
+
+
+def _progress(cb: Callable[[str], None] | None, msg: str) -> None:
+    log.info(msg)
+    if cb is not None:
+        cb(msg)
+
+
+def bound_dims(mod, bounds: dict[str, int], entry: str = "main"):
+    """Return a copy of ``mod`` whose symbolic input dims have the given upper bounds."""
+    from relay_passes.bound_symbolic_dims import BoundSymbolicDims
+
+    return BoundSymbolicDims(bounds, entry)(mod)
+
+
+def estimate(model, target="llvm", *, example_args=None, arch: str | None = None,
+             entry: str = "main") -> MemoryReport:
+    """Estimate the memory one call of ``model`` allocates when built for ``target``.
+
+    ``model``: a Relax IRModule, a torch.nn.Module (with ``example_args``), an
+    ExportedProgram, or a path to a ``.onnx`` / ``.pt2`` file.
+    """
+    from relay_passes.estimate_memory import estimate_memory
+
+    mod = _import(model, example_args)
+    tgt = resolve_target(target, arch)
+    return MemoryReport(estimate_memory(mod, tgt, entry=entry))
+
+
+def signature(mod, entry: str = "main") -> dict:
+    """Inputs, outputs and symbolic bounds of ``mod[entry]`` as JSON-able data."""
+    from relay_passes import _compat as C
+    from relay_passes.estimate_memory import num_inputs
+
+    func = mod[entry]
+
+    def spec(name, ty):
+        shape = C.tensor_shape(ty)
+        dims = [] if shape is None else [d if isinstance(d, int) else str(d) for d in shape]
+        return {"name": name, "shape": dims, "dtype": C.tensor_dtype(ty)}
+
+    inputs = [spec(str(p.name), p.ty) for p in func.params[: num_inputs(func)]]
+    outs = []
+
+    def walk(ty, prefix):
+        if isinstance(ty, C.TensorType):
+            outs.append(spec(prefix, ty))
+        elif isinstance(ty, C.TupleType):
+            for i, f in enumerate(ty.fields):
+                walk(f, f"{prefix}[{i}]")
+
+    walk(func.ret_ty, "output")
+    return {"inputs": inputs, "outputs": outs, "bounds": C.upper_bounds_of(func)}
+
+
+def build(model, target="llvm", budget=None, *, example_args=None, arch: str | None = None,
+          entry: str = "main", progress: Callable[[str], None] | None = None):
+    """Build ``model`` for ``target`` so that one call stays within ``budget``.
+
+    Returns an ``Artifact``: call it on numpy arrays, read ``.report``, ``.export(path)``.
+    ``budget``: bytes (int) or a string like ``"512MiB"``; None builds without a limit.
+    The budget covers what one call allocates (intermediates, outputs, kernel workspace);
+    it is checked on TVM's own memory plan after the build, never only on our estimate.
+    """
+    import tvm
+
+    from relay_passes.estimate_memory import estimate_memory
+    from relay_passes.pipeline import autochunk_pipeline
+
+    from . import __version__
+    from .artifact import Artifact
+
+    budget_bytes = parse_budget(budget)
+    tgt = resolve_target(target, arch)
+    t0 = time.perf_counter()
+    _progress(progress, "importing model")
+    mod = _import(model, example_args)
+    _progress(progress, f"estimating memory for {tgt.kind.name}")
+    prof = estimate_memory(mod, tgt, entry=entry)
+    if budget_bytes is not None and prof.peak_bytes > budget_bytes:
+        raise BudgetInfeasibleError(
+            f"the unchunked module needs {format_bytes(prof.peak_bytes)} ({prof.peak_bytes} "
+            f"bytes) per call, over the budget of {format_bytes(budget_bytes)} "
+            f"({budget_bytes} bytes). The peak is after binding '{prof.peak_binding}' "
+            f"({prof.peak_op}). Chunking is not available in this build, so nothing can lower "
+            "it. Remedy: raise the budget, or shorten the input."
+        )
+    captured: dict = {}
+    pipeline = autochunk_pipeline(
+        tgt, budget_bytes=budget_bytes, on_plan=lambda p: captured.setdefault("plan", p)
+    )
+    _progress(progress, f"building with TVM for {tgt.kind.name}")
+    t1 = time.perf_counter()
+    try:
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
+    except AutochunkError:
+        raise
+    except Exception as e:
+        raise BuildError(f"TVM failed to build the module for {tgt.kind.name}: {e}") from e
+    build_s = time.perf_counter() - t1
+    report = MemoryReport(prof, captured.get("plan"), budget_bytes,
+                          extra={"build_seconds": round(build_s, 3)})
+    cross = is_cross(tgt)
+    meta = {
+        "format": 1,
+        "tvm_autochunk_version": __version__,
+        "tvm_version": tvm.__version__,
+        "target": target_summary(tgt),
+        "cross": cross,
+        "cross_compiler": CROSS_COMPILERS.get(str(tgt.attrs.get("mtriple", "")).split("-")[0])
+        if cross
+        else None,
+        "budget_bytes": budget_bytes,
+        **signature(mod, entry),
+        "report": report.to_dict(),
+    }
+    _progress(progress, f"built in {time.perf_counter() - t0:.1f}s; "
+                        f"planned peak {format_bytes(report.peak_bytes)}")
+    return Artifact(ex, meta, report=report)
