@@ -104,6 +104,66 @@ def prod(xs: Iterable[int]) -> int:
     return math.prod(xs)
 
 
+def _lower_for_workspace(pf, target):
+    """The start of TVM's TIR pipeline, through StorageRewrite (which merges buffers)."""
+    from tvm import s_tir, tirx
+
+    passes = [
+        s_tir.transform.CanonicalizeLoop(),
+        s_tir.transform.LowerCrossThreadReduction(),
+        s_tir.transform.LowerInitBlock(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.LowerMatchBuffer(),
+        s_tir.transform.StmtSimplify(),
+        s_tir.transform.LowerOpaqueBlock(),
+        tirx.transform.FlattenBuffer(),
+        tirx.transform.NarrowDataType(32),
+        tirx.transform.VectorizeLoop(True),
+        tirx.transform.StorageRewrite(),
+    ]
+    with target:
+        return tvm.transform.Sequential(passes)(tvm.IRModule({"f": pf}))["f"]
+
+
+_WS_CACHE: dict = {}
+
+
+def prim_func_workspace(pf, target) -> tuple[int, ...]:
+    """The run-time workspace allocations (bytes, in program order) of one CPU PrimFunc.
+
+    Global buffers a kernel allocates internally (softmax's exp buffer, an unfused chain's
+    temporaries) are requested from TVM's workspace pool at run time; they are counted after
+    ``StorageRewrite`` has merged what it can, as the built kernel will really ask for them.
+    Buffers with symbolic extents count as 0.
+    """
+    key = (tvm_ffi.structural_hash(pf), str(target.kind.name))
+    if key in _WS_CACHE:
+        return _WS_CACHE[key]
+    if prim_func_global_alloc_bytes(pf) == 0:
+        _WS_CACHE[key] = ()
+        return ()
+    lowered = _lower_for_workspace(pf, target)
+    sizes: list[int] = []
+
+    def on_alloc(node, vis):
+        buf = node.buffer
+        scope = buf.scope() if hasattr(buf, "scope") else "global"
+        if scope in ("global", ""):
+            n = 1
+            for s in buf.shape:
+                n = n * int(s) if isinstance(s, IntImm) else 0
+            b = n * dtype_bytes(str(buf.dtype))
+            if b > 1024:  # TVM keeps tiny buffers on the stack (kMaxStackAlloca)
+                sizes.append(b)
+        return vis.default_visit(node)
+
+    tvm_ffi.structural_visit(lowered.body, [(tvm.tirx.stmt.AllocBuffer, on_alloc)])
+    _WS_CACHE[key] = tuple(sizes)
+    return _WS_CACHE[key]
+
+
 def prim_func_global_alloc_bytes(pf) -> int:
     """Bytes of global-scope buffers a PrimFunc allocates internally (run-time workspace).
 

@@ -119,14 +119,14 @@ def _weights(func: relax.Function, bounds) -> int:
 def analyze_frames(lowered, entry: str, target, op_names=None) -> dict[str, FrameAnalysis]:
     """Walk ``entry`` and every Relax function it calls, transitively, on a lowered module."""
     gpu = is_gpu(target)
-    ws_cache: dict[str, int] = {}
+    ws_cache: dict[str, tuple[int, ...]] = {}
 
-    def workspace_of(gv) -> int:
+    def workspace_of(gv) -> tuple[int, ...]:
         key = str(gv.name_hint)
         if key not in ws_cache:
             f = lowered[gv] if gv in lowered.functions else None
             ws_cache[key] = (
-                C.prim_func_global_alloc_bytes(f) if isinstance(f, C.PrimFunc) and not gpu else 0
+                C.prim_func_workspace(f, target) if isinstance(f, C.PrimFunc) and not gpu else ()
             )
         return ws_cache[key]
 

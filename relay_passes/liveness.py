@@ -106,7 +106,8 @@ class _Event:
     op: str
     allocs: list[Proto] = field(default_factory=list)
     uses: list[Proto] = field(default_factory=list)  # PrimFunc/extern call args (refcounted)
-    workspace: int = 0
+    workspace: int = 0  # bytes of kernel workspace this binding's PrimFunc requests
+    ws_allocs: tuple[int, ...] = ()  # the individual requests, in program order
     callee: str | None = None
 
 
@@ -152,7 +153,7 @@ class FrameWalker:
         self.fname = fname
         self.bounds = bounds
         self.op_names = op_names or {}
-        self.workspace_of = workspace_of or (lambda gv: 0)
+        self.workspace_of = workspace_of or (lambda gv: ())
         self.tokens: dict = {}  # relax.Var -> nested tokens
         self.protos: list[Proto] = []
         self.events: list[_Event] = []
@@ -222,6 +223,11 @@ class FrameWalker:
                 p.planned = False
             p.refs += 1
             ev.uses.append(p)
+
+    def _set_workspace(self, ev: _Event, gv) -> None:
+        if isinstance(gv, C.GlobalVar):
+            ev.ws_allocs = tuple(self.workspace_of(gv))
+            ev.workspace = sum(ev.ws_allocs)
 
     def _op_label(self, name: str, fallback: str) -> str:
         return self.op_names.get(name, fallback)
@@ -295,8 +301,7 @@ class FrameWalker:
                 p.refs += 1  # the DPS output argument
                 ev.allocs.append(p)
                 ev.uses.append(p)
-            if isinstance(gv, C.GlobalVar):
-                ev.workspace = self.workspace_of(gv)
+            self._set_workspace(ev, gv)
             self.tokens[var] = outs
             return
         if isinstance(op, C.Op) and op.same_as(_CALL_TIR_INPLACE):
@@ -318,8 +323,7 @@ class FrameWalker:
                     ev.uses.append(p)
                     outs.append(p)
             self.tokens[var] = tuple(outs) if isinstance(var.ty, C.TupleType) else outs[0]
-            if isinstance(gv, C.GlobalVar):
-                ev.workspace = self.workspace_of(gv)
+            self._set_workspace(ev, gv)
             return
         if isinstance(op, C.Op) and any(op.same_as(v) for v in _VIEW_OPS):
             ev.op = self._op_label(name, str(op.name).removeprefix("relax."))
@@ -389,7 +393,7 @@ class FrameWalker:
             callee_bytes=0,
             callee=None,
         )
-        ws = {ev.index: ev.workspace for ev in self.events if ev.workspace}
+        ws = {ev.index: ev.ws_allocs for ev in self.events if ev.ws_allocs}
         spans = {}  # storage id -> (size, first use, last use)
         for p in self.protos:
             st = assigned.get(p.uid)
@@ -450,7 +454,35 @@ def timeline(analysis: FrameAnalysis, callee_transient: dict[str, int]) -> list[
     return out
 
 
-PAGE = 4096  # the VM's pooled allocator rounds every allocation up to whole pages
+PAGE = 4096  # the VM's pooled allocator and the CPU workspace pool round to whole pages
+
+
+def _pages(n: int) -> int:
+    return max(PAGE, -(-n // PAGE) * PAGE)
+
+
+class _WorkspacePool:
+    """TVM's CPU WorkspacePool: keeps freed blocks; a request takes the smallest free block
+    that fits, else the largest free block is freed and re-allocated at the new size."""
+
+    def __init__(self) -> None:
+        self.free: list[int] = []
+        self.total = 0
+
+    def alloc(self, n: int) -> int:
+        n = _pages(n)
+        if not self.free:
+            self.total += n
+            return n
+        if self.free[-1] >= n:
+            j = bisect.bisect_left(self.free, n)
+            return self.free.pop(j)
+        old = self.free.pop()
+        self.total += n - old
+        return n
+
+    def release(self, n: int) -> None:
+        bisect.insort(self.free, n)
 
 
 def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int]) -> int:
@@ -458,32 +490,34 @@ def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int]) -> int:
 
     The VM allocates a storage at its first use and frees it after its last use into a pool
     that never shrinks and hands a freed block to the next request of the same (page-rounded)
-    size; kernel workspace comes from a separate pool that grows to the largest request.
-    A callee's frame is taken from the same pool for the duration of the call. The result is
-    the high-water mark of both pools, i.e. what the process really touches.
+    size; kernel workspace comes from TVM's workspace pool (``_WorkspacePool``). A callee's
+    frame is taken from the storage pool for the duration of the call. The result is the
+    high-water mark of both pools, i.e. what the process really touches.
     """
     n = analysis.num_bindings
     starts: dict[int, list[int]] = {}
     ends: dict[int, list[int]] = {}
     for size, lo, hi in analysis.blocks:
-        r = -(-size // PAGE) * PAGE
-        starts.setdefault(lo, []).append(r)
-        ends.setdefault(min(hi, n), []).append(r)
+        starts.setdefault(lo, []).append(_pages(size))
+        ends.setdefault(min(hi, n), []).append(_pages(size))
     for ev in analysis.events:
         if ev.callee and callee_peak.get(ev.callee):
-            r = -(-callee_peak[ev.callee] // PAGE) * PAGE
+            r = _pages(callee_peak[ev.callee])
             starts.setdefault(ev.index, []).append(r)
             ends.setdefault(ev.index, []).append(r)
     free: dict[int, int] = {}
-    total = ws = peak = 0
+    wsp = _WorkspacePool()
+    total = peak = 0
     for i in range(n + 1):
         for r in sorted(starts.get(i, ()), reverse=True):
             if free.get(r):
                 free[r] -= 1
             else:
                 total += r
-        ws = max(ws, analysis.workspace_by_index.get(i, 0))
-        peak = max(peak, total + ws)
+        taken = [wsp.alloc(b) for b in analysis.workspace_by_index.get(i, ())]
+        peak = max(peak, total + wsp.total)
+        for b in reversed(taken):
+            wsp.release(b)
         for r in ends.get(i, ()):
             free[r] = free.get(r, 0) + 1
     return peak

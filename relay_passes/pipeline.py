@@ -144,7 +144,7 @@ def autochunk_build_passes(target: tvm.target.Target, *, budget_bytes=None, on_p
     from .verify_memory_budget import VerifyMemoryBudget
 
     fin = finalize_passes(target)
-    verify = VerifyMemoryBudget(budget_bytes, gpu=is_gpu(target), on_plan=on_plan)
+    verify = VerifyMemoryBudget(budget_bytes, target, on_plan=on_plan)
     return [
         *pre_passes,
         *lowering_passes(target),

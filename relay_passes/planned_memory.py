@@ -78,7 +78,7 @@ def _frame(func: relax.Function, name: str, mod) -> tuple[FrameMemory, list[str]
     return FrameMemory(name, storage, n_storage, unplanned, out_bytes, 0, None), callees
 
 
-def read_plan(planned: tvm.IRModule, entry: str, gpu: bool = False) -> PlannedMemory:
+def read_plan(planned: tvm.IRModule, entry: str, target) -> PlannedMemory:
     """Read the plan of an already planned module (after StaticPlanBlockMemory)."""
     frames: dict[str, FrameMemory] = {}
     calls: dict[str, list[str]] = {}
@@ -107,15 +107,16 @@ def read_plan(planned: tvm.IRModule, entry: str, gpu: bool = False) -> PlannedMe
 
     fold(entry, ())
     ws, ws_func = 0, None
+    gpu = is_gpu(target)
     if not gpu:
         for gv, f in planned.functions_items():
             if isinstance(f, C.PrimFunc):
-                b = C.prim_func_global_alloc_bytes(f)
+                b = sum(C.prim_func_workspace(f, target))
                 if b > ws:
                     ws, ws_func = b, str(gv.name_hint)
     reach = [folded[n] for n in sorted(folded)]
     return PlannedMemory(
-        target="gpu" if gpu else "cpu",
+        target=str(target.kind.name),
         peak_bytes=folded[entry].total_bytes + ws,
         frames=tuple(reach),
         workspace_bytes=ws,
@@ -127,7 +128,5 @@ def planned_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") -> 
     """Run TVM's pipeline for ``target`` up to StaticPlanBlockMemory and read the plan."""
     tgt = as_target(target)
     planned = run_passes(mod, planning_passes(tgt), tgt)
-    res = read_plan(planned, entry, gpu=is_gpu(tgt))
-    return PlannedMemory(str(tgt.kind.name), res.peak_bytes, res.frames, res.workspace_bytes,
-                         res.workspace_func)
+    return read_plan(planned, entry, tgt)
 

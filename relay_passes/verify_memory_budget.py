@@ -21,15 +21,14 @@ def _fmt(n: int) -> str:
 
 @tvm.transform.module_pass(opt_level=0, name="VerifyMemoryBudget")
 class VerifyMemoryBudget:
-    def __init__(self, budget_bytes: int | None, *, gpu: bool = False, entry: str = "main",
-                 on_plan=None):
+    def __init__(self, budget_bytes: int | None, target, *, entry: str = "main", on_plan=None):
         self.budget_bytes = budget_bytes
-        self.gpu = gpu
+        self.target = target
         self.entry = entry
         self.on_plan = on_plan
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        plan = read_plan(mod, self.entry, gpu=self.gpu)
+        plan = read_plan(mod, self.entry, self.target)
         if self.on_plan is not None:
             self.on_plan(plan)
         if self.budget_bytes is not None and plan.peak_bytes > self.budget_bytes:

@@ -102,9 +102,10 @@ def build(model, target="llvm", budget=None, *, example_args=None, arch: str | N
     mod = _import(model, example_args)
     _progress(progress, f"estimating memory for {tgt.kind.name}")
     prof = estimate_memory(mod, tgt, entry=entry)
-    if budget_bytes is not None and prof.peak_bytes > budget_bytes:
+    need = MemoryReport(prof).peak_bytes
+    if budget_bytes is not None and need > budget_bytes:
         raise BudgetInfeasibleError(
-            f"the unchunked module needs {format_bytes(prof.peak_bytes)} ({prof.peak_bytes} "
+            f"the unchunked module needs {format_bytes(need)} ({need} "
             f"bytes) per call, over the budget of {format_bytes(budget_bytes)} "
             f"({budget_bytes} bytes). The peak is after binding '{prof.peak_binding}' "
             f"({prof.peak_op}). Chunking is not available in this build, so nothing can lower "
@@ -125,6 +126,13 @@ def build(model, target="llvm", budget=None, *, example_args=None, arch: str | N
     build_s = time.perf_counter() - t1
     report = MemoryReport(prof, captured.get("plan"), budget_bytes,
                           extra={"build_seconds": round(build_s, 3)})
+    if budget_bytes is not None and report.peak_bytes > budget_bytes:
+        raise BudgetInfeasibleError(
+            f"after the build, one call needs {format_bytes(report.peak_bytes)} "
+            f"({report.peak_bytes} bytes; TVM plan {report.planned_peak_bytes}, run-time "
+            f"high-water {report.runtime_peak_bytes}), over the budget of "
+            f"{format_bytes(budget_bytes)} ({budget_bytes} bytes). Remedy: raise the budget."
+        )
     cross = is_cross(tgt)
     meta = {
         "format": 1,
