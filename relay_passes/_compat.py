@@ -130,18 +130,20 @@ def _lower_for_workspace(pf, target):
 _WS_CACHE: dict = {}
 
 
-def prim_func_workspace(pf, target) -> tuple[int, ...]:
+def prim_func_workspace(pf, target, bounds: dict[str, int] | None = None) -> tuple[int, ...]:
     """The run-time workspace allocations (bytes, in program order) of one CPU PrimFunc.
 
     Global buffers a kernel allocates internally (softmax's exp buffer, an unfused chain's
     temporaries) are requested from TVM's workspace pool at run time; they are counted after
     ``StorageRewrite`` has merged what it can, as the built kernel will really ask for them.
-    Buffers with symbolic extents count as 0.
+    Symbolic extents are evaluated at ``bounds`` (the calling function's ``tir_var_upper_bound``,
+    matched by variable name); an extent that stays unbounded raises ``SymbolicShapeError``.
     """
-    key = (tvm_ffi.structural_hash(pf), str(target.kind.name))
+    bounds = bounds or {}
+    key = (tvm_ffi.structural_hash(pf), str(target.kind.name), tuple(sorted(bounds.items())))
     if key in _WS_CACHE:
         return _WS_CACHE[key]
-    if prim_func_global_alloc_bytes(pf) == 0:
+    if not _has_global_alloc(pf):
         _WS_CACHE[key] = ()
         return ()
     lowered = _lower_for_workspace(pf, target)
@@ -153,7 +155,16 @@ def prim_func_workspace(pf, target) -> tuple[int, ...]:
         if scope in ("global", ""):
             n = 1
             for s in buf.shape:
-                n = n * int(s) if isinstance(s, IntImm) else 0
+                ub = eval_upper(s, bounds)
+                if ub is None:
+                    from .errors import SymbolicShapeError
+
+                    raise SymbolicShapeError(
+                        f"a kernel workspace buffer '{buf.name}' has extent {s} with no upper "
+                        "bound, so its memory cannot be bounded. Remedy: bound the symbolic dims "
+                        "of the model's inputs (tir_var_upper_bound)."
+                    )
+                n *= ub
             b = n * dtype_bytes(str(buf.dtype))
             if b > 1024:  # TVM keeps tiny buffers on the stack (kMaxStackAlloca)
                 sizes.append(b)
@@ -164,43 +175,15 @@ def prim_func_workspace(pf, target) -> tuple[int, ...]:
     return _WS_CACHE[key]
 
 
-def prim_func_global_alloc_bytes(pf) -> int:
-    """Bytes of global-scope buffers a PrimFunc allocates internally (run-time workspace).
-
-    On CPU the default pipeline leaves full-size intermediates (softmax's exp buffer, a fused
-    matmul's result) as global sblock buffers; TVM's Relax memory plan does not see them.
-    Sizes with symbolic dims are bounded with the PrimFunc's own ``tir_var_upper_bound`` if any,
-    else counted as 0 and reported as unknown by the caller.
-    """
-    total = 0
-
-    def add(buf):
-        nonlocal total
-        try:
-            scope = buf.scope()
-        except Exception:  # pragma: no cover - defensive
-            scope = "global"
-        if scope not in ("global", ""):
-            return
-        n = 1
-        for s in buf.shape:
-            if not isinstance(s, IntImm):
-                return
-            n *= int(s)
-        total += n * dtype_bytes(str(buf.dtype))
+def _has_global_alloc(pf) -> bool:
+    """Whether a PrimFunc (un-lowered sblock TIR) allocates any global-scope buffer."""
+    found = False
 
     def on_block(b, vis):
-        for buf in b.alloc_buffers:
-            add(buf)
+        nonlocal found
+        if any(buf.scope() in ("global", "") for buf in b.alloc_buffers):
+            found = True
         return vis.default_visit(b)
 
-    def on_alloc(node, vis):
-        add(node.buffer)
-        return vis.default_visit(node)
-
-    visitors = [(tvm.s_tir.stmt.SBlock, on_block)]
-    alloc_buffer = getattr(tvm.tirx.stmt, "AllocBuffer", None)
-    if alloc_buffer is not None:
-        visitors.append((alloc_buffer, on_alloc))
-    tvm_ffi.structural_visit(pf.body, visitors)
-    return total
+    tvm_ffi.structural_visit(pf.body, [(tvm.s_tir.stmt.SBlock, on_block)])
+    return found

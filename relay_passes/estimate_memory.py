@@ -119,16 +119,11 @@ def _weights(func: relax.Function, bounds) -> int:
 def analyze_frames(lowered, entry: str, target, op_names=None) -> dict[str, FrameAnalysis]:
     """Walk ``entry`` and every Relax function it calls, transitively, on a lowered module."""
     gpu = is_gpu(target)
-    ws_cache: dict[str, tuple[int, ...]] = {}
-
-    def workspace_of(gv) -> tuple[int, ...]:
-        key = str(gv.name_hint)
-        if key not in ws_cache:
-            f = lowered[gv] if gv in lowered.functions else None
-            ws_cache[key] = (
-                C.prim_func_workspace(f, target) if isinstance(f, C.PrimFunc) and not gpu else ()
-            )
-        return ws_cache[key]
+    def workspace_of(gv, bounds) -> tuple[int, ...]:
+        f = lowered[gv] if gv in lowered.functions else None
+        if gpu or not isinstance(f, C.PrimFunc):
+            return ()
+        return C.prim_func_workspace(f, target, bounds)
 
     out: dict[str, FrameAnalysis] = {}
     todo = [entry]

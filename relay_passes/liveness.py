@@ -153,7 +153,7 @@ class FrameWalker:
         self.fname = fname
         self.bounds = bounds
         self.op_names = op_names or {}
-        self.workspace_of = workspace_of or (lambda gv: ())
+        self.workspace_of = workspace_of or (lambda gv, bounds: ())
         self.tokens: dict = {}  # relax.Var -> nested tokens
         self.protos: list[Proto] = []
         self.events: list[_Event] = []
@@ -226,7 +226,7 @@ class FrameWalker:
 
     def _set_workspace(self, ev: _Event, gv) -> None:
         if isinstance(gv, C.GlobalVar):
-            ev.ws_allocs = tuple(self.workspace_of(gv))
+            ev.ws_allocs = tuple(self.workspace_of(gv, self.bounds))
             ev.workspace = sum(ev.ws_allocs)
 
     def _op_label(self, name: str, fallback: str) -> str:

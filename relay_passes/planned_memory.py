@@ -109,9 +109,10 @@ def read_plan(planned: tvm.IRModule, entry: str, target) -> PlannedMemory:
     ws, ws_func = 0, None
     gpu = is_gpu(target)
     if not gpu:
+        bounds = C.upper_bounds_of(planned[entry])
         for gv, f in planned.functions_items():
             if isinstance(f, C.PrimFunc):
-                b = sum(C.prim_func_workspace(f, target))
+                b = sum(C.prim_func_workspace(f, target, bounds))
                 if b > ws:
                     ws, ws_func = b, str(gv.name_hint)
     reach = [folded[n] for n in sorted(folded)]

@@ -1,0 +1,93 @@
+"""Estimator vs TVM's own plan on the four model families (torch.export -> Relax).
+
+The estimate must be within 2% of the plan read off StaticPlanBlockMemory (it replays the
+planner, so in practice it is exact). Small sizes keep this CPU-fast; the benchmark
+``benchmarks/estimator_accuracy.py`` covers the large sizes and the measured peak.
+"""
+
+from __future__ import annotations
+
+import pytest
+import tvm
+
+import tvm_autochunk as ac
+from benchmarks.models import FAMILIES, SMALL_SIZES
+from relay_passes.estimate_memory import estimate_memory
+from relay_passes.planned_memory import planned_memory
+
+CASES = [(f, SMALL_SIZES[f]) for f in FAMILIES] + [
+    ("gpt", 256),
+    ("vit", 256),
+    ("evoformer", 32),
+    ("unet", 32),
+]
+
+_MODS: dict = {}
+
+
+def _mod(family: str, size: int):
+    if (family, size) not in _MODS:
+        w = FAMILIES[family](size)
+        _MODS[(family, size)] = ac.from_torch(w.module, w.inputs)
+    return _MODS[(family, size)]
+
+
+@pytest.mark.parametrize(("family", "size"), CASES)
+def test_estimate_within_2pct_of_tvm_plan_llvm(family, size):
+    mod = _mod(family, size)
+    est = estimate_memory(mod, "llvm")
+    plan = planned_memory(mod, "llvm")
+    assert plan.peak_bytes > 0
+    assert abs(est.peak_bytes - plan.peak_bytes) <= 0.02 * plan.peak_bytes, (est, plan)
+    # the parts agree too, not only the sum
+    assert est.frame.storage_bytes == plan.frame("main").storage_bytes
+    assert est.workspace_bytes == plan.workspace_bytes
+    # the live-set view is consistent with the totals
+    assert 0 < est.live_peak_bytes <= est.peak_bytes + est.workspace_bytes
+    assert est.runtime_peak_bytes >= est.frame.storage_bytes
+    assert sum(r.nbytes for r in est.live_at_peak) <= est.live_peak_bytes
+
+
+@pytest.mark.parametrize("family", ["gpt", "unet"])
+def test_estimate_matches_tvm_plan_cuda(family):
+    mod = _mod(family, SMALL_SIZES[family])
+    tgt = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    est = estimate_memory(mod, tgt)
+    plan = planned_memory(mod, tgt)
+    assert abs(est.peak_bytes - plan.peak_bytes) <= 0.02 * plan.peak_bytes
+    # fusion on CUDA removes intermediates: less memory than the unfused CPU pipeline
+    assert est.peak_bytes < estimate_memory(mod, "llvm").peak_bytes
+
+
+def test_report_is_readable_and_serialisable():
+    import json
+
+    rep = ac.estimate(_mod("gpt", SMALL_SIZES["gpt"]), target="llvm")
+    assert isinstance(rep.peak_bytes, int) and rep.peak_bytes > 0
+    text = str(rep)
+    assert "peak (one call)" in text and rep.peak_binding in text
+    d = json.loads(rep.to_json())
+    assert d["peak_bytes"] == rep.peak_bytes
+    assert d["estimate"]["timeline"], "timeline must not be empty"
+    assert d["weight_bytes"] > 0 and d["input_bytes"] > 0
+
+
+def test_peak_grows_quadratically_with_sequence_for_attention():
+    # at S >= 1024 the S x S attention scores dominate: doubling S ~quadruples the peak
+    small = estimate_memory(_mod("gpt", 1024), "llvm").peak_bytes
+    big = estimate_memory(_mod("gpt", 2048), "llvm").peak_bytes
+    assert 3.0 < big / small < 4.5
+
+
+def test_dynamic_dim_estimated_at_upper_bound():
+    import torch
+
+    w = FAMILIES["gpt"](64)
+    S = torch.export.Dim("S", min=2, max=256)
+    dyn = ac.from_torch(w.module, w.inputs, dynamic_shapes=({1: S},))
+    est = estimate_memory(dyn, "llvm")
+    assert est.symbolic_bounds and est.symbolic_bounds[0][1] == 256
+    static = estimate_memory(_mod("gpt", 256), "llvm")
+    assert est.peak_bytes == planned_memory(dyn, "llvm").peak_bytes
+    # planned at the bound: the same order as the static model at that length
+    assert 0.8 * static.peak_bytes <= est.peak_bytes <= 1.25 * static.peak_bytes
