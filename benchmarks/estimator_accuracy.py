@@ -118,7 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="*", type=int, help="sizes (default: the family's sweep)")
     ap.add_argument("--quick", action="store_true", help="one small size per family")
     ap.add_argument("--no-measure", action="store_true", help="skip the fresh-process run")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "estimator_accuracy.jsonl"))
+    ap.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "estimator_accuracy.jsonl")
+    )
     args = ap.parse_args(argv)
     rows = []
     out = Path(args.out)

@@ -119,6 +119,7 @@ def _weights(func: relax.Function, bounds) -> int:
 def analyze_frames(lowered, entry: str, target, op_names=None) -> dict[str, FrameAnalysis]:
     """Walk ``entry`` and every Relax function it calls, transitively, on a lowered module."""
     gpu = is_gpu(target)
+
     def workspace_of(gv, bounds) -> tuple[int, ...]:
         f = lowered[gv] if gv in lowered.functions else None
         if gpu or not isinstance(f, C.PrimFunc):
@@ -132,9 +133,7 @@ def analyze_frames(lowered, entry: str, target, op_names=None) -> dict[str, Fram
         if name in out:
             continue
         func = lowered[name]
-        walker = FrameWalker(
-            lowered, func, name, C.upper_bounds_of(func), op_names, workspace_of
-        )
+        walker = FrameWalker(lowered, func, name, C.upper_bounds_of(func), op_names, workspace_of)
         out[name] = walker.run()
         todo.extend(c for c in out[name].callees if c not in out)
     return out
@@ -157,8 +156,13 @@ def frame_totals(frames: dict[str, FrameAnalysis], entry: str) -> dict[str, Fram
                 best, best_name = t, c
         m = fa.memory
         done[name] = FrameMemory(
-            m.function, m.storage_bytes, m.num_storages, m.unplanned_bytes, m.output_bytes,
-            best, best_name,
+            m.function,
+            m.storage_bytes,
+            m.num_storages,
+            m.unplanned_bytes,
+            m.output_bytes,
+            best,
+            best_name,
         )
         return done[name]
 
@@ -194,9 +198,7 @@ def estimate_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") ->
     totals = frame_totals(frames, entry)
     main = frames[entry]
     frame = totals[entry]
-    ws_items = [
-        (ev.workspace, ev.op) for fa in frames.values() for ev in fa.events if ev.workspace
-    ]
+    ws_items = [(ev.workspace, ev.op) for fa in frames.values() for ev in fa.events if ev.workspace]
     workspace, workspace_func = max(ws_items, default=(0, None))
     peak = frame.total_bytes + workspace
 

@@ -408,7 +408,12 @@ class FrameWalker:
             if p.uid not in assigned and not p.from_callee
         ]
         return FrameAnalysis(
-            mem, tuple(self.protos), tuple(self.events), tuple(self.callees), ws, n,
+            mem,
+            tuple(self.protos),
+            tuple(self.events),
+            tuple(self.callees),
+            ws,
+            n,
             tuple(blocks),
         )
 

@@ -137,8 +137,9 @@ def run_passes(mod: tvm.IRModule, passes: list, target: tvm.target.Target) -> tv
         return tvm.transform.Sequential(passes)(mod)
 
 
-def autochunk_build_passes(target: tvm.target.Target, *, budget_bytes=None, on_plan=None,
-                           pre_passes=()) -> list:
+def autochunk_build_passes(
+    target: tvm.target.Target, *, budget_bytes=None, on_plan=None, pre_passes=()
+) -> list:
     """Our build pipeline: [pre_passes (e.g. AutoChunk)] + TVM's pipeline for the target, with
     ``VerifyMemoryBudget`` right after ``StaticPlanBlockMemory``."""
     from .verify_memory_budget import VerifyMemoryBudget

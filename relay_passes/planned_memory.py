@@ -100,8 +100,13 @@ def read_plan(planned: tvm.IRModule, entry: str, target) -> PlannedMemory:
                 best, best_name = t, c
         m = frames[name]
         folded[name] = FrameMemory(
-            name, m.storage_bytes, m.num_storages, m.unplanned_bytes, m.output_bytes,
-            best, best_name,
+            name,
+            m.storage_bytes,
+            m.num_storages,
+            m.unplanned_bytes,
+            m.output_bytes,
+            best,
+            best_name,
         )
         return folded[name]
 
@@ -130,4 +135,3 @@ def planned_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") -> 
     tgt = as_target(target)
     planned = run_passes(mod, planning_passes(tgt), tgt)
     return read_plan(planned, entry, tgt)
-

@@ -83,7 +83,9 @@ def test_wrong_inputs_are_clear_errors(small_gpt):
 def test_budget_below_unchunked_peak_names_peak_and_site(small_gpt):
     _, mod, _ = small_gpt
     need = ac.estimate(mod, "llvm").peak_bytes
-    with pytest.raises(ac.BudgetInfeasibleError, match=r"needs .* over the budget .* after binding"):
+    with pytest.raises(
+        ac.BudgetInfeasibleError, match=r"needs .* over the budget .* after binding"
+    ):
         ac.build(mod, target="llvm", budget=need // 2)
     art = ac.build(mod, target="llvm", budget=need)  # exactly enough is fine
     assert art.report.peak_bytes <= need

@@ -96,7 +96,7 @@ class Softmax:
 class Dynamic:
     @R.function
     def main(x: R.Tensor(("n", 256), "float32")) -> R.Tensor(("n", 256), "float32"):
-        n = T.int64()
+        n = T.int64()  # noqa: F841 (declares the symbolic dim for TVMScript)
         R.func_attr({"tir_var_upper_bound": {"n": 128}})
         with R.dataflow():
             a = R.add(x, x)
@@ -110,7 +110,7 @@ class Dynamic:
 class Unbounded:
     @R.function
     def main(x: R.Tensor(("n", 256), "float32")) -> R.Tensor(("n", 256), "float32"):
-        n = T.int64()
+        n = T.int64()  # noqa: F841 (declares the symbolic dim for TVMScript)
         with R.dataflow():
             a = R.add(x, x)
             R.output(a)
@@ -220,7 +220,7 @@ def test_estimator_never_mutates(mod):
 
 
 def test_not_a_module():
-    with pytest.raises(PassContractError, match="expected a tvm.IRModule"):
+    with pytest.raises(PassContractError, match=r"expected a tvm\.IRModule"):
         estimate_memory("model.onnx", "llvm")
     with pytest.raises(PassContractError, match="no function 'forward'"):
         estimate_memory(Chain, "llvm", entry="forward")

@@ -38,8 +38,9 @@ def bound_dims(mod, bounds: dict[str, int], entry: str = "main"):
     return BoundSymbolicDims(bounds, entry)(mod)
 
 
-def estimate(model, target="llvm", *, example_args=None, arch: str | None = None,
-             entry: str = "main") -> MemoryReport:
+def estimate(
+    model, target="llvm", *, example_args=None, arch: str | None = None, entry: str = "main"
+) -> MemoryReport:
     """Estimate the memory one call of ``model`` allocates when built for ``target``.
 
     ``model``: a Relax IRModule, a torch.nn.Module (with ``example_args``), an
@@ -78,8 +79,16 @@ def signature(mod, entry: str = "main") -> dict:
     return {"inputs": inputs, "outputs": outs, "bounds": C.upper_bounds_of(func)}
 
 
-def build(model, target="llvm", budget=None, *, example_args=None, arch: str | None = None,
-          entry: str = "main", progress: Callable[[str], None] | None = None):
+def build(
+    model,
+    target="llvm",
+    budget=None,
+    *,
+    example_args=None,
+    arch: str | None = None,
+    entry: str = "main",
+    progress: Callable[[str], None] | None = None,
+):
     """Build ``model`` for ``target`` so that one call stays within ``budget``.
 
     Returns an ``Artifact``: call it on numpy arrays, read ``.report``, ``.export(path)``.
@@ -124,8 +133,9 @@ def build(model, target="llvm", budget=None, *, example_args=None, arch: str | N
     except Exception as e:
         raise BuildError(f"TVM failed to build the module for {tgt.kind.name}: {e}") from e
     build_s = time.perf_counter() - t1
-    report = MemoryReport(prof, captured.get("plan"), budget_bytes,
-                          extra={"build_seconds": round(build_s, 3)})
+    report = MemoryReport(
+        prof, captured.get("plan"), budget_bytes, extra={"build_seconds": round(build_s, 3)}
+    )
     if budget_bytes is not None and report.peak_bytes > budget_bytes:
         raise BudgetInfeasibleError(
             f"after the build, one call needs {format_bytes(report.peak_bytes)} "
@@ -147,6 +157,8 @@ def build(model, target="llvm", budget=None, *, example_args=None, arch: str | N
         **signature(mod, entry),
         "report": report.to_dict(),
     }
-    _progress(progress, f"built in {time.perf_counter() - t0:.1f}s; "
-                        f"planned peak {format_bytes(report.peak_bytes)}")
+    _progress(
+        progress,
+        f"built in {time.perf_counter() - t0:.1f}s; planned peak {format_bytes(report.peak_bytes)}",
+    )
     return Artifact(ex, meta, report=report)

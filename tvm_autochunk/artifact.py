@@ -70,10 +70,10 @@ def _elf_section(path: str | os.PathLike, name: str) -> bytes | None:
     end = "<" if data[5] == 1 else ">"
     try:
         if is64:
-            shoff, = struct.unpack_from(end + "Q", data, 0x28)
+            (shoff,) = struct.unpack_from(end + "Q", data, 0x28)
             shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", data, 0x3A)
         else:
-            shoff, = struct.unpack_from(end + "I", data, 0x20)
+            (shoff,) = struct.unpack_from(end + "I", data, 0x20)
             shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", data, 0x2E)
 
         def sect(i):
@@ -187,7 +187,13 @@ class Artifact:
                     f"this artifact was cross-compiled for {self.meta['target']} and cannot run "
                     "on this host; copy the exported .so to a matching device and load it there"
                 )
-            self._vm = VirtualMachine(self._exec, self._dev())
+            dev = self._dev()
+            if not dev.exist:
+                raise ArtifactError(
+                    f"this artifact runs on {dev} ({self.meta['target']}), but no such device is "
+                    "present on this host; run it on a machine with that device"
+                )
+            self._vm = VirtualMachine(self._exec, dev)
         return self._vm
 
     # ------------------------------------------------------------ calling
@@ -249,7 +255,9 @@ class Artifact:
         """Write the shared library (with embedded metadata) to ``path`` atomically."""
         dst = Path(path)
         if dst.parent and not dst.parent.exists():
-            raise ArtifactError(f"cannot export to {str(dst)!r}: folder {dst.parent} does not exist")
+            raise ArtifactError(
+                f"cannot export to {str(dst)!r}: folder {dst.parent} does not exist"
+            )
         if self._exec is None:
             raise ArtifactError("this artifact has no executable to export")
         with tempfile.TemporaryDirectory(prefix="tvm_autochunk_") as tmp:

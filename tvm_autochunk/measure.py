@@ -82,8 +82,9 @@ def _worker(lib: str, inputs: str, out_json: str, outputs: str | None) -> None:
     Path(out_json).write_text(json.dumps({"peak": peak, "base": base, "seconds": secs}))
 
 
-def measure_peak(artifact_path: str | os.PathLike, inputs, *, keep_outputs: bool = False,
-                 timeout: float = 1800.0) -> Measurement:
+def measure_peak(
+    artifact_path: str | os.PathLike, inputs, *, keep_outputs: bool = False, timeout: float = 1800.0
+) -> Measurement:
     """Run one call of the exported library at ``artifact_path`` in a fresh Python process."""
     tmp = tempfile.mkdtemp(prefix="tvm_autochunk_measure_")
     inp = os.path.join(tmp, "inputs.npz")

@@ -125,7 +125,9 @@ class MemoryReport:
             f"(outputs {format_bytes(fr.output_bytes)})"
         )
         if fr.callee_bytes:
-            lines.append(f"    callee frame       {format_bytes(fr.callee_bytes):>12}   ({fr.callee})")
+            lines.append(
+                f"    callee frame       {format_bytes(fr.callee_bytes):>12}   ({fr.callee})"
+            )
         lines.append(
             f"    kernel workspace   {format_bytes(e.workspace_bytes):>12}"
             + (f"   (largest: {e.workspace_func})" if e.workspace_func else "")
@@ -151,9 +153,8 @@ class MemoryReport:
             top = sorted(e.timeline, key=lambda t: -t.live_bytes)[:timeline_rows]
             for t in sorted(top, key=lambda t: t.index):
                 bar = "#" * max(1, int(30 * t.live_bytes / max(1, e.live_peak_bytes)))
-                lines.append(
-                    f"    {t.index:>4} {t.name:<12} {t.op:<22} {format_bytes(t.live_bytes):>12} {bar}"
-                )
+                size = format_bytes(t.live_bytes)
+                lines.append(f"    {t.index:>4} {t.name:<12} {t.op:<22} {size:>12} {bar}")
         if self.chunking:
             lines.append(f"  chunking: {json.dumps(self.chunking)}")
         for n in e.notes:

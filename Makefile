@@ -1,0 +1,44 @@
+# Newcomer entry points (see README "Quick start"): `make demo`, `make test`.
+#
+# `make venv` creates .venv and installs the pinned dependencies from pyproject.toml
+# (TVM, torch CPU, onnx, dev tools). It reinstalls only when pyproject.toml is newer than
+# the stamp file .venv/.installed. torch is pinned to 2.13.0; to get the CPU build on a
+# machine without a local wheel, set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+# (pip reads it from the environment; the Dockerfile does the same).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXTRAS := torch,onnx,dev
+
+.PHONY: venv demo test bench lint clean distclean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "error: $(PYTHON) is older than Python 3.10; run: make PYTHON=python3.11 venv" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check --no-input -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+demo: venv
+	$(PY) examples/demo.py
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) benchmarks/estimator_accuracy.py
+
+lint: venv
+	$(PY) -m ruff check .
+
+# Removes build outputs and caches; keeps .venv (use `make distclean` to drop it too).
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
