@@ -78,15 +78,11 @@ def _op_names(mod) -> dict[str, str]:
         if not isinstance(f, relax.Function):
             continue
 
-        def cb(e, _names=names):
-            if isinstance(e, relax.VarBinding):
-                n = C.op_name(e.value)
-                if n and n not in ("relax.call_tir", "relax.call_tir_inplace"):
-                    _names.setdefault(str(e.var.name), n.removeprefix("relax."))
-
         for block in f.body.blocks if isinstance(f.body, relax.SeqExpr) else []:
             for b in block.bindings:
-                cb(b)
+                n = C.op_name(b.value)
+                if n and n not in ("relax.call_tir", "relax.call_tir_inplace"):
+                    names.setdefault(str(b.var.name), n.removeprefix("relax."))
     return names
 
 
@@ -106,7 +102,7 @@ def _weights(func: relax.Function, bounds) -> int:
         if isinstance(e, C.GenericConst) and isinstance(e.ty, C.TensorType):
             r = _tensor_record("const", e.ty, bounds, "weight")
             if r is not None:
-                seen[e.__hash__()] = r.nbytes
+                seen[hash(e)] = r.nbytes  # one entry per constant object
 
     relax.analysis.post_order_visit(func, cb)
     extra = 0
