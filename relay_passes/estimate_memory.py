@@ -19,7 +19,7 @@ from . import _compat as C
 from .errors import PassContractError, SymbolicShapeError
 from .liveness import FrameAnalysis, FrameWalker, live_records, runtime_peak, timeline
 from .pipeline import as_target, estimate_passes, is_gpu, run_passes
-from .plan import FrameMemory, MemoryProfile, TensorRecord
+from .plan import FrameMemory, MemoryProfile, TensorRecord, fold_callees
 
 
 def _check_module(mod, entry: str) -> relax.Function:
@@ -137,33 +137,11 @@ def analyze_frames(lowered, entry: str, target, op_names=None) -> dict[str, Fram
 
 def frame_totals(frames: dict[str, FrameAnalysis], entry: str) -> dict[str, FrameMemory]:
     """Each frame with its largest callee frame folded in (recursion counted once)."""
-    done: dict[str, FrameMemory] = {}
-
-    def total(name: str, stack: tuple[str, ...]) -> FrameMemory:
-        if name in done:
-            return done[name]
-        fa = frames[name]
-        best, best_name = 0, None
-        for c in sorted(set(fa.callees)):
-            if c in stack or c == name:
-                continue  # recursion: the frame is already counted
-            t = total(c, (*stack, name)).total_bytes
-            if t > best:
-                best, best_name = t, c
-        m = fa.memory
-        done[name] = FrameMemory(
-            m.function,
-            m.storage_bytes,
-            m.num_storages,
-            m.unplanned_bytes,
-            m.output_bytes,
-            best,
-            best_name,
-        )
-        return done[name]
-
-    total(entry, ())
-    return done
+    return fold_callees(
+        {n: fa.memory for n, fa in frames.items()},
+        {n: list(fa.callees) for n, fa in frames.items()},
+        entry,
+    )
 
 
 def _callee_order(frames: dict[str, FrameAnalysis], entry: str) -> list[str]:

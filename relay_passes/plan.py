@@ -5,7 +5,7 @@ Nothing here imports TVM, so reports can be built, compared and serialised anywh
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,31 @@ class PlannedMemory:
             if f.function == name:
                 return f
         raise KeyError(name)
+
+
+def fold_callees(
+    frames: dict[str, FrameMemory], calls: dict[str, list[str]], entry: str
+) -> dict[str, FrameMemory]:
+    """Each frame reachable from ``entry`` with its largest callee frame folded in.
+
+    A callee's frame is live only during the call, so a frame costs its own bytes plus the
+    largest frame it calls (transitively). Recursion is cut: a frame already on the call stack
+    is counted once.
+    """
+    done: dict[str, FrameMemory] = {}
+
+    def fold(name: str, stack: tuple[str, ...]) -> FrameMemory:
+        if name in done:
+            return done[name]
+        best, best_name = 0, None
+        for c in sorted(set(calls.get(name, ()))):
+            if c in stack or c == name:
+                continue
+            t = fold(c, (*stack, name)).total_bytes
+            if t > best:
+                best, best_name = t, c
+        done[name] = replace(frames[name], callee_bytes=best, callee=best_name)
+        return done[name]
+
+    fold(entry, ())
+    return done

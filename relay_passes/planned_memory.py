@@ -15,7 +15,7 @@ from tvm import relax
 
 from . import _compat as C
 from .pipeline import as_target, is_gpu, planning_passes, run_passes
-from .plan import FrameMemory, PlannedMemory
+from .plan import FrameMemory, PlannedMemory, fold_callees
 
 _ALLOC_STORAGE = C.Op.get("relax.memory.alloc_storage")
 _ALLOC_TENSOR = C.Op.get("relax.builtin.alloc_tensor")
@@ -86,31 +86,7 @@ def read_plan(planned: tvm.IRModule, entry: str, target) -> PlannedMemory:
         if isinstance(f, relax.Function):
             frames[gv.name_hint], calls[gv.name_hint] = _frame(f, gv.name_hint, planned)
 
-    folded: dict[str, FrameMemory] = {}
-
-    def fold(name: str, stack: tuple[str, ...]) -> FrameMemory:
-        if name in folded:
-            return folded[name]
-        best, best_name = 0, None
-        for c in sorted(set(calls[name])):
-            if c in stack or c == name:
-                continue
-            t = fold(c, (*stack, name)).total_bytes
-            if t > best:
-                best, best_name = t, c
-        m = frames[name]
-        folded[name] = FrameMemory(
-            name,
-            m.storage_bytes,
-            m.num_storages,
-            m.unplanned_bytes,
-            m.output_bytes,
-            best,
-            best_name,
-        )
-        return folded[name]
-
-    fold(entry, ())
+    folded = fold_callees(frames, calls, entry)
     ws, ws_func = 0, None
     gpu = is_gpu(target)
     if not gpu:
