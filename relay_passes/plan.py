@@ -130,3 +130,23 @@ def fold_callees(
 
     fold(entry, ())
     return done
+
+
+@dataclass(frozen=True)
+class ChunkRegion:
+    """Compute bindings ``start..end`` of ``function`` chunk by chunk along ``dim`` of ``seed``.
+
+    ``chunk`` is the number of seed rows per chunk (the last chunk takes the remainder).
+    """
+
+    start: str
+    end: str
+    seed: str
+    dim: int
+    chunk: int
+    function: str = "main"
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    regions: tuple[ChunkRegion, ...] = ()

@@ -1,0 +1,322 @@
+"""Chunk regions: which dims a contiguous run of bindings can be computed chunk by chunk along.
+
+Analysis only. A *region* is a contiguous run of bindings ``[start .. end]`` in one dataflow
+block of a Relax function. Chunking it along dim ``d`` of a region input ``x`` (the *seed*)
+means: slice ``x`` along ``d`` into ``[off, off+C)``, run the region's bindings on the slice, and
+write each region output's slice into a full-size output. That is correct when, following the
+dim-flow rules (``dimflow.py``) forward from the seed,
+
+* every binding that reads a chunked tensor has a rule, does not reduce/contract the chunked
+  dim, and maps it to exactly one dim of each of its outputs (consistently across its args);
+* every region output that depends on the seed carries the chunked dim;
+* nothing impure is inside the region.
+
+Bindings that do not depend on the seed are *hoisted* before the loop (e.g. K/V projections
+when chunking attention over queries). Tensors defined outside the region are passed whole,
+and sliced inside a chunk only where a chunked computation reads them along the chunked dim.
+The result is a frozen ``RegionAnalysis`` with the reason when the dim is illegal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from tvm import relax
+
+from . import _compat as C
+from .dimflow import get_dim_rule
+from .errors import PassContractError
+
+
+@dataclass(frozen=True)
+class TensorChunk:
+    """Tensor ``name`` is chunked along ``dim``; its chunk extent is ``chunk * scale``."""
+
+    name: str
+    dim: int
+    scale: Fraction = Fraction(1)
+
+
+@dataclass(frozen=True)
+class ArgSlice:
+    """In binding ``binding``, argument ``arg`` (defined outside the chunk) is sliced."""
+
+    binding: str
+    arg: int
+    dim: int
+    scale: Fraction
+
+
+@dataclass(frozen=True)
+class RegionAnalysis:
+    function: str
+    start: str
+    end: str
+    seed: TensorChunk
+    extent: int  # size of the seed's chunked dim: the loop runs over [0, extent)
+    legal: bool
+    reason: str
+    body: tuple[str, ...] = ()  # bindings computed per chunk, in order
+    hoisted: tuple[str, ...] = ()  # region bindings independent of the seed
+    outputs: tuple[TensorChunk, ...] = ()  # chunked region outputs (used after the region)
+    specs: tuple[TensorChunk, ...] = ()  # every chunked tensor leaf, incl. the seed
+    slices: tuple[ArgSlice, ...] = ()  # outside tensors sliced where a chunk reads them
+
+    def chunk_extent(self, name: str, chunk: int) -> int:
+        for s in self.specs:
+            if s.name == name:
+                ext = chunk * s.scale
+                if ext.denominator != 1:
+                    raise PassContractError(
+                        f"chunk {chunk} does not divide evenly into tensor '{name}' (scale "
+                        f"{s.scale}); use a multiple of {s.scale.denominator}"
+                    )
+                return int(ext)
+        raise KeyError(name)
+
+
+def _static_shape(ty) -> tuple[int, ...] | None:
+    shape = C.tensor_shape(ty)
+    if shape is None or any(not isinstance(d, int) for d in shape):
+        return None
+    return tuple(shape)
+
+
+def _leaves(ty) -> list:
+    if isinstance(ty, C.TensorType):
+        return [ty]
+    if isinstance(ty, C.TupleType):
+        out = []
+        for f in ty.fields:
+            out.extend(_leaves(f))
+        return out
+    return []
+
+
+def region_bindings(func: relax.Function, start: str, end: str):
+    """(block index, list of bindings) of the region; errors name what is wrong."""
+    for bi, block in enumerate(func.body.blocks):
+        names = [str(b.var.name) for b in block.bindings]
+        if start in names:
+            if end not in names:
+                raise PassContractError(
+                    f"region end '{end}' is not in the same binding block as start '{start}'"
+                )
+            i, j = names.index(start), names.index(end)
+            if j < i:
+                raise PassContractError(f"region end '{end}' comes before start '{start}'")
+            return bi, list(block.bindings[i : j + 1])
+    raise PassContractError(f"no binding named '{start}' in the function")
+
+
+def _used_after(func: relax.Function, block_index: int, region_vars: set) -> set:
+    """Region vars used after the region (later bindings, later blocks, the return value)."""
+    used: set = set()
+    started = False
+    for bi, block in enumerate(func.body.blocks):
+        if bi < block_index:
+            continue
+        for b in block.bindings:
+            if bi == block_index and not started:
+                if b.var in region_vars:
+                    started = True
+                continue
+            if b.var in region_vars:
+                continue
+            for v in relax.analysis.free_vars(b.value):
+                if v in region_vars:
+                    used.add(v)
+    for v in relax.analysis.free_vars(func.body.body):
+        if v in region_vars:
+            used.add(v)
+    if isinstance(func.body.body, relax.Var) and func.body.body in region_vars:
+        used.add(func.body.body)
+    return used
+
+
+def analyze_region(
+    mod, start: str, end: str, seed: str, dim: int, *, function: str = "main"
+) -> RegionAnalysis:
+    """Decide whether region ``[start..end]`` can be chunked along ``dim`` of tensor ``seed``."""
+    func = mod[function]
+    bi, bindings = region_bindings(func, start, end)
+    region_vars = {b.var for b in bindings}
+    by_name = {str(b.var.name): b for b in bindings}
+
+    # the seed: a tensor defined before the region (a param or an earlier binding)
+    seed_ty = None
+    for p in func.params:
+        if str(p.name) == seed:
+            seed_ty = p.ty
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if str(b.var.name) == seed:
+                if b.var in region_vars:
+                    seed_ty = None
+                    break
+                seed_ty = b.var.ty
+    shape = _static_shape(seed_ty) if seed_ty is not None else None
+    sd = TensorChunk(seed, dim)
+    if shape is None:
+        return RegionAnalysis(function, start, end, sd, 0, False,
+                              f"seed '{seed}' is not a statically shaped tensor defined before "
+                              "the region")
+    if not 0 <= dim < len(shape):
+        return RegionAnalysis(function, start, end, sd, 0, False,
+                              f"dim {dim} out of range for '{seed}' of shape {shape}")
+    extent = shape[dim]
+
+    def fail(reason: str) -> RegionAnalysis:
+        return RegionAnalysis(function, start, end, sd, extent, False, reason)
+
+    # spec: var -> chunk spec per tensor leaf: (dim, scale) | None (whole); tuples -> tuple
+    spec: dict = {}
+    seed_var = None
+    for p in func.params:
+        if str(p.name) == seed:
+            seed_var = p
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if str(b.var.name) == seed:
+                seed_var = b.var
+    spec[seed_var] = (dim, Fraction(1))
+    body: list[str] = []
+    hoisted: list[str] = []
+    slices: list[ArgSlice] = []
+
+    def spec_of(expr):
+        if isinstance(expr, relax.Var):
+            return spec.get(expr)
+        if isinstance(expr, relax.TupleGetItem):
+            t = spec_of(expr.tuple_value)
+            return t[expr.index] if isinstance(t, tuple) else None
+        if isinstance(expr, relax.Tuple):
+            fields = tuple(spec_of(f) for f in expr.fields)
+            return fields if any(f is not None for f in fields) else None
+        return None
+
+    for b in bindings:
+        name, value = str(b.var.name), b.value
+        if isinstance(b, relax.MatchCast):
+            return fail(f"binding '{name}' is a match_cast (dynamic shape) inside the region")
+        if isinstance(value, (relax.Var, relax.TupleGetItem, relax.Tuple)):
+            s = spec_of(value)
+            spec[b.var] = s
+            (body if s is not None else hoisted).append(name)
+            continue
+        if not isinstance(value, C.Call):
+            spec[b.var] = None
+            hoisted.append(name)
+            continue
+        arg_specs = [spec_of(a) for a in value.args]
+        depends = any(s is not None for s in arg_specs)
+        op = C.op_name(value)
+        if not depends:
+            if op is None or op.startswith("relax.call_") or not isinstance(value.op, C.Op):
+                return fail(f"binding '{name}' calls {value.op} (not a pure Relax op) inside the "
+                            "region; end the region before it")
+            spec[b.var] = None
+            hoisted.append(name)
+            continue
+        if op is None:
+            return fail(f"binding '{name}' calls a function ({value.op}); calls are barriers")
+        rule = get_dim_rule(op)
+        if rule is None:
+            return fail(f"binding '{name}' ({op}) has no dim-flow rule: it is a barrier")
+        arg_shapes = [_static_shape(a.ty) if hasattr(a, "ty") else None for a in value.args]
+        outs = _leaves(b.var.ty)
+        out_shapes = [_static_shape(t) for t in outs]
+        if any(s is None for s in out_shapes):
+            return fail(f"binding '{name}' ({op}) has a dynamic output shape")
+        flow = rule(value, arg_shapes, out_shapes)
+        if flow is None:
+            return fail(f"binding '{name}' ({op}) cannot be chunked with these attributes")
+        out_spec: list = [None] * len(outs)
+        for i, s in enumerate(arg_specs):
+            if s is None:
+                continue
+            if isinstance(s, tuple) and s and isinstance(s[0], tuple):
+                return fail(f"binding '{name}' ({op}) takes a chunked tuple; unsupported")
+            d, sc = s
+            if (i, d) in flow.reduced:
+                return fail(
+                    f"binding '{name}' ({op.removeprefix('relax.')}) reduces or mixes dim {d} of "
+                    f"argument {i}: chunks would not be independent"
+                )
+            hit = False
+            for o, dims in enumerate(flow.outputs):
+                for j, srcs in enumerate(dims):
+                    for src in srcs:
+                        if src.arg == i and src.dim == d:
+                            want = (j, sc * src.scale)
+                            if out_spec[o] not in (None, want):
+                                return fail(f"binding '{name}' ({op}) maps the chunked dims of "
+                                            "its arguments to different output dims")
+                            out_spec[o] = want
+                            hit = True
+            if not hit:
+                return fail(f"binding '{name}' ({op.removeprefix('relax.')}) does not carry dim "
+                            f"{d} of argument {i} to its output")
+        if any(s is None for s in out_spec):
+            return fail(f"binding '{name}' ({op}) has an output that is not chunked although "
+                        "it reads chunked data")
+        # whole arguments read along the chunked output dim must be sliced too
+        for i, s in enumerate(arg_specs):
+            if s is not None or arg_shapes[i] is None:
+                continue
+            for o, dims in enumerate(flow.outputs):
+                j, sc = out_spec[o]
+                for src in dims[j]:
+                    if src.arg == i:
+                        if (i, src.dim) in flow.reduced:
+                            return fail(f"binding '{name}' reduces a dim it must slice")
+                        a = value.args[i]
+                        if isinstance(a, relax.Var) and a in region_vars and str(a.name) not in hoisted:
+                            return fail(f"binding '{name}' reads '{a.name}' whole along the chunk")
+                        slices.append(ArgSlice(name, i, src.dim, sc / src.scale))
+        spec[b.var] = out_spec[0] if isinstance(b.var.ty, C.TensorType) else tuple(out_spec)
+        body.append(name)
+
+    used_after = _used_after(func, bi, region_vars)
+    outputs: list[TensorChunk] = []
+    for v in sorted(used_after, key=lambda v: [str(b.var.name) for b in bindings].index(str(v.name))):
+        s = spec.get(v)
+        if s is None:
+            continue  # hoisted: computed before the loop
+        if not isinstance(v.ty, C.TensorType):
+            return fail(f"region output '{v.name}' is a tuple; project its fields inside the region")
+        outputs.append(TensorChunk(str(v.name), s[0], s[1]))
+    if not outputs:
+        return fail(f"no region output depends on '{seed}' along dim {dim}")
+    specs = [TensorChunk(seed, dim)]
+    for b in bindings:
+        s = spec.get(b.var)
+        if isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], Fraction):
+            specs.append(TensorChunk(str(b.var.name), s[0], s[1]))
+    del by_name
+    return RegionAnalysis(
+        function, start, end, sd, extent, True, "", tuple(body), tuple(hoisted),
+        tuple(outputs), tuple(specs), tuple(slices),
+    )
+
+
+def legal_dims(mod, start: str, end: str, *, function: str = "main") -> list[RegionAnalysis]:
+    """Every (region input, dim) seed of ``[start..end]``, legal or not (with the reason)."""
+    func = mod[function]
+    _, bindings = region_bindings(func, start, end)
+    region_vars = {b.var for b in bindings}
+    seen: list = []
+    for b in bindings:
+        for v in relax.analysis.free_vars(b.value):
+            if v not in region_vars and v not in seen and isinstance(v.ty, C.TensorType):
+                seen.append(v)
+    out = []
+    for v in seen:
+        shape = _static_shape(v.ty)
+        if shape is None:
+            continue
+        for d, n in enumerate(shape):
+            if n > 1:
+                out.append(analyze_region(mod, start, end, str(v.name), d, function=function))
+    return out

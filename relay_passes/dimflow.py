@@ -1,0 +1,94 @@
+"""Dimension flow: which output dims of an op come from which input dims (analysis data).
+
+A rule, registered per Relax op name, looks at one call and returns an ``OpFlow``:
+
+* ``outputs[o][j]`` lists the sources of dim ``j`` of tensor output ``o``: ``Src(arg, dim, scale)``
+  means output index ``t`` along ``j`` reads input ``arg`` at index ``t / scale`` along ``dim`` one to
+  one (``scale`` > 1 when a reshape merges ``dim`` with faster dims to its right, < 1 when it
+  splits it). So slicing the input along ``dim`` by ``[off, off+C)`` gives exactly the output
+  slice ``[off*scale, (off+C)*scale)`` along ``j``. A broadcast input dim of size 1 is *not* a
+  source (the input stays whole).
+* ``reduced`` holds ``(arg, dim)`` pairs the op reduces, contracts or otherwise mixes (matmul's
+  K, softmax's axis, a conv's spatial window, a strided_slice along that dim ...). Chunking
+  such an input dim is illegal.
+
+Outputs are the tensor leaves of the call's type in order (a Tensor: one; a Tuple: each
+field). ``arg`` indexes ``call.args``. An op with no rule is a *barrier*: regions stop there;
+the analysis never crashes on it. Users extend or override with ``register_dim_rule``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+ONE = Fraction(1)
+
+
+@dataclass(frozen=True)
+class Src:
+    arg: int
+    dim: int
+    scale: Fraction = ONE
+
+
+@dataclass(frozen=True)
+class OpFlow:
+    outputs: tuple[tuple[tuple[Src, ...], ...], ...]
+    reduced: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+
+
+# rule(call, arg_shapes, out_shapes) -> OpFlow | None. Shapes are tuples of ints (static dims)
+# or None for non-tensor args; None from a rule means "not chunkable here" (a barrier).
+DimRule = Callable[..., "OpFlow | None"]
+
+_RULES: dict[str, DimRule] = {}
+
+
+def register_dim_rule(op_name: str, rule: DimRule | None = None, *, override: bool = False):
+    """Register ``rule`` for ``op_name`` (``"relax.add"``); usable as a decorator."""
+
+    def deco(fn: DimRule) -> DimRule:
+        if op_name in _RULES and not override:
+            raise ValueError(f"a dim-flow rule for {op_name} exists; pass override=True")
+        _RULES[op_name] = fn
+        return fn
+
+    return deco(rule) if rule is not None else deco
+
+
+def get_dim_rule(op_name: str) -> DimRule | None:
+    _load_builtin_rules()
+    return _RULES.get(op_name)
+
+
+def registered_ops() -> list[str]:
+    _load_builtin_rules()
+    return sorted(_RULES)
+
+
+_LOADED = False
+
+
+def _load_builtin_rules() -> None:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        from . import dimflow_rules  # noqa: F401  (registers on import)
+
+
+def identity_flow(ndim: int, args: tuple[int, ...], arg_shapes, out_shape) -> OpFlow:
+    """Elementwise with numpy broadcasting: output dim j <- each arg's aligned dim of equal size."""
+    dims = []
+    for j in range(ndim):
+        srcs = []
+        for a in args:
+            shp = arg_shapes[a]
+            if shp is None:
+                continue
+            k = j - (ndim - len(shp))
+            if k >= 0 and shp[k] == out_shape[j]:
+                srcs.append(Src(a, k))
+        dims.append(tuple(srcs))
+    return OpFlow((tuple(dims),))

@@ -1,0 +1,275 @@
+"""ApplyChunkPlan: the one pass that rewrites IR. It applies a ``ChunkPlan`` and decides nothing.
+
+For each region (``plan.ChunkRegion``), re-derived with ``chunk_region.analyze_region``:
+
+* a private Relax function ``<fn>_chunk<C>`` computes the region for one chunk: it slices the seed
+  (``strided_slice`` with a symbolic ``off`` and ``assume_inbound``, so shapes stay static), replays
+  the region's bindings on the slice, and writes each output's slice **in place** into a
+  full-size buffer (``call_tir_inplace`` of one symbolic ``write_slice`` PrimFunc per dtype), so
+  no chunk outputs pile up for a concat;
+* the region in the caller becomes: hoisted bindings, one zero-initialised buffer per output,
+  and a chain of calls ``r_i = chunk(inputs..., buffers of r_{i-1}, i*C)``; a last, shorter chunk
+  uses a second function built for the remainder size. One copy of each PrimFunc serves every
+  chunk, so compile time does not grow with the number of chunks.
+
+Where it belongs: on a high-level Relax module before legalization (it emits Relax ops).
+Preconditions are checked (the region must be legal; ``well_formed`` after the rewrite).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.script import tirx as T
+
+from . import _compat as C
+from .chunk_region import RegionAnalysis, analyze_region
+from .errors import PassContractError
+from .plan import ChunkPlan, ChunkRegion
+
+
+def make_write_slice(dtype: str):
+    """``out[a, off + i, b] = src[a, i, b]`` in place, all extents symbolic."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def write_slice(var_out: T.handle, var_src: T.handle, off: T.int64):
+        T.func_attr({"tirx.noalias": True})
+        a, n, b, c = T.int64(), T.int64(), T.int64(), T.int64()
+        out = T.match_buffer(var_out, (a, n, b), dtype)
+        src = T.match_buffer(var_src, (a, c, b), dtype)
+        for i, j, k in T.grid(a, c, b):
+            with T.sblock("write"):
+                vi, vj, vk = T.axis.remap("SSS", [i, j, k])
+                out[vi, vj + off, vk] = src[vi, vj, vk]
+
+    return write_slice
+
+
+def _frac_mul(x, frac):
+    """x * frac as an int64 PrimExpr (exact when the caller guarantees divisibility)."""
+    if frac.denominator == 1:
+        return x * int(frac.numerator) if frac.numerator != 1 else x
+    return tvm.tirx.floordiv(x * int(frac.numerator), int(frac.denominator))
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
+class _ChunkFunctionBuilder:
+    """Builds the per-chunk Relax function for one region and one chunk size."""
+
+    def __init__(self, bb: relax.BlockBuilder, func: relax.Function, ra: RegionAnalysis,
+                 inputs: list, write_gvs: dict):
+        self.bb = bb
+        self.func = func
+        self.ra = ra
+        self.inputs = inputs
+        self.write_gvs = write_gvs
+        self.bindings = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                self.bindings[str(b.var.name)] = b
+        self.spec = {s.name: s for s in ra.specs}
+        self.slices = {}
+        for s in ra.slices:
+            self.slices.setdefault(s.binding, []).append(s)
+
+    def build(self, name: str, chunk: int) -> tvm.ir.GlobalVar:
+        ra = self.ra
+        params = [relax.Var(str(v.name), v.ty) for v in self.inputs]
+        out_vars = [self.bindings[o.name].var for o in ra.outputs]
+        bufs = [relax.Var(f"{o.name}_buf", v.ty) for o, v in zip(ra.outputs, out_vars)]
+        off = relax.Var("off", tvm.ir.PrimType("int64"))
+        env = {v: p for v, p in zip(self.inputs, params)}
+        bb = self.bb
+        with bb.function(name, [*params, *bufs, off], private=True):
+            with bb.dataflow():
+                seed = ra.seed
+                seed_var = next(v for v in self.inputs if str(v.name) == seed.name)
+                env[seed_var] = bb.emit(self._slice(env[seed_var], seed.dim, seed.scale, chunk,
+                                                    off), f"{seed.name}_chunk")
+                for bname in ra.body:
+                    b = self.bindings[bname]
+                    value = self._rebuild(b, env, chunk, off)
+                    env[b.var] = bb.emit(value, bname)
+                results = []
+                for o, buf, v in zip(ra.outputs, bufs, out_vars):
+                    results.append(self._write(o, buf, env[v], v.ty, chunk, off))
+                gv = bb.emit_output(relax.Tuple(results) if len(results) > 1 else results[0])
+            bb.emit_func_output(gv)
+        return bb.get().get_global_var(name)
+
+    def _slice(self, x, dim, scale, chunk, off):
+        ext = chunk * scale
+        begin = _frac_mul(off, scale)
+        return relax.op.strided_slice(x, axes=[dim], begin=[begin], end=[begin + int(ext)],
+                                      assume_inbound=True)
+
+    def _subst(self, expr, env):
+        if isinstance(expr, relax.Var):
+            return env.get(expr, expr)
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([self._subst(f, env) for f in expr.fields])
+        if isinstance(expr, relax.TupleGetItem):
+            return relax.TupleGetItem(self._subst(expr.tuple_value, env), expr.index)
+        return expr
+
+    def _rebuild(self, b, env, chunk, off):
+        value = b.value
+        if not isinstance(value, C.Call):
+            return self._subst(value, env)
+        args = [self._subst(a, env) for a in value.args]
+        for s in self.slices.get(str(b.var.name), ()):
+            args[s.arg] = self.bb.emit(self._slice(args[s.arg], s.dim, s.scale, chunk, off))
+        spec = self.spec.get(str(b.var.name))
+        if spec is not None and isinstance(b.var.ty, C.TensorType):
+            full = [int(d) for d in C.tensor_shape(b.var.ty)]
+            for i, a in enumerate(args):
+                if isinstance(a, relax.ShapeExpr):
+                    vals = [int(x) for x in a.values]
+                    if vals == full:
+                        vals[spec.dim] = int(chunk * spec.scale)
+                        args[i] = relax.ShapeExpr(vals)
+        return relax.Call(value.op, args, value.attrs, value.ty_args)
+
+    def _write(self, o, buf, src, ty, chunk, off):
+        bb = self.bb
+        shape = [int(d) for d in C.tensor_shape(ty)]
+        dtype = C.tensor_dtype(ty)
+        a, n, b3 = _prod(shape[: o.dim]), shape[o.dim], _prod(shape[o.dim + 1 :])
+        ext = int(chunk * o.scale)
+        buf3 = bb.emit(relax.op.reshape(buf, [a, n, b3]))
+        src3 = bb.emit(relax.op.reshape(src, [a, ext, b3]))
+        gw = self.write_gvs[dtype]
+        w = bb.emit(relax.call_tir_inplace(
+            gw, relax.Tuple([buf3, src3, _frac_mul(off, o.scale)]), [0],
+            relax.TensorType([a, n, b3], dtype)))
+        return bb.emit(relax.op.reshape(w, shape), f"{o.name}_w")
+
+
+@mutator
+class _RegionReplacer(PyExprMutator):
+    def __init__(self, mod, func_name, ra, inputs, calls):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.func_name = func_name
+        self.ra = ra
+        self.inputs = inputs
+        self.calls = calls  # [(chunk GlobalVar, offset)]
+        self.region = set(ra.body) | set(ra.hoisted)
+        self.names = None
+
+    def visit_var_binding_(self, binding):
+        name = str(binding.var.name)
+        if name == self.ra.start:
+            self._emit_region()
+        if name in self.region:
+            return
+        super().visit_var_binding_(binding)
+
+    def _emit_region(self):
+        bb = self.builder_
+        func = self.mod_[self.func_name]
+        bindings = {str(b.var.name): b for blk in func.body.blocks for b in blk.bindings}
+        for h in self.ra.hoisted:
+            super().visit_var_binding_(bindings[h])
+        outs = [bindings[o.name].var for o in self.ra.outputs]
+        bufs = []
+        for o, v in zip(self.ra.outputs, outs):
+            shape = C.tensor_shape(v.ty)
+            bufs.append(bb.emit(relax.op.zeros(relax.ShapeExpr(shape), C.tensor_dtype(v.ty)),
+                                f"{o.name}_init"))
+        ins = [self.visit_expr(v) for v in self.inputs]
+        for gv, offset in self.calls:
+            r = bb.emit(relax.Call(gv, [*ins, *bufs, tvm.tirx.IntImm("int64", offset)]),
+                        "chunk_res")
+            if len(outs) == 1:
+                bufs = [r]
+            else:
+                bufs = [bb.emit(relax.TupleGetItem(r, k), f"{o.name}_part")
+                        for k, o in enumerate(self.ra.outputs)]
+        for v, buf in zip(outs, bufs):
+            bb.emit_normalized(relax.VarBinding(v, buf))
+
+    def transform(self):
+        gv = self.mod_.get_global_var(self.func_name)
+        self.builder_.update_func(gv, self.visit_expr(self.mod_[self.func_name]))
+        return self.builder_.get()
+
+
+def _region_inputs(func, ra: RegionAnalysis) -> list:
+    """Vars the per-chunk function needs: everything its bindings read that it does not define."""
+    bindings = {str(b.var.name): b for blk in func.body.blocks for b in blk.bindings}
+    defined = {bindings[n].var for n in ra.body}
+    seen: list = []
+    for n in ra.body:
+        for v in relax.analysis.free_vars(bindings[n].value):
+            if v not in defined and v not in seen:
+                seen.append(v)
+    if not any(str(v.name) == ra.seed.name for v in seen):
+        raise PassContractError(f"seed '{ra.seed.name}' is not read by the region")
+    return seen
+
+
+def apply_region(mod: tvm.IRModule, region: ChunkRegion) -> tvm.IRModule:
+    ra = analyze_region(mod, region.start, region.end, region.seed, region.dim,
+                        function=region.function)
+    if not ra.legal:
+        raise PassContractError(
+            f"region {region.start}..{region.end} cannot be chunked along dim {region.dim} of "
+            f"'{region.seed}': {ra.reason}"
+        )
+    c = int(region.chunk)
+    if not 1 <= c <= ra.extent:
+        raise PassContractError(f"chunk must be in [1, {ra.extent}], got {region.chunk}")
+    for s in ra.specs:
+        ra.chunk_extent(s.name, c)  # divisibility of every chunked tensor
+    func = mod[region.function]
+    inputs = _region_inputs(func, ra)
+    bb = relax.BlockBuilder(mod)
+    write_gvs = {}
+    for o in ra.outputs:
+        dt = C.tensor_dtype(next(b.var.ty for blk in func.body.blocks for b in blk.bindings
+                                 if str(b.var.name) == o.name))
+        if dt not in write_gvs:
+            name = f"autochunk_write_slice_{dt}"
+            existing = [g for g in bb.get().functions if g.name_hint == name]
+            write_gvs[dt] = existing[0] if existing else bb.add_func(make_write_slice(dt), name)
+    fb = _ChunkFunctionBuilder(bb, func, ra, inputs, write_gvs)
+    n_full, rem = divmod(ra.extent, c)
+    base = f"{region.function}_{region.start}_{region.end}_chunk"
+    gv_full = fb.build(f"{base}{c}", c)
+    calls = [(gv_full, i * c) for i in range(n_full)]
+    if rem:
+        gv_rem = fb.build(f"{base}{rem}_tail", rem)
+        for s in ra.specs:
+            ra.chunk_extent(s.name, rem)
+        calls.append((gv_rem, n_full * c))
+    mod2 = bb.get()
+    out = _RegionReplacer(mod2, region.function, ra, inputs, calls).transform()
+    try:
+        relax.analysis.well_formed(out)  # raises on the first violation (TVM 0.27)
+    except Exception as e:
+        raise PassContractError(
+            f"internal error: chunking region {region.start}..{region.end} produced an ill-formed "
+            f"module ({e}); please report it with the model"
+        ) from e
+    return out
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplyChunkPlan")
+class ApplyChunkPlan:
+    """Apply every region of a ``ChunkPlan`` (in order), re-analysing each on the current IR."""
+
+    def __init__(self, plan: ChunkPlan):
+        self.plan = plan
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        for region in self.plan.regions:
+            mod = apply_region(mod, region)
+        return mod
