@@ -26,6 +26,13 @@ _LAZY = {
     "planned_memory": "planned_memory",
     "read_plan": "planned_memory",
     "VerifyMemoryBudget": "verify_memory_budget",
+    "ChunkPlan": "plan",
+    "ChunkRegion": "plan",
+    "ApplyChunkPlan": "rewrite",
+    "analyze_region": "chunk_region",
+    "legal_dims": "chunk_region",
+    "register_dim_rule": "dimflow",
+    "get_dim_rule": "dimflow",
 }
 
 __all__ = ["AutochunkError", *_LAZY]

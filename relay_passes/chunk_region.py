@@ -142,7 +142,6 @@ def analyze_region(
     func = mod[function]
     bi, bindings = region_bindings(func, start, end)
     region_vars = {b.var for b in bindings}
-    by_name = {str(b.var.name): b for b in bindings}
 
     # the seed: a tensor defined before the region (a param or an earlier binding)
     seed_ty = None
@@ -159,12 +158,25 @@ def analyze_region(
     shape = _static_shape(seed_ty) if seed_ty is not None else None
     sd = TensorChunk(seed, dim)
     if shape is None:
-        return RegionAnalysis(function, start, end, sd, 0, False,
-                              f"seed '{seed}' is not a statically shaped tensor defined before "
-                              "the region")
+        return RegionAnalysis(
+            function,
+            start,
+            end,
+            sd,
+            0,
+            False,
+            f"seed '{seed}' is not a statically shaped tensor defined before the region",
+        )
     if not 0 <= dim < len(shape):
-        return RegionAnalysis(function, start, end, sd, 0, False,
-                              f"dim {dim} out of range for '{seed}' of shape {shape}")
+        return RegionAnalysis(
+            function,
+            start,
+            end,
+            sd,
+            0,
+            False,
+            f"dim {dim} out of range for '{seed}' of shape {shape}",
+        )
     extent = shape[dim]
 
     def fail(reason: str) -> RegionAnalysis:
@@ -214,8 +226,10 @@ def analyze_region(
         op = C.op_name(value)
         if not depends:
             if op is None or op.startswith("relax.call_") or not isinstance(value.op, C.Op):
-                return fail(f"binding '{name}' calls {value.op} (not a pure Relax op) inside the "
-                            "region; end the region before it")
+                return fail(
+                    f"binding '{name}' calls {value.op} (not a pure Relax op) inside the "
+                    "region; end the region before it"
+                )
             spec[b.var] = None
             hoisted.append(name)
             continue
@@ -251,16 +265,22 @@ def analyze_region(
                         if src.arg == i and src.dim == d:
                             want = (j, sc * src.scale)
                             if out_spec[o] not in (None, want):
-                                return fail(f"binding '{name}' ({op}) maps the chunked dims of "
-                                            "its arguments to different output dims")
+                                return fail(
+                                    f"binding '{name}' ({op}) maps the chunked dims of "
+                                    "its arguments to different output dims"
+                                )
                             out_spec[o] = want
                             hit = True
             if not hit:
-                return fail(f"binding '{name}' ({op.removeprefix('relax.')}) does not carry dim "
-                            f"{d} of argument {i} to its output")
+                return fail(
+                    f"binding '{name}' ({op.removeprefix('relax.')}) does not carry dim "
+                    f"{d} of argument {i} to its output"
+                )
         if any(s is None for s in out_spec):
-            return fail(f"binding '{name}' ({op}) has an output that is not chunked although "
-                        "it reads chunked data")
+            return fail(
+                f"binding '{name}' ({op}) has an output that is not chunked although "
+                "it reads chunked data"
+            )
         # whole arguments read along the chunked output dim must be sliced too
         for i, s in enumerate(arg_specs):
             if s is not None or arg_shapes[i] is None:
@@ -272,7 +292,8 @@ def analyze_region(
                         if (i, src.dim) in flow.reduced:
                             return fail(f"binding '{name}' reduces a dim it must slice")
                         a = value.args[i]
-                        if isinstance(a, relax.Var) and a in region_vars and str(a.name) not in hoisted:
+                        inside = isinstance(a, relax.Var) and a in region_vars
+                        if inside and str(a.name) not in hoisted:
                             return fail(f"binding '{name}' reads '{a.name}' whole along the chunk")
                         slices.append(ArgSlice(name, i, src.dim, sc / src.scale))
         spec[b.var] = out_spec[0] if isinstance(b.var.ty, C.TensorType) else tuple(out_spec)
@@ -280,12 +301,15 @@ def analyze_region(
 
     used_after = _used_after(func, bi, region_vars)
     outputs: list[TensorChunk] = []
-    for v in sorted(used_after, key=lambda v: [str(b.var.name) for b in bindings].index(str(v.name))):
+    order = [b.var for b in bindings]
+    for v in sorted(used_after, key=order.index):
         s = spec.get(v)
         if s is None:
             continue  # hoisted: computed before the loop
         if not isinstance(v.ty, C.TensorType):
-            return fail(f"region output '{v.name}' is a tuple; project its fields inside the region")
+            return fail(
+                f"region output '{v.name}' is a tuple; end the region after its projections"
+            )
         outputs.append(TensorChunk(str(v.name), s[0], s[1]))
     if not outputs:
         return fail(f"no region output depends on '{seed}' along dim {dim}")
@@ -294,10 +318,19 @@ def analyze_region(
         s = spec.get(b.var)
         if isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], Fraction):
             specs.append(TensorChunk(str(b.var.name), s[0], s[1]))
-    del by_name
     return RegionAnalysis(
-        function, start, end, sd, extent, True, "", tuple(body), tuple(hoisted),
-        tuple(outputs), tuple(specs), tuple(slices),
+        function,
+        start,
+        end,
+        sd,
+        extent,
+        True,
+        "",
+        tuple(body),
+        tuple(hoisted),
+        tuple(outputs),
+        tuple(specs),
+        tuple(slices),
     )
 
 

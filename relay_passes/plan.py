@@ -150,3 +150,30 @@ class ChunkRegion:
 @dataclass(frozen=True)
 class ChunkPlan:
     regions: tuple[ChunkRegion, ...] = ()
+
+    @classmethod
+    def region(
+        cls,
+        mod=None,
+        *,
+        start: str,
+        end: str,
+        dim: dict[str, int],
+        chunk: int,
+        function: str = "main",
+    ) -> ChunkPlan:
+        """A one-region plan: chunk ``start..end`` along ``dim = {seed tensor: axis}``.
+
+        ``mod`` is accepted for symmetry with the analyses and not inspected here: legality is
+        checked when the plan is applied (``ApplyChunkPlan``), with the reason if it fails.
+        """
+        if not isinstance(dim, dict) or len(dim) != 1:
+            raise ValueError("dim must be a one-entry dict {seed tensor name: axis}")
+        ((seed, axis),) = dim.items()
+        return cls((ChunkRegion(start, end, str(seed), int(axis), int(chunk), function),))
+
+    def then(self, other: ChunkPlan) -> ChunkPlan:
+        return ChunkPlan(self.regions + other.regions)
+
+    def to_dict(self) -> dict:
+        return {"regions": [asdict(r) for r in self.regions]}

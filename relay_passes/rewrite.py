@@ -63,8 +63,14 @@ def _prod(xs) -> int:
 class _ChunkFunctionBuilder:
     """Builds the per-chunk Relax function for one region and one chunk size."""
 
-    def __init__(self, bb: relax.BlockBuilder, func: relax.Function, ra: RegionAnalysis,
-                 inputs: list, write_gvs: dict):
+    def __init__(
+        self,
+        bb: relax.BlockBuilder,
+        func: relax.Function,
+        ra: RegionAnalysis,
+        inputs: list,
+        write_gvs: dict,
+    ):
         self.bb = bb
         self.func = func
         self.ra = ra
@@ -91,8 +97,10 @@ class _ChunkFunctionBuilder:
             with bb.dataflow():
                 seed = ra.seed
                 seed_var = next(v for v in self.inputs if str(v.name) == seed.name)
-                env[seed_var] = bb.emit(self._slice(env[seed_var], seed.dim, seed.scale, chunk,
-                                                    off), f"{seed.name}_chunk")
+                env[seed_var] = bb.emit(
+                    self._slice(env[seed_var], seed.dim, seed.scale, chunk, off),
+                    f"{seed.name}_chunk",
+                )
                 for bname in ra.body:
                     b = self.bindings[bname]
                     value = self._rebuild(b, env, chunk, off)
@@ -107,8 +115,9 @@ class _ChunkFunctionBuilder:
     def _slice(self, x, dim, scale, chunk, off):
         ext = chunk * scale
         begin = _frac_mul(off, scale)
-        return relax.op.strided_slice(x, axes=[dim], begin=[begin], end=[begin + int(ext)],
-                                      assume_inbound=True)
+        return relax.op.strided_slice(
+            x, axes=[dim], begin=[begin], end=[begin + int(ext)], assume_inbound=True
+        )
 
     def _subst(self, expr, env):
         if isinstance(expr, relax.Var):
@@ -146,9 +155,14 @@ class _ChunkFunctionBuilder:
         buf3 = bb.emit(relax.op.reshape(buf, [a, n, b3]))
         src3 = bb.emit(relax.op.reshape(src, [a, ext, b3]))
         gw = self.write_gvs[dtype]
-        w = bb.emit(relax.call_tir_inplace(
-            gw, relax.Tuple([buf3, src3, _frac_mul(off, o.scale)]), [0],
-            relax.TensorType([a, n, b3], dtype)))
+        w = bb.emit(
+            relax.call_tir_inplace(
+                gw,
+                relax.Tuple([buf3, src3, _frac_mul(off, o.scale)]),
+                [0],
+                relax.TensorType([a, n, b3], dtype),
+            )
+        )
         return bb.emit(relax.op.reshape(w, shape), f"{o.name}_w")
 
 
@@ -182,17 +196,23 @@ class _RegionReplacer(PyExprMutator):
         bufs = []
         for o, v in zip(self.ra.outputs, outs):
             shape = C.tensor_shape(v.ty)
-            bufs.append(bb.emit(relax.op.zeros(relax.ShapeExpr(shape), C.tensor_dtype(v.ty)),
-                                f"{o.name}_init"))
+            bufs.append(
+                bb.emit(
+                    relax.op.zeros(relax.ShapeExpr(shape), C.tensor_dtype(v.ty)), f"{o.name}_init"
+                )
+            )
         ins = [self.visit_expr(v) for v in self.inputs]
         for gv, offset in self.calls:
-            r = bb.emit(relax.Call(gv, [*ins, *bufs, tvm.tirx.IntImm("int64", offset)]),
-                        "chunk_res")
+            r = bb.emit(
+                relax.Call(gv, [*ins, *bufs, tvm.tirx.IntImm("int64", offset)]), "chunk_res"
+            )
             if len(outs) == 1:
                 bufs = [r]
             else:
-                bufs = [bb.emit(relax.TupleGetItem(r, k), f"{o.name}_part")
-                        for k, o in enumerate(self.ra.outputs)]
+                bufs = [
+                    bb.emit(relax.TupleGetItem(r, k), f"{o.name}_part")
+                    for k, o in enumerate(self.ra.outputs)
+                ]
         for v, buf in zip(outs, bufs):
             bb.emit_normalized(relax.VarBinding(v, buf))
 
@@ -217,8 +237,9 @@ def _region_inputs(func, ra: RegionAnalysis) -> list:
 
 
 def apply_region(mod: tvm.IRModule, region: ChunkRegion) -> tvm.IRModule:
-    ra = analyze_region(mod, region.start, region.end, region.seed, region.dim,
-                        function=region.function)
+    ra = analyze_region(
+        mod, region.start, region.end, region.seed, region.dim, function=region.function
+    )
     if not ra.legal:
         raise PassContractError(
             f"region {region.start}..{region.end} cannot be chunked along dim {region.dim} of "
@@ -234,8 +255,14 @@ def apply_region(mod: tvm.IRModule, region: ChunkRegion) -> tvm.IRModule:
     bb = relax.BlockBuilder(mod)
     write_gvs = {}
     for o in ra.outputs:
-        dt = C.tensor_dtype(next(b.var.ty for blk in func.body.blocks for b in blk.bindings
-                                 if str(b.var.name) == o.name))
+        dt = C.tensor_dtype(
+            next(
+                b.var.ty
+                for blk in func.body.blocks
+                for b in blk.bindings
+                if str(b.var.name) == o.name
+            )
+        )
         if dt not in write_gvs:
             name = f"autochunk_write_slice_{dt}"
             existing = [g for g in bb.get().functions if g.name_hint == name]

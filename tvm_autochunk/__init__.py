@@ -41,6 +41,9 @@ _LAZY = {
     "from_exported_program": ("frontends", "from_exported_program"),
     "load_model": ("frontends", "load_model"),
     "measure_peak": ("measure", "measure_peak"),
+    "ChunkPlan": ("api", "ChunkPlan"),
+    "ChunkRegion": ("api", "ChunkRegion"),
+    "legal_dims": ("api", "legal_dims"),
 }
 
 __all__ = [

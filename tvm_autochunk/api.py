@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from relay_passes.errors import AutochunkError, BudgetInfeasibleError, BuildError
+from relay_passes.plan import ChunkPlan, ChunkRegion  # noqa: F401 (re-exported)
 
 from .budget import format_bytes, parse_budget
 from .report import MemoryReport
@@ -88,8 +89,11 @@ def build(
     arch: str | None = None,
     entry: str = "main",
     progress: Callable[[str], None] | None = None,
+    chunk_plan: ChunkPlan | None = None,
 ):
     """Build ``model`` for ``target`` so that one call stays within ``budget``.
+
+    ``chunk_plan`` (a ``ChunkPlan``) is applied first with ``relay_passes.ApplyChunkPlan``.
 
     Returns an ``Artifact``: call it on numpy arrays, read ``.report``, ``.export(path)``.
     ``budget``: bytes (int) or a string like ``"512MiB"``; None builds without a limit.
@@ -109,6 +113,11 @@ def build(
     t0 = time.perf_counter()
     _progress(progress, "importing model")
     mod = _import(model, example_args)
+    if chunk_plan is not None and chunk_plan.regions:
+        from relay_passes.rewrite import ApplyChunkPlan
+
+        _progress(progress, f"applying a chunk plan of {len(chunk_plan.regions)} region(s)")
+        mod = ApplyChunkPlan(chunk_plan)(mod)
     _progress(progress, f"estimating memory for {tgt.kind.name}")
     prof = estimate_memory(mod, tgt, entry=entry)
     need = MemoryReport(prof).peak_bytes
@@ -117,8 +126,8 @@ def build(
             f"the unchunked module needs {format_bytes(need)} ({need} "
             f"bytes) per call, over the budget of {format_bytes(budget_bytes)} "
             f"({budget_bytes} bytes). The peak is after binding '{prof.peak_binding}' "
-            f"({prof.peak_op}). Chunking is not available in this build, so nothing can lower "
-            "it. Remedy: raise the budget, or shorten the input."
+            f"({prof.peak_op}). Automatic chunking is not available yet (pass chunk_plan= to "
+            "chunk regions by hand). Remedy: raise the budget, chunk, or shorten the input."
         )
     captured: dict = {}
     pipeline = autochunk_pipeline(
@@ -134,7 +143,11 @@ def build(
         raise BuildError(f"TVM failed to build the module for {tgt.kind.name}: {e}") from e
     build_s = time.perf_counter() - t1
     report = MemoryReport(
-        prof, captured.get("plan"), budget_bytes, extra={"build_seconds": round(build_s, 3)}
+        prof,
+        captured.get("plan"),
+        budget_bytes,
+        chunking=chunk_plan.to_dict() if chunk_plan is not None and chunk_plan.regions else None,
+        extra={"build_seconds": round(build_s, 3)},
     )
     if budget_bytes is not None and report.peak_bytes > budget_bytes:
         raise BudgetInfeasibleError(
