@@ -4,10 +4,10 @@ A rule, registered per Relax op name, looks at one call and returns an ``OpFlow`
 
 * ``outputs[o][j]`` lists the sources of dim ``j`` of tensor output ``o``:
   ``Src(arg, dim, scale)`` means output index ``t`` along ``j`` reads input ``arg`` at index
-  ``t / scale`` along ``dim`` one to one (``scale`` > 1 when a reshape merges ``dim`` with
-  faster dims to its right, < 1 when it splits it). So slicing the input along ``dim`` by ``[off, off+C)`` gives exactly the output
-  slice ``[off*scale, (off+C)*scale)`` along ``j``. A broadcast input dim of size 1 is *not* a
-  source (the input stays whole).
+  ``t / scale`` along ``dim``, one to one (``scale`` > 1 when a reshape merges ``dim`` with
+  faster dims to its right, < 1 when it splits it). So slicing the input along ``dim`` by
+  ``[off, off+C)`` gives exactly the output slice ``[off*scale, (off+C)*scale)`` along ``j``.
+  A broadcast input dim of size 1 is *not* a source (the input stays whole).
 * ``reduced`` holds ``(arg, dim)`` pairs the op reduces, contracts or otherwise mixes (matmul's
   K, softmax's axis, a conv's spatial window, a strided_slice along that dim ...). Chunking
   such an input dim is illegal.
