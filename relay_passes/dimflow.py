@@ -48,6 +48,7 @@ _RULES: dict[str, DimRule] = {}
 
 def register_dim_rule(op_name: str, rule: DimRule | None = None, *, override: bool = False):
     """Register ``rule`` for ``op_name`` (``"relax.add"``); usable as a decorator."""
+    _load_builtin_rules()  # so a user override is not clobbered by a later lazy load
 
     def deco(fn: DimRule) -> DimRule:
         if op_name in _RULES and not override:

@@ -289,6 +289,13 @@ def apply_region(mod: tvm.IRModule, region: ChunkRegion) -> tvm.IRModule:
     return out
 
 
+def apply_chunk_plan(mod: tvm.IRModule, plan: ChunkPlan) -> tvm.IRModule:
+    """Apply every region of ``plan`` in order (plain Python: errors keep their types)."""
+    for region in plan.regions:
+        mod = apply_region(mod, region)
+    return mod
+
+
 @tvm.transform.module_pass(opt_level=0, name="ApplyChunkPlan")
 class ApplyChunkPlan:
     """Apply every region of a ``ChunkPlan`` (in order), re-analysing each on the current IR."""
@@ -297,6 +304,4 @@ class ApplyChunkPlan:
         self.plan = plan
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        for region in self.plan.regions:
-            mod = apply_region(mod, region)
-        return mod
+        return apply_chunk_plan(mod, self.plan)

@@ -114,10 +114,10 @@ def build(
     _progress(progress, "importing model")
     mod = _import(model, example_args)
     if chunk_plan is not None and chunk_plan.regions:
-        from relay_passes.rewrite import ApplyChunkPlan
+        from relay_passes.rewrite import apply_chunk_plan
 
         _progress(progress, f"applying a chunk plan of {len(chunk_plan.regions)} region(s)")
-        mod = ApplyChunkPlan(chunk_plan)(mod)
+        mod = apply_chunk_plan(mod, chunk_plan)
     _progress(progress, f"estimating memory for {tgt.kind.name}")
     prof = estimate_memory(mod, tgt, entry=entry)
     need = MemoryReport(prof).peak_bytes
@@ -130,8 +130,10 @@ def build(
             "chunk regions by hand). Remedy: raise the budget, chunk, or shorten the input."
         )
     captured: dict = {}
+    # the plan is read inside TVM's pipeline; the budget is checked below, in Python, so the
+    # error keeps its type (exceptions raised inside a TVM pass come back as RuntimeError)
     pipeline = autochunk_pipeline(
-        tgt, budget_bytes=budget_bytes, on_plan=lambda p: captured.setdefault("plan", p)
+        tgt, budget_bytes=None, on_plan=lambda p: captured.setdefault("plan", p)
     )
     _progress(progress, f"building with TVM for {tgt.kind.name}")
     t1 = time.perf_counter()

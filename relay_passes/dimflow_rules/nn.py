@@ -11,8 +11,9 @@
 * dropout: both outputs (result, mask) are elementwise in argument 0.
 * attention/attention_bias (BSNH): out (B, Sq, H, Dv). B and H come from q, k, v (and the
   bias where its dim is not broadcast), Sq from q, Dv from v; Sk and D are contracted. A
-  causal mask or sliding window depends on absolute query positions, so Sq is then reduced;
-  grouped-query attention (k/v heads != q heads) reduces the head dims.
+  causal mask or sliding window depends on absolute query positions, so Sq is then reduced.
+  Grouped-query attention (k/v heads != q heads) is a barrier: TVM 0.27 legalizes it by
+  reshaping k/v to B*H heads, which mixes batches.
 """
 
 from __future__ import annotations
@@ -142,17 +143,18 @@ def dropout(call, arg_shapes, out_shapes) -> OpFlow:
 # -------------------------------------------------------------------------- attention
 
 
-def _attention(call, arg_shapes, out_shapes) -> OpFlow:
+def _attention(call, arg_shapes, out_shapes) -> OpFlow | None:
     q, k, v = arg_shapes[0], arg_shapes[1], arg_shapes[2]
     bias = arg_shapes[3] if len(arg_shapes) > 3 else None
     out = out_shapes[0]  # (B, Sq, H, Dv)
     reduced = {(0, 3), (1, 3), (1, 1), (2, 1)}  # D contracted, Sk reduced
     dims: list[list[Src]] = [[], [], [], [Src(2, 3)]]
     dims[0] = [Src(a, 0) for a, s in ((0, q), (1, k), (2, v)) if s[0] == out[0]]
-    if k[2] == q[2] and v[2] == q[2]:
-        dims[2] = [Src(0, 2), Src(1, 2), Src(2, 2)]
-    else:  # grouped-query: a q-head chunk would be paired with the wrong k/v heads
-        reduced |= {(0, 2), (1, 2), (2, 2)}
+    if k[2] != q[2] or v[2] != q[2]:
+        # Grouped-query: TVM 0.27's legalization reshapes k/v (B, Hk, Sk, D) to (B*H, Sk, D),
+        # so batches and heads mix (it also disagrees with numpy GQA): not chunkable at all.
+        return None
+    dims[2] = [Src(0, 2), Src(1, 2), Src(2, 2)]
     positional = call.attrs.causal_mask is not None or call.attrs.window_size is not None
     if positional:
         reduced.add((0, 1))
