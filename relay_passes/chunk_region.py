@@ -62,6 +62,7 @@ class RegionAnalysis:
     outputs: tuple[TensorChunk, ...] = ()  # chunked region outputs (used after the region)
     specs: tuple[TensorChunk, ...] = ()  # every chunked tensor leaf, incl. the seed
     slices: tuple[ArgSlice, ...] = ()  # outside tensors sliced where a chunk reads them
+    failed_at: str = ""  # the binding that made the dim illegal (empty when legal)
 
     def chunk_extent(self, name: str, chunk: int) -> int:
         for s in self.specs:
@@ -179,8 +180,11 @@ def analyze_region(
         )
     extent = shape[dim]
 
+    current = [""]
+
     def fail(reason: str) -> RegionAnalysis:
-        return RegionAnalysis(function, start, end, sd, extent, False, reason)
+        return RegionAnalysis(function, start, end, sd, extent, False, reason,
+                              failed_at=current[0])
 
     # spec: var -> chunk spec per tensor leaf: (dim, scale) | None (whole); tuples -> tuple
     spec: dict = {}
@@ -210,6 +214,7 @@ def analyze_region(
 
     for b in bindings:
         name, value = str(b.var.name), b.value
+        current[0] = name
         if isinstance(b, relax.MatchCast):
             return fail(f"binding '{name}' is a match_cast (dynamic shape) inside the region")
         if isinstance(value, (relax.Var, relax.TupleGetItem, relax.Tuple)):
@@ -299,6 +304,7 @@ def analyze_region(
         spec[b.var] = out_spec[0] if isinstance(b.var.ty, C.TensorType) else tuple(out_spec)
         body.append(name)
 
+    current[0] = ""
     used_after = _used_after(func, bi, region_vars)
     outputs: list[TensorChunk] = []
     order = [b.var for b in bindings]
