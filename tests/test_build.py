@@ -80,15 +80,18 @@ def test_wrong_inputs_are_clear_errors(small_gpt):
         art(x[:, :3])
 
 
-def test_budget_below_unchunked_peak_names_peak_and_site(small_gpt):
+def test_impossible_budget_names_peak_site_and_blocker(small_gpt):
     _, mod, _ = small_gpt
-    need = ac.estimate(mod, "llvm").peak_bytes
     with pytest.raises(
-        ac.BudgetInfeasibleError, match=r"needs .* over the budget .* after binding"
+        ac.BudgetInfeasibleError,
+        match=r"cannot fit the budget .* unchunked module needs .* smallest peak reached .* "
+        r"after binding .* Blocked by: .* Remedy",
     ):
-        ac.build(mod, target="llvm", budget=need // 2)
-    art = ac.build(mod, target="llvm", budget=need)  # exactly enough is fine
+        ac.build(mod, target="llvm", budget="64KiB")
+    need = ac.estimate(mod, "llvm").peak_bytes
+    art = ac.build(mod, target="llvm", budget=need)  # exactly enough: no chunking needed
     assert art.report.peak_bytes <= need
+    assert art.report.chunking is None
 
 
 @pytest.mark.parametrize("bad", ["2 parsecs", -5, 0, "", 1.5])

@@ -120,15 +120,25 @@ def build(
         mod = apply_chunk_plan(mod, chunk_plan)
     _progress(progress, f"estimating memory for {tgt.kind.name}")
     prof = estimate_memory(mod, tgt, entry=entry)
-    need = MemoryReport(prof).peak_bytes
-    if budget_bytes is not None and need > budget_bytes:
-        raise BudgetInfeasibleError(
-            f"the unchunked module needs {format_bytes(need)} ({need} "
-            f"bytes) per call, over the budget of {format_bytes(budget_bytes)} "
-            f"({budget_bytes} bytes). The peak is after binding '{prof.peak_binding}' "
-            f"({prof.peak_op}). Automatic chunking is not available yet (pass chunk_plan= to "
-            "chunk regions by hand). Remedy: raise the budget, chunk, or shorten the input."
+    chunking = chunk_plan.to_dict() if chunk_plan is not None and chunk_plan.regions else None
+    search = None
+    if budget_bytes is not None and MemoryReport(prof).peak_bytes > budget_bytes:
+        from relay_passes.auto_chunk import auto_chunk
+
+        _progress(
+            progress,
+            f"peak {format_bytes(MemoryReport(prof).peak_bytes)} is over the budget "
+            f"{format_bytes(budget_bytes)}: searching chunk regions",
         )
+        # raises BudgetInfeasibleError (peak, best reached, where, what blocks) if impossible
+        mod, search = auto_chunk(mod, tgt, budget_bytes, function=entry)
+        chunking = search.to_dict()
+        _progress(
+            progress,
+            f"chunked {len(search.stages)} region(s) in {search.search_seconds:.1f}s: "
+            f"estimated peak {format_bytes(search.final_peak)}",
+        )
+        prof = estimate_memory(mod, tgt, entry=entry)
     captured: dict = {}
     # the plan is read inside TVM's pipeline; the budget is checked below, in Python, so the
     # error keeps its type (exceptions raised inside a TVM pass come back as RuntimeError)
@@ -148,7 +158,7 @@ def build(
         prof,
         captured.get("plan"),
         budget_bytes,
-        chunking=chunk_plan.to_dict() if chunk_plan is not None and chunk_plan.regions else None,
+        chunking=chunking,
         extra={"build_seconds": round(build_s, 3)},
     )
     if budget_bytes is not None and report.peak_bytes > budget_bytes:
