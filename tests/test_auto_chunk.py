@@ -74,7 +74,9 @@ def test_build_with_budget_chunks_and_keeps_outputs(gpt):
     assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-5
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(frac=st.floats(min_value=0.05, max_value=1.0))
 def test_budget_is_met_or_refused(gpt, frac):
     mod, _, _ = gpt
