@@ -306,6 +306,7 @@ def analyze_region(
 
     current[0] = ""
     used_after = _used_after(func, bi, region_vars)
+    slices = _sink_sliced(bindings, spec, hoisted, body, slices, used_after)
     outputs: list[TensorChunk] = []
     order = [b.var for b in bindings]
     for v in sorted(used_after, key=order.index):
@@ -338,6 +339,92 @@ def analyze_region(
         tuple(specs),
         tuple(slices),
     )
+
+
+_ARANGE = "relax.arange"
+
+
+def _sink_sliced(bindings, spec, hoisted, body, slices, used_after) -> list[ArgSlice]:
+    """Compute sliced hoisted tensors per chunk instead of whole before the loop.
+
+    A hoisted binding whose result is only ever read *sliced along the chunked dim* (e.g. the
+    causal mask built from ``arange``/``full``) is moved into the chunk and computed for the
+    slice only, from slices of its own inputs (recursively). Work is unchanged (each chunk
+    computes a different slice); the full-size tensor is never materialised. ``spec``,
+    ``hoisted`` and ``body`` are updated in place; returns the remaining argument slices.
+    """
+    by_var = {b.var: b for b in bindings}
+    by_name = {str(b.var.name): b for b in bindings}
+    readers: dict = {}
+    for b in bindings:
+        for v in relax.analysis.free_vars(b.value):
+            readers.setdefault(v, []).append(str(b.var.name))
+    moved: set[str] = set()
+    slices = list(slices)
+
+    def sliced_only(var, dim, scale) -> bool:
+        if var in used_after:
+            return False
+        for r in readers.get(var, []):
+            if r in moved:
+                continue
+            uses = [s for s in slices if s.binding == r]
+            b = by_name[r]
+            idx = [i for i, a in enumerate(b.value.args) if a.same_as(var)]
+            if not idx or any(
+                not any(u.arg == i and u.dim == dim and u.scale == scale for u in uses)
+                for i in idx
+            ):
+                return False
+        return True
+
+    def sink(var, dim, scale) -> bool:
+        b = by_var.get(var)
+        if b is None or str(b.var.name) not in hoisted or not isinstance(b.value, C.Call):
+            return False
+        if not isinstance(b.var.ty, C.TensorType) or not sliced_only(var, dim, scale):
+            return False
+        value, name = b.value, str(b.var.name)
+        op = C.op_name(value)
+        srcs = ()
+        if op != _ARANGE:
+            rule = get_dim_rule(op) if op else None
+            if rule is None:
+                return False
+            arg_shapes = [_static_shape(a.ty) if hasattr(a, "ty") else None for a in value.args]
+            flow = rule(value, arg_shapes, [_static_shape(b.var.ty)])
+            if flow is None or dim >= len(flow.outputs[0]):
+                return False
+            srcs = flow.outputs[0][dim]
+            if any((src.arg, src.dim) in flow.reduced for src in srcs):
+                return False
+        moved.add(name)  # from here on this binding is computed per chunk
+        new_slices: list[ArgSlice] = []
+        for src in srcs:
+            a = value.args[src.arg]
+            sub = scale / src.scale
+            if not (isinstance(a, relax.Var) and sink(a, src.dim, sub)):
+                new_slices.append(ArgSlice(name, src.arg, src.dim, sub))
+        hoisted.remove(name)
+        body.append(name)
+        spec[var] = (dim, scale)
+        slices[:] = [s for s in slices if not _reads(by_name[s.binding], s.arg, var)]
+        slices.extend(new_slices)
+        return True
+
+    for s in list(slices):
+        b = by_name[s.binding]
+        a = b.value.args[s.arg]
+        if isinstance(a, relax.Var) and s in slices:
+            sink(a, s.dim, s.scale)
+    order = [str(b.var.name) for b in bindings]
+    body.sort(key=order.index)
+    return slices
+
+
+def _reads(binding, arg: int, var) -> bool:
+    a = binding.value.args[arg]
+    return isinstance(a, relax.Var) and a.same_as(var)
 
 
 def legal_dims(mod, start: str, end: str, *, function: str = "main") -> list[RegionAnalysis]:

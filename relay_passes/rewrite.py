@@ -133,9 +133,15 @@ class _ChunkFunctionBuilder:
         if not isinstance(value, C.Call):
             return self._subst(value, env)
         args = [self._subst(a, env) for a in value.args]
+        spec = self.spec.get(str(b.var.name))
+        if spec is not None and C.op_name(value) == "relax.arange":
+            # a sunk arange: this chunk's part of [start, end) is [start + o*step, ... + ext*step)
+            start, _end, step = args
+            first = start + _frac_mul(off, spec.scale) * step
+            ext = int(chunk * spec.scale)
+            return relax.op.arange(first, first + ext * step, step, value.attrs.dtype)
         for s in self.slices.get(str(b.var.name), ()):
             args[s.arg] = self.bb.emit(self._slice(args[s.arg], s.dim, s.scale, chunk, off))
-        spec = self.spec.get(str(b.var.name))
         if spec is not None and isinstance(b.var.ty, C.TensorType):
             full = [int(d) for d in C.tensor_shape(b.var.ty)]
             for i, a in enumerate(args):
