@@ -267,7 +267,9 @@ def auto_chunk(
             f"is {need / 2**20:.2f} MiB ({need} bytes) after {len(stages)} chunk region(s); the "
             f"peak is now after binding '{prof.peak_binding}' ({prof.peak_op}). Blocked by: "
             f"{'; '.join(blockers) or 'nothing left to chunk'}. Remedy: raise the budget to at "
-            f"least {need} bytes, or shorten the input."
+            f"least {need} bytes, or shorten the input.",
+            unchunked_peak=unchunked,
+            best_peak=need,
         )
     return cur, res
 

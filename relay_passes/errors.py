@@ -36,7 +36,18 @@ class BudgetError(AutochunkError, ValueError):
 
 
 class BudgetInfeasibleError(AutochunkError):
-    """The module cannot be made to fit the requested budget."""
+    """The module cannot be made to fit the requested budget.
+
+    ``unchunked_peak`` and ``best_peak`` (bytes) are set when known: the peak before chunking
+    and the smallest peak the search reached.
+    """
+
+    def __init__(
+        self, msg: str, *, unchunked_peak: int | None = None, best_peak: int | None = None
+    ):
+        super().__init__(msg)
+        self.unchunked_peak = unchunked_peak
+        self.best_peak = best_peak
 
 
 class SymbolicShapeError(AutochunkError):

@@ -249,3 +249,42 @@ def test_chunking_cuts_attention_memory():
     # the 4 x S x S scores become 4 x 64 x S per chunk; what remains is the MLP (gelu's
     # workspace) and the hoisted causal mask: 92 -> 50 MB at S=1024
     assert after.peak_bytes < 0.6 * before
+
+
+@I.ir_module
+class TwoOutputsInCallee:
+    @R.function(private=True)
+    def inner(x: R.Tensor((12, 6), "float32")) -> R.Tuple(
+        R.Tensor((12, 6), "float32"), R.Tensor((12, 1), "float32")
+    ):
+        with R.dataflow():
+            a = R.exp(x)
+            s = R.sum(a, axis=[1], keepdims=True)
+            p = R.divide(a, s)
+            m = R.max(p, axis=[1], keepdims=True)
+            out = (p, m)
+            R.output(out)
+        return out
+
+    @R.function
+    def main(x: R.Tensor((12, 6), "float32")) -> R.Tensor((12, 6), "float32"):
+        cls = TwoOutputsInCallee
+        with R.dataflow():
+            r = cls.inner(x)
+            p = r[0]
+            m = r[1]
+            y = R.multiply(p, m)
+            R.output(y)
+        return y
+
+
+def test_two_outputs_and_a_region_in_a_callee():
+    ra = analyze_region(TwoOutputsInCallee, "a", "m", "x", 0, function="inner")
+    assert ra.legal, ra.reason
+    assert [o.name for o in ra.outputs] == ["p", "m"]
+    plan = ChunkPlan((ChunkRegion("a", "m", "x", 0, 5, function="inner"),))  # 5 + 5 + 2 rows
+    after = apply_chunk_plan(TwoOutputsInCallee, plan)
+    x = np.random.default_rng(1).standard_normal((12, 6)).astype("float32")
+    np.testing.assert_allclose(_run(after, [x]), _run(TwoOutputsInCallee, [x]), rtol=1e-5)
+    est = estimate_memory(after, "llvm")
+    assert est.peak_bytes == planned_memory(after, "llvm").peak_bytes
