@@ -32,6 +32,9 @@ _LAZY = {
     "analyze_region": "chunk_region",
     "legal_dims": "chunk_region",
     "register_dim_rule": "dimflow",
+    "AutoChunk": "auto_chunk",
+    "auto_chunk": "auto_chunk",
+    "register_autochunk_pipeline": "pipeline",
     "get_dim_rule": "dimflow",
 }
 

@@ -166,3 +166,39 @@ def autochunk_pipeline(target: tvm.target.Target, **kw) -> tvm.transform.Pass:
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
+
+
+def _autochunk_pipeline_factory(budget_bytes: int | None = None, target=None):
+    """``relax.get_pipeline("autochunk", budget_bytes=N)``: AutoChunk, then TVM's pipeline for
+    the target in scope (``tvm.compile`` enters it), with the plan verified against the budget.
+    With no budget it is TVM's pipeline plus the verification pass."""
+
+    @tvm.transform.module_pass(opt_level=0, name="AutochunkRegisteredPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        tgt = as_target(target) if target is not None else tvm.target.Target.current()
+        if tgt is None:
+            raise UnsupportedTargetError(
+                "the 'autochunk' pipeline needs a target: call it through "
+                "tvm.compile(mod, target, relax_pipeline=...) or pass target=..."
+            )
+        pre = []
+        if budget_bytes is not None:
+            from .auto_chunk import AutoChunk
+
+            pre = [AutoChunk(int(budget_bytes), tgt)]
+        passes = autochunk_build_passes(tgt, budget_bytes=budget_bytes, pre_passes=pre)
+        with tgt:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def register_autochunk_pipeline() -> None:
+    """Register ``"autochunk"`` with ``relax.get_pipeline`` (idempotent)."""
+    from tvm.relax import pipeline as rp
+
+    if "autochunk" not in rp.PIPELINE_MAP:
+        rp.register_pipeline("autochunk")(_autochunk_pipeline_factory)
+
+
+register_autochunk_pipeline()

@@ -101,3 +101,28 @@ def test_search_result_report(gpt):
     assert d["final_peak_bytes"] <= int(need * 0.7)
     assert d["regions"][0]["n_chunks"] >= 2
     assert d["search_seconds"] > 0
+
+
+def test_registered_pipeline_with_tvm_compile(gpt):
+    import tvm
+    from tvm import relax
+
+    import relay_passes  # noqa: F401  (registers "autochunk")
+    from relay_passes.pipeline import register_autochunk_pipeline
+
+    register_autochunk_pipeline()
+    mod, x, ref = gpt
+    need = need_bytes(estimate_memory(mod, "llvm"))
+    tgt = tvm.target.Target("llvm")
+    ex = tvm.compile(
+        mod,
+        target=tgt,
+        relax_pipeline=relax.get_pipeline("autochunk", budget_bytes=int(need * 0.6)),
+    )
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))[0].numpy()
+    assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-5
+    # by name, without a budget: TVM's pipeline plus the plan check
+    ex2 = tvm.compile(mod, target=tgt, relax_pipeline="autochunk")
+    vm2 = relax.VirtualMachine(ex2, tvm.cpu())
+    np.testing.assert_allclose(vm2["main"](tvm.runtime.tensor(x))[0].numpy(), ref, rtol=1e-5)
