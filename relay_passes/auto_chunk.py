@@ -27,7 +27,7 @@ from . import _compat as C
 from .chunk_region import RegionAnalysis, analyze_region
 from .errors import BudgetInfeasibleError, PassContractError
 from .estimate_memory import estimate_memory
-from .plan import ChunkPlan, ChunkRegion
+from .plan import ChunkPlan, ChunkRegion, human_bytes
 from .rewrite import apply_chunk_plan
 from .search import Candidate, SearchOptions, fit_chunk, rank_candidates
 
@@ -206,8 +206,12 @@ def auto_chunk(
         if time.perf_counter() - t0 > opts.time_limit_s:
             blockers.append(f"search stopped after {opts.time_limit_s:.0f}s")
             break
-        hot = [e.name for e in sorted(prof.timeline, key=lambda e: (-e.live_bytes, e.index))]
-        hot = hot[: opts.hot_bindings]
+        # the most memory-heavy bindings that are still plain ops (a chunk call is done)
+        hot = [
+            e.name
+            for e in sorted(prof.timeline, key=lambda e: (-e.live_bytes, e.index))
+            if not e.op.startswith("call ")
+        ][: opts.hot_bindings]
         cands = enumerate_candidates(cur, hot, opts, function)
         if not cands:
             blockers.append(f"no chunkable region around '{hot[0] if hot else '?'}'")
@@ -262,9 +266,9 @@ def auto_chunk(
     )
     if need > budget_bytes:
         raise BudgetInfeasibleError(
-            f"cannot fit the budget of {budget_bytes / 2**20:.2f} MiB ({budget_bytes} bytes): the "
-            f"unchunked module needs {unchunked / 2**20:.2f} MiB and the smallest peak reached "
-            f"is {need / 2**20:.2f} MiB ({need} bytes) after {len(stages)} chunk region(s); the "
+            f"cannot fit the budget of {human_bytes(budget_bytes)} ({budget_bytes} bytes): the "
+            f"unchunked module needs {human_bytes(unchunked)} and the smallest peak reached "
+            f"is {human_bytes(need)} ({need} bytes) after {len(stages)} chunk region(s); the "
             f"peak is now after binding '{prof.peak_binding}' ({prof.peak_op}). Blocked by: "
             f"{'; '.join(blockers) or 'nothing left to chunk'}. Remedy: raise the budget to at "
             f"least {need} bytes, or shorten the input.",

@@ -8,6 +8,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 
+def human_bytes(n: int) -> str:
+    """``1.50 GiB`` / ``12.00 MiB`` / ``3.00 KiB`` / ``12 B`` (for messages)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 @dataclass(frozen=True)
 class TensorRecord:
     """One tensor in a liveness view: what it is and what it costs."""

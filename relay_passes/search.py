@@ -17,7 +17,7 @@ from .plan import ChunkRegion
 @dataclass(frozen=True)
 class SearchOptions:
     max_stages: int = 8  # regions applied one after another at most
-    hot_bindings: int = 3  # candidate regions must contain one of the top-N live bindings
+    hot_bindings: int = 4  # candidate regions must contain one of the top-N live bindings
     window_before: int = 48  # bindings before a hot binding where a region may start
     window_after: int = 64  # bindings after it where a region may end
     evaluate_top: int = 2  # candidates whose chunk size is fitted exactly, per stage

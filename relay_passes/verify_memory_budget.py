@@ -12,11 +12,12 @@ from __future__ import annotations
 import tvm
 
 from .errors import BudgetInfeasibleError
+from .plan import human_bytes
 from .planned_memory import read_plan
 
 
 def _fmt(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
+    return human_bytes(n)
 
 
 @tvm.transform.module_pass(opt_level=0, name="VerifyMemoryBudget")

@@ -225,7 +225,8 @@ def test_impossible_budget_is_budget_infeasible(model, tmp_path, capsys, monkeyp
     monkeypatch.setattr(api, "build", spy)
     so = tmp_path / "x.so"
     assert cli.main(["build", str(model["pt2"]), "-o", str(so), "--budget", "1KiB"]) == 2
-    assert "over the budget of 1.00 KiB" in _error(capsys)
+    err = _error(capsys)
+    assert "cannot fit the budget of 1.00 KiB (1024 bytes)" in err and "Remedy" in err
     assert [type(e) for e in raised] == [ac.BudgetInfeasibleError]
     assert not so.exists()
 
