@@ -1,0 +1,36 @@
+"""One tiny configuration of each benchmark script, so they cannot rot (numbers not checked
+beyond sanity: the benchmarks themselves print and record them)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import budget_sweep, chunk_regions, estimator_accuracy
+
+
+def test_estimator_accuracy_smoke(tmp_path, capsys):
+    out = tmp_path / "acc.jsonl"
+    rc = estimator_accuracy.main(
+        ["--families", "gpt", "--sizes", "64", "--no-measure", "--out", str(out)]
+    )
+    assert rc == 0
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["estimate_bytes"] == row["plan_bytes"] > 0
+    assert "| gpt | 64 |" in capsys.readouterr().out
+
+
+def test_chunk_regions_smoke():
+    row = chunk_regions.region_row("gpt", 64, 16, measure=False, layers=1)
+    assert row["n_chunks"] == 4 and row["est_after"] == row["plan_after"] > 0
+    ct = chunk_regions.compile_time("gpt", 64, (2, 4), layers=1)
+    assert [r["n_chunks"] for r in ct] == [2, 4]
+
+
+def test_budget_sweep_smoke():
+    rows = budget_sweep.sweep("gpt", 128, repeats=1, measure=False, kw={"layers": 1})
+    assert rows and {r["budget"] for r in rows} >= {"50%", "min"}
+    for r in rows:
+        if r["ok"]:
+            assert r["plan_within_budget"] and r["max_rel_err"] <= 1e-5
+        else:
+            assert "Remedy" in r["error"]
