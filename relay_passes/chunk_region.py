@@ -398,11 +398,20 @@ def _sink_sliced(bindings, spec, hoisted, body, slices, used_after) -> list[ArgS
             srcs = flow.outputs[0][dim]
             if any((src.arg, src.dim) in flow.reduced for src in srcs):
                 return False
+        # arguments that are already computed per chunk must be exactly the slices we need;
+        # any other argument is read whole
+        want = {src.arg: (src.dim, scale / src.scale) for src in srcs}
+        for i, a in enumerate(value.args):
+            have = spec.get(a) if isinstance(a, relax.Var) else None
+            if have is not None and want.get(i) != have:
+                return False
         moved.add(name)  # from here on this binding is computed per chunk
         new_slices: list[ArgSlice] = []
         for src in srcs:
             a = value.args[src.arg]
             sub = scale / src.scale
+            if isinstance(a, relax.Var) and spec.get(a) == (src.dim, sub):
+                continue  # already a chunk
             if not (isinstance(a, relax.Var) and sink(a, src.dim, sub)):
                 new_slices.append(ArgSlice(name, src.arg, src.dim, sub))
         hoisted.remove(name)

@@ -288,3 +288,28 @@ def test_two_outputs_and_a_region_in_a_callee():
     np.testing.assert_allclose(_run(after, [x]), _run(TwoOutputsInCallee, [x]), rtol=1e-5)
     est = estimate_memory(after, "llvm")
     assert est.peak_bytes == planned_memory(after, "llvm").peak_bytes
+
+
+def test_regression_second_region_after_a_chunked_one():
+    """Found by the demo: the second region's attention does not depend on its seed and was
+    moved into the chunk while a consumer still sliced it again (NaN). Two stacked regions on a
+    2-layer GPT must give the unchunked outputs."""
+    w = FAMILIES["gpt"](128)
+    mod = ac.from_torch(w.module, w.inputs)
+    x = [w.inputs[0].numpy()]
+    ref = _run(mod, x)
+    r1 = ChunkRegion("lv8", "lv101", "lv7", 1, 36)  # 36, 36, 36, 20 rows
+    m1 = apply_chunk_plan(mod, ChunkPlan((r1,)))
+    r2 = ChunkRegion("lv88_part3", "lv150", "lv74_part3", 1, 50)
+    ra = analyze_region(m1, r2.start, r2.end, r2.seed, r2.dim)
+    assert ra.legal, ra.reason
+    sliced = {(s.binding, s.arg) for s in ra.slices}
+    chunked = {s.name for s in ra.specs}
+    bindings = {str(b.var.name): b for blk in m1["main"].body.blocks for b in blk.bindings}
+    for binding, arg in sliced:  # never slice a tensor that is already a chunk
+        a = bindings[binding].value.args[arg]
+        assert str(a.name) not in chunked, (binding, a.name)
+    m2 = apply_chunk_plan(m1, ChunkPlan((r2,)))
+    out = _run(m2, x)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
