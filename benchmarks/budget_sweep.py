@@ -55,8 +55,8 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict) -> list
     try:
         ac.build(mod, "llvm", budget=1)
     except ac.BudgetInfeasibleError as e:
-        if e.best_peak:
-            budgets.append(("min", int(e.best_peak)))
+        if e.min_budget:
+            budgets.append(("min", int(e.min_budget)))
     rows = []
     for label, budget in budgets:
         row = {

@@ -198,6 +198,10 @@ def auto_chunk(
     cur = mod
     unchunked, prof = evaluate(cur)
     need = unchunked
+    user_budget = budget_bytes
+    if unchunked > budget_bytes:  # chunking needed: aim under the budget by the safety margin
+        budget_bytes = budget_bytes - max(2**20 if budget_bytes > 2**25 else 0,
+                                          int(budget_bytes * opts.safety_margin))
     stages: list[StageRecord] = []
     blockers: list[str] = []
     for _stage in range(opts.max_stages):
@@ -256,7 +260,7 @@ def auto_chunk(
         )
         need = new_need
     res = AutoChunkResult(
-        budget_bytes,
+        user_budget,
         unchunked,
         need,
         tuple(stages),
@@ -265,15 +269,18 @@ def auto_chunk(
         tuple(blockers),
     )
     if need > budget_bytes:
+        # the smallest budget whose margin-reduced target still admits the peak reached
+        suggest = max(need + 2**20 if need > 2**25 else need, -(-need * 100 // 97))
         raise BudgetInfeasibleError(
-            f"cannot fit the budget of {human_bytes(budget_bytes)} ({budget_bytes} bytes): the "
+            f"cannot fit the budget of {human_bytes(user_budget)} ({user_budget} bytes): the "
             f"unchunked module needs {human_bytes(unchunked)} and the smallest peak reached "
             f"is {human_bytes(need)} ({need} bytes) after {len(stages)} chunk region(s); the "
             f"peak is now after binding '{prof.peak_binding}' ({prof.peak_op}). Blocked by: "
             f"{'; '.join(blockers) or 'nothing left to chunk'}. Remedy: raise the budget to at "
-            f"least {need} bytes, or shorten the input.",
+            f"least {suggest} bytes, or shorten the input.",
             unchunked_peak=unchunked,
             best_peak=need,
+            min_budget=suggest,
         )
     return cur, res
 

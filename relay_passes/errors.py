@@ -43,11 +43,17 @@ class BudgetInfeasibleError(AutochunkError):
     """
 
     def __init__(
-        self, msg: str, *, unchunked_peak: int | None = None, best_peak: int | None = None
+        self,
+        msg: str,
+        *,
+        unchunked_peak: int | None = None,
+        best_peak: int | None = None,
+        min_budget: int | None = None,
     ):
         super().__init__(msg)
         self.unchunked_peak = unchunked_peak
         self.best_peak = best_peak
+        self.min_budget = min_budget  # the smallest budget consistent with best_peak
 
 
 class SymbolicShapeError(AutochunkError):
