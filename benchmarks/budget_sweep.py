@@ -40,7 +40,8 @@ def _timed(art, x, repeats, base):
     return statistics.median(ta), statistics.median(tb)
 
 
-def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict) -> list[dict]:
+def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
+          fractions=FRACTIONS, with_min: bool = True) -> list[dict]:
     import tvm_autochunk as ac
     from benchmarks.models import FAMILIES
     from tvm_autochunk.measure import measure_peak
@@ -51,12 +52,13 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict) -> list
     base = ac.build(mod, "llvm")
     ref = base(*x)
     peak0 = base.report.peak_bytes
-    budgets = [(f"{int(f * 100)}%", int(peak0 * f)) for f in FRACTIONS]
-    try:
-        ac.build(mod, "llvm", budget=1)
-    except ac.BudgetInfeasibleError as e:
-        if e.min_budget:
-            budgets.append(("min", int(e.min_budget)))
+    budgets = [(f"{f * 100:g}%", int(peak0 * f)) for f in fractions]
+    if with_min:
+        try:
+            ac.build(mod, "llvm", budget=1)
+        except ac.BudgetInfeasibleError as e:
+            if e.min_budget:
+                budgets.append(("min", int(e.min_budget)))
     rows = []
     for label, budget in budgets:
         row = {
@@ -111,6 +113,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--families", nargs="*")
+    ap.add_argument("--case", action="append", default=[],
+                    help="FAMILY:SIZE[:LAYERS] instead of the default cases (repeatable)")
+    ap.add_argument("--fractions", nargs="*", type=float, default=list(FRACTIONS))
+    ap.add_argument("--no-min", action="store_true", help="skip the minimum reachable budget")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "budget_sweep.jsonl"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -124,6 +130,12 @@ def main(argv=None) -> int:
             ("unet", 48, {}),
         ]
         repeats, measure = args.repeats, True
+    if args.case:
+        cases = []
+        for c in args.case:
+            parts = c.split(":")
+            kw = {"layers": int(parts[2])} if len(parts) > 2 else {}
+            cases.append((parts[0], int(parts[1]), kw))
     if args.families:
         cases = [c for c in cases if c[0] in args.families]
     out = Path(args.out)
@@ -131,7 +143,8 @@ def main(argv=None) -> int:
     rows = []
     with out.open("w") as f:
         for fam, size, kw in cases:
-            for r in sweep(fam, size, repeats, measure, kw):
+            for r in sweep(fam, size, repeats, measure, kw, tuple(args.fractions),
+                           not args.no_min):
                 rows.append(r)
                 f.write(json.dumps(r) + "\n")
     print(

@@ -95,7 +95,7 @@ def _main_bindings(func: relax.Function):
 
 
 def enumerate_candidates(
-    mod, hot: list[str], opts: SearchOptions, function: str = "main"
+    mod, hot: list[str], opts: SearchOptions, function: str = "main", reasons=None
 ) -> list[Candidate]:
     """Legal (region, seed, dim) candidates whose body contains one of the ``hot`` bindings."""
     func = mod[function]
@@ -126,7 +126,9 @@ def enumerate_candidates(
                         if key in seen:
                             continue
                         seen.add(key)
-                        ra = _longest_legal(mod, names, j, ip, hi, str(sv.name), d, function)
+                        ra = _longest_legal(
+                            mod, names, j, ip, hi, str(sv.name), d, function, reasons
+                        )
                         if ra is not None and name in ra.body:
                             out.append(_candidate(ra, func))
     return out
@@ -159,7 +161,7 @@ def _candidate(ra: RegionAnalysis, func: relax.Function) -> Candidate:
     )
 
 
-def _longest_legal(mod, names, j, ip, hi, seed, d, function) -> RegionAnalysis | None:
+def _longest_legal(mod, names, j, ip, hi, seed, d, function, reasons=None) -> RegionAnalysis | None:
     """The legal region [names[j] .. e] with the largest e in [ip, hi], or None."""
     e = hi
     for _ in range(6):
@@ -168,6 +170,8 @@ def _longest_legal(mod, names, j, ip, hi, seed, d, function) -> RegionAnalysis |
         ra = analyze_region(mod, names[j], names[e], seed, d, function=function)
         if ra.legal:
             return ra
+        if reasons is not None and ra.failed_at in names and names.index(ra.failed_at) <= ip:
+            reasons.append(ra.reason)  # what stops a region from covering the hot binding
         if ra.failed_at in names and names.index(ra.failed_at) > ip:
             e = names.index(ra.failed_at) - 1  # end just before the binding that broke it
         elif not ra.failed_at:
@@ -200,8 +204,9 @@ def auto_chunk(
     need = unchunked
     user_budget = budget_bytes
     if unchunked > budget_bytes:  # chunking needed: aim under the budget by the safety margin
-        budget_bytes = budget_bytes - max(2**20 if budget_bytes > 2**25 else 0,
-                                          int(budget_bytes * opts.safety_margin))
+        budget_bytes = budget_bytes - max(
+            2**20 if budget_bytes > 2**25 else 0, int(budget_bytes * opts.safety_margin)
+        )
     stages: list[StageRecord] = []
     blockers: list[str] = []
     for _stage in range(opts.max_stages):
@@ -216,20 +221,19 @@ def auto_chunk(
             for e in sorted(prof.timeline, key=lambda e: (-e.live_bytes, e.index))
             if not e.op.startswith("call ")
         ][: opts.hot_bindings]
-        cands = enumerate_candidates(cur, hot, opts, function)
+        reasons: list[str] = []
+        cands = enumerate_candidates(cur, hot, opts, function, reasons)
         if not cands:
-            blockers.append(f"no chunkable region around '{hot[0] if hot else '?'}'")
+            common = max(set(reasons), key=reasons.count) if reasons else "no legal seed dim"
+            blockers.append(f"no chunkable region around '{hot[0] if hot else '?'}' ({common})")
             break
+
+        def peak_with(cand: Candidate, chunk: int) -> int:
+            return evaluate(apply_chunk_plan(cur, ChunkPlan((cand.region(chunk),))))[0]
+
         best = None
         for cand in rank_candidates(cands)[: opts.evaluate_top]:
-            fit = fit_chunk(
-                cand,
-                budget_bytes,
-                lambda c, cand=cand: evaluate(apply_chunk_plan(cur, ChunkPlan((cand.region(c),))))[
-                    0
-                ],
-                opts,
-            )
+            fit = fit_chunk(cand, budget_bytes, lambda c, cand=cand: peak_with(cand, c), opts)
             if fit is None:
                 continue
             key = (fit.peak > budget_bytes, fit.peak if fit.peak > budget_bytes else fit.cost)
