@@ -119,7 +119,7 @@ class FrameAnalysis:
     protos: tuple[Proto, ...]
     events: tuple[_Event, ...]
     callees: tuple[str, ...]
-    workspace_by_index: dict
+    workspace_by_index: dict  # binding index -> workspace requests (bytes) of its kernel
     num_bindings: int
     blocks: tuple[tuple[int, int, int], ...] = ()  # run-time allocations: (bytes, first, last)
 

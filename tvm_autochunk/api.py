@@ -121,7 +121,6 @@ def build(
     _progress(progress, f"estimating memory for {tgt.kind.name}")
     prof = estimate_memory(mod, tgt, entry=entry)
     chunking = chunk_plan.to_dict() if chunk_plan is not None and chunk_plan.regions else None
-    search = None
     if budget_bytes is not None and MemoryReport(prof).peak_bytes > budget_bytes:
         from relay_passes.auto_chunk import auto_chunk
 
