@@ -145,58 +145,29 @@ def analyze_region(
     region_vars = {b.var for b in bindings}
 
     # the seed: a tensor defined before the region (a param or an earlier binding)
-    seed_ty = None
-    for p in func.params:
-        if str(p.name) == seed:
-            seed_ty = p.ty
-    for block in func.body.blocks:
-        for b in block.bindings:
-            if str(b.var.name) == seed:
-                if b.var in region_vars:
-                    seed_ty = None
-                    break
-                seed_ty = b.var.ty
-    shape = _static_shape(seed_ty) if seed_ty is not None else None
-    sd = TensorChunk(seed, dim)
-    if shape is None:
-        return RegionAnalysis(
-            function,
-            start,
-            end,
-            sd,
-            0,
-            False,
-            f"seed '{seed}' is not a statically shaped tensor defined before the region",
-        )
-    if not 0 <= dim < len(shape):
-        return RegionAnalysis(
-            function,
-            start,
-            end,
-            sd,
-            0,
-            False,
-            f"dim {dim} out of range for '{seed}' of shape {shape}",
-        )
-    extent = shape[dim]
-
-    current = [""]
-
-    def fail(reason: str) -> RegionAnalysis:
-        return RegionAnalysis(function, start, end, sd, extent, False, reason,
-                              failed_at=current[0])
-
-    # spec: var -> chunk spec per tensor leaf: (dim, scale) | None (whole); tuples -> tuple
-    spec: dict = {}
-    seed_var = None
-    for p in func.params:
-        if str(p.name) == seed:
-            seed_var = p
+    seed_var = next((p for p in func.params if str(p.name) == seed), None)
     for block in func.body.blocks:
         for b in block.bindings:
             if str(b.var.name) == seed:
                 seed_var = b.var
-    spec[seed_var] = (dim, Fraction(1))
+    sd = TensorChunk(seed, dim)
+    current = [""]
+    extent = 0
+
+    def fail(reason: str) -> RegionAnalysis:
+        return RegionAnalysis(function, start, end, sd, extent, False, reason, failed_at=current[0])
+
+    shape = None
+    if seed_var is not None and seed_var not in region_vars:
+        shape = _static_shape(seed_var.ty)
+    if shape is None:
+        return fail(f"seed '{seed}' is not a statically shaped tensor defined before the region")
+    if not 0 <= dim < len(shape):
+        return fail(f"dim {dim} out of range for '{seed}' of shape {shape}")
+    extent = shape[dim]
+
+    # spec: var -> chunk spec per tensor leaf: (dim, scale) | None (whole); tuples -> tuple
+    spec: dict = {seed_var: (dim, Fraction(1))}
     body: list[str] = []
     hoisted: list[str] = []
     slices: list[ArgSlice] = []
@@ -372,8 +343,7 @@ def _sink_sliced(bindings, spec, hoisted, body, slices, used_after) -> list[ArgS
             b = by_name[r]
             idx = [i for i, a in enumerate(b.value.args) if a.same_as(var)]
             if not idx or any(
-                not any(u.arg == i and u.dim == dim and u.scale == scale for u in uses)
-                for i in idx
+                not any(u.arg == i and u.dim == dim and u.scale == scale for u in uses) for i in idx
             ):
                 return False
         return True
