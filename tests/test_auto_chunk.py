@@ -126,3 +126,26 @@ def test_registered_pipeline_with_tvm_compile(gpt):
     ex2 = tvm.compile(mod, target=tgt, relax_pipeline="autochunk")
     vm2 = relax.VirtualMachine(ex2, tvm.cpu())
     np.testing.assert_allclose(vm2["main"](tvm.runtime.tensor(x))[0].numpy(), ref, rtol=1e-5)
+
+
+def test_build_tightens_and_retries_when_the_built_plan_is_over(gpt, monkeypatch):
+    """The promise is checked on the built plan; if it were over, build searches again with a
+    tighter target instead of returning an over-budget artifact."""
+    import tvm_autochunk.api as api
+
+    mod, x, ref = gpt
+    need = need_bytes(estimate_memory(mod, "llvm"))
+    calls = []
+    real = api._over_budget
+
+    def first_time_over(report, budget):
+        calls.append(report.peak_bytes)
+        return True if len(calls) == 1 else real(report, budget)
+
+    monkeypatch.setattr(api, "_over_budget", first_time_over)
+    msgs = []
+    art = ac.build(mod, "llvm", budget=int(need * 0.6), progress=msgs.append)
+    assert len(calls) == 2
+    assert any("retrying with target" in m for m in msgs)
+    assert art.report.peak_bytes <= int(need * 0.6)
+    np.testing.assert_allclose(art(x), ref, rtol=1e-5, atol=1e-5)
