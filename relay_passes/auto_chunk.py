@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 
 from . import _compat as C
-from .chunk_region import RegionAnalysis, analyze_region
+from .chunk_region import RegionAnalysis, analyze_region, bindings_by_name
 from .errors import BudgetInfeasibleError, PassContractError
 from .estimate_memory import estimate_memory
 from .plan import ChunkPlan, ChunkRegion, human_bytes
@@ -88,12 +88,6 @@ class AutoChunkResult:
         }
 
 
-def _main_bindings(func: relax.Function):
-    for bi, block in enumerate(func.body.blocks):
-        for b in block.bindings:
-            yield bi, b
-
-
 def enumerate_candidates(
     mod, hot: list[str], opts: SearchOptions, function: str = "main", reasons=None
 ) -> list[Candidate]:
@@ -135,7 +129,7 @@ def enumerate_candidates(
 
 
 def _candidate(ra: RegionAnalysis, func: relax.Function) -> Candidate:
-    types = {str(b.var.name): b.var.ty for _, b in _main_bindings(func)}
+    types = {n: b.var.ty for n, b in bindings_by_name(func).items()}
 
     def nbytes(name: str) -> int:
         ty = types.get(name)

@@ -95,6 +95,11 @@ def _leaves(ty) -> list:
     return []
 
 
+def bindings_by_name(func: relax.Function) -> dict:
+    """{binding var name: binding} over every top-level block of ``func``."""
+    return {str(b.var.name): b for block in func.body.blocks for b in block.bindings}
+
+
 def region_bindings(func: relax.Function, start: str, end: str):
     """(block index, list of bindings) of the region; errors name what is wrong."""
     for bi, block in enumerate(func.body.blocks):

@@ -24,7 +24,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T
 
 from . import _compat as C
-from .chunk_region import RegionAnalysis, analyze_region
+from .chunk_region import RegionAnalysis, analyze_region, bindings_by_name
 from .errors import PassContractError
 from .plan import ChunkPlan, ChunkRegion
 
@@ -76,10 +76,7 @@ class _ChunkFunctionBuilder:
         self.ra = ra
         self.inputs = inputs
         self.write_gvs = write_gvs
-        self.bindings = {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                self.bindings[str(b.var.name)] = b
+        self.bindings = bindings_by_name(func)
         self.spec = {s.name: s for s in ra.specs}
         self.slices = {}
         for s in ra.slices:
@@ -182,7 +179,6 @@ class _RegionReplacer(PyExprMutator):
         self.inputs = inputs
         self.calls = calls  # [(chunk GlobalVar, offset)]
         self.region = set(ra.body) | set(ra.hoisted)
-        self.names = None
 
     def visit_var_binding_(self, binding):
         name = str(binding.var.name)
@@ -195,7 +191,7 @@ class _RegionReplacer(PyExprMutator):
     def _emit_region(self):
         bb = self.builder_
         func = self.mod_[self.func_name]
-        bindings = {str(b.var.name): b for blk in func.body.blocks for b in blk.bindings}
+        bindings = bindings_by_name(func)
         for h in self.ra.hoisted:
             super().visit_var_binding_(bindings[h])
         outs = [bindings[o.name].var for o in self.ra.outputs]
@@ -230,7 +226,7 @@ class _RegionReplacer(PyExprMutator):
 
 def _region_inputs(func, ra: RegionAnalysis) -> list:
     """Vars the per-chunk function needs: everything its bindings read that it does not define."""
-    bindings = {str(b.var.name): b for blk in func.body.blocks for b in blk.bindings}
+    bindings = bindings_by_name(func)
     defined = {bindings[n].var for n in ra.body}
     seen: list = []
     for n in ra.body:
@@ -260,15 +256,9 @@ def apply_region(mod: tvm.IRModule, region: ChunkRegion) -> tvm.IRModule:
     inputs = _region_inputs(func, ra)
     bb = relax.BlockBuilder(mod)
     write_gvs = {}
+    bindings = bindings_by_name(func)
     for o in ra.outputs:
-        dt = C.tensor_dtype(
-            next(
-                b.var.ty
-                for blk in func.body.blocks
-                for b in blk.bindings
-                if str(b.var.name) == o.name
-            )
-        )
+        dt = C.tensor_dtype(bindings[o.name].var.ty)
         if dt not in write_gvs:
             name = f"autochunk_write_slice_{dt}"
             existing = [g for g in bb.get().functions if g.name_hint == name]

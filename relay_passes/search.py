@@ -80,7 +80,8 @@ def fit_chunk(
 
     Memory grows about linearly with the chunk size, so two probes (smallest chunk, half the
     extent) give a line; its solution is verified exactly and stepped down while over budget.
-    If even the smallest chunk does not fit, returns that chunk with its peak (best effort).
+    If even the smallest chunk does not fit, the target becomes "within max(1 MiB, 3%) of the
+    smallest chunk's peak" (best effort: the largest chunk that gets there, not chunk 1).
     """
     g = max(1, cand.granularity)
     top = (cand.extent // g) * g
@@ -103,7 +104,6 @@ def fit_chunk(
         # this region alone cannot reach the budget (other parts of the graph set a floor):
         # take the largest chunk that gets within a small margin of that floor, not chunk 1
         target = m_lo + max(2**20, (m_lo * 3) // 100)
-    best = lo if m_mid > target else mid
     if m_mid > m_lo:
         guess = lo + (target - m_lo) * (mid - lo) / (m_mid - m_lo)
     else:
@@ -113,6 +113,6 @@ def fit_chunk(
         if ev(c) <= target:
             break
         c = max(g, int(c * 0.8) // g * g)
-    # prefer the largest chunk known to meet the target; never collapse below it
-    best = max((k for k, v in seen.items() if v <= target), default=best)
+    # the largest chunk known to meet the target (the smallest chunk always does)
+    best = max(k for k, v in seen.items() if v <= target)
     return Fit(best, seen[best], cand.cost(best, opts), len(seen))
