@@ -15,6 +15,7 @@ one region per stage, best by estimated peak then by the cost model).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -39,14 +40,31 @@ def need_bytes(prof) -> int:
     return max(int(prof.peak_bytes), int(prof.runtime_peak_bytes))
 
 
+def excess_bytes(prof, target: int) -> int:
+    """Memory above ``target`` summed over the entry function's timeline (byte x bindings).
+
+    Breaks ties between plans with the same peak: a model whose peak occurs in several equal
+    layers only gets below it when every one of them is chunked, one stage at a time.
+    """
+    return sum(max(0, e.live_bytes - target) for e in prof.timeline)
+
+
 @dataclass(frozen=True)
 class StageRecord:
+    """One greedy stage: a region (and its copies in repeated layers) chunked by one size."""
+
     region: ChunkRegion
     n_chunks: int
     body_ops: int
     peak_before: int
     peak_after: int
     cost: float
+    # every region this stage applied, in application order (the region and its copies)
+    applied: tuple[ChunkRegion, ...] = ()
+
+    @property
+    def regions(self) -> tuple[ChunkRegion, ...]:
+        return self.applied or (self.region,)
 
 
 @dataclass(frozen=True)
@@ -61,7 +79,7 @@ class AutoChunkResult:
 
     @property
     def plan(self) -> ChunkPlan:
-        return ChunkPlan(tuple(s.region for s in self.stages))
+        return ChunkPlan(tuple(r for s in self.stages for r in s.regions))
 
     def to_dict(self) -> dict:
         return {
@@ -72,20 +90,67 @@ class AutoChunkResult:
             "evaluations": self.evaluations,
             "regions": [
                 {
-                    "start": s.region.start,
-                    "end": s.region.end,
-                    "seed": s.region.seed,
-                    "dim": s.region.dim,
-                    "chunk": s.region.chunk,
+                    "stage": i,
+                    "start": r.start,
+                    "end": r.end,
+                    "seed": r.seed,
+                    "dim": r.dim,
+                    "chunk": r.chunk,
                     "n_chunks": s.n_chunks,
                     "body_ops": s.body_ops,
+                    "regions_in_stage": len(s.regions),
                     "peak_before_bytes": s.peak_before,
                     "peak_after_bytes": s.peak_after,
                     "predicted_cost": round(s.cost, 4),
                 }
-                for s in self.stages
+                for i, s in enumerate(self.stages)
+                for r in s.regions
             ],
         }
+
+
+def _op_key(binding) -> str:
+    v = binding.value
+    if isinstance(v, C.Call) and isinstance(v.op, C.Op):
+        return str(v.op.name)
+    return type(v).__name__
+
+
+def with_copies(mod, cand: Candidate, function: str = "main") -> Candidate:
+    """``cand`` plus the identical regions elsewhere in the function (repeated layers).
+
+    A copy has the same op sequence, its seed is the binding just before it (as for ``cand``),
+    and it is legal along the same dim with the same extent, ops and bytes. Copies do not
+    overlap ``cand`` or each other. Without any, ``cand`` is returned unchanged.
+    """
+    func = mod[function]
+    for block in func.body.blocks:
+        bs = list(block.bindings)
+        names = [str(b.var.name) for b in bs]
+        if cand.start not in names or cand.end not in names:
+            continue
+        j, e = names.index(cand.start), names.index(cand.end)
+        if j == 0 or names[j - 1] != cand.seed:
+            return cand  # seeded by a parameter or from further back: not a layer pattern
+        keys = [_op_key(b) for b in bs]
+        pat, n = keys[j : e + 1], e - j + 1
+        sig = (cand.extent, cand.granularity, cand.body_ops, cand.body_bytes, cand.out_bytes)
+        copies: list[tuple[str, str, str]] = []
+        k = 1
+        while k + n <= len(bs):
+            if (k + n - 1 < j or k > e) and keys[k : k + n] == pat:  # disjoint, same ops
+                ra = analyze_region(
+                    mod, names[k], names[k + n - 1], names[k - 1], cand.dim, function=function
+                )
+                if ra.legal:
+                    c2 = _candidate(ra, func)
+                    if (c2.extent, c2.granularity, c2.body_ops, c2.body_bytes, c2.out_bytes) == sig:
+                        copies.append((names[k], names[k + n - 1], names[k - 1]))
+                        k += n
+                        continue
+            k += 1
+        return dataclasses.replace(cand, copies=tuple(copies)) if copies else cand
+    return cand
 
 
 def enumerate_candidates(
@@ -96,6 +161,7 @@ def enumerate_candidates(
     blocks = [list(block.bindings) for block in func.body.blocks]
     seen: set = set()
     out: list[Candidate] = []
+    last_use: dict[int, list[int]] = {}
     for name in hot:
         for bi, bs in enumerate(blocks):
             names = [str(b.var.name) for b in bs]
@@ -123,9 +189,61 @@ def enumerate_candidates(
                         ra = _longest_legal(
                             mod, names, j, ip, hi, str(sv.name), d, function, reasons
                         )
-                        if ra is not None and name in ra.body:
-                            out.append(_candidate(ra, func))
+                        if ra is None or name not in ra.body:
+                            continue
+                        out.append(_candidate(ra, func))
+                        # the end in [hot .. longest] leaving the fewest bytes live after the
+                        # region: every output is a whole tensor kept through the chunk loop
+                        if bi not in last_use:
+                            last_use[bi] = _last_uses(bs, func)
+                        e = _min_output_end(bs, last_use[bi], j, ip, names.index(ra.end))
+                        if e != names.index(ra.end):
+                            ra2 = analyze_region(
+                                mod, names[j], names[e], str(sv.name), d, function=function
+                            )
+                            if ra2.legal and name in ra2.body:
+                                out.append(_candidate(ra2, func))
     return out
+
+
+def _last_uses(bs: list, func: relax.Function) -> list[int]:
+    """For each binding of a block, the index of its last reader in the block (len(bs) if the
+    value is read after the block or returned)."""
+    index = {b.var: i for i, b in enumerate(bs)}
+    last = [-1] * len(bs)
+    for i, b in enumerate(bs):
+        for v in relax.analysis.free_vars(b.value):
+            k = index.get(v)
+            if k is not None:
+                last[k] = max(last[k], i)
+    outside = set(relax.analysis.free_vars(func.body.body))
+    for blk in func.body.blocks:
+        if blk.bindings and blk.bindings[0].var not in index:  # another block
+            for b in blk.bindings:
+                outside.update(relax.analysis.free_vars(b.value))
+    for v, k in index.items():
+        if v in outside or not isinstance(bs[k].var, relax.DataflowVar):
+            last[k] = len(bs)  # returned, read by another block, or a block output
+    return last
+
+
+def _min_output_end(bs: list, last: list[int], j: int, lo: int, hi: int) -> int:
+    """The end e in [lo, hi] minimising the bytes of bindings in [j, e] read after e (ties: the
+    longest region)."""
+
+    def nbytes(b) -> int:
+        shape = C.tensor_shape(b.var.ty) if isinstance(b.var.ty, C.TensorType) else None
+        if not shape or any(not isinstance(x, int) for x in shape):
+            return 0
+        return C.prod(shape) * C.dtype_bytes(C.tensor_dtype(b.var.ty))
+
+    sizes = [nbytes(b) for b in bs]
+    best, best_e = None, hi
+    for e in range(hi, lo - 1, -1):
+        live = sum(sizes[i] for i in range(j, e + 1) if last[i] > e)
+        if best is None or live < best:
+            best, best_e = live, e
+    return best_e
 
 
 def _candidate(ra: RegionAnalysis, func: relax.Function) -> Candidate:
@@ -203,6 +321,7 @@ def auto_chunk(
         )
     stages: list[StageRecord] = []
     blockers: list[str] = []
+    best_state = (need, prof, cur, 0)
     for _stage in range(opts.max_stages):
         if need <= budget_bytes:
             break
@@ -222,27 +341,56 @@ def auto_chunk(
             blockers.append(f"no chunkable region around '{hot[0] if hot else '?'}' ({common})")
             break
 
+        tried: dict[tuple[Candidate, int], tuple[int, object, tvm.IRModule]] = {}
+
         def peak_with(cand: Candidate, chunk: int) -> int:
-            return evaluate(apply_chunk_plan(cur, ChunkPlan((cand.region(chunk),))))[0]
+            m = apply_chunk_plan(cur, ChunkPlan(cand.regions(chunk)))
+            n, p = evaluate(m)
+            tried[(cand, chunk)] = (n, p, m)
+            return n
 
         best = None
-        for cand in rank_candidates(cands)[: opts.evaluate_top]:
-            fit = fit_chunk(cand, budget_bytes, lambda c, cand=cand: peak_with(cand, c), opts)
+        # the same region in repeated layers is chunked jointly (one stage, one chunk size):
+        # chunking one of several equal layers alone cannot lower their common peak
+        ranked = rank_candidates(cands)[: 4 * opts.evaluate_top]
+        ranked = rank_candidates([with_copies(cur, c, function) for c in ranked])
+        for cand in ranked[: opts.evaluate_top]:
+            fit = fit_chunk(
+                cand,
+                budget_bytes,
+                lambda c, cand=cand: peak_with(cand, c),
+                opts,
+            )
             if fit is None:
                 continue
-            key = (fit.peak > budget_bytes, fit.peak if fit.peak > budget_bytes else fit.cost)
+            over = fit.peak > budget_bytes
+            p_fit = tried[(cand, fit.chunk)][1]
+            key = (over, (fit.peak, excess_bytes(p_fit, budget_bytes)) if over else fit.cost)
             if best is None or key < best[0]:
                 best = (key, cand, fit)
-        if best is None or best[2].peak >= need:
+        # progress = a lower peak, or less memory above the target (models with repeated
+        # layers: chunking the first of two equal attention blocks cannot lower the peak, and
+        # may even raise it a little, until the second one is chunked too)
+        if best is None:
             blockers.append(f"no candidate lowers the peak below {need} bytes")
             break
         _, cand, fit = best
+        new_need, new_prof, new_mod = tried[(cand, fit.chunk)]
+        if new_need >= need and excess_bytes(new_prof, budget_bytes) >= excess_bytes(
+            prof, budget_bytes
+        ):
+            blockers.append(f"no candidate lowers the peak below {need} bytes")
+            break
         region = cand.region(fit.chunk)
-        cur = apply_chunk_plan(cur, ChunkPlan((region,)))
-        new_need, prof = evaluate(cur)
         stages.append(
             StageRecord(
-                region, -(-cand.extent // fit.chunk), cand.body_ops, need, new_need, fit.cost
+                region,
+                -(-cand.extent // fit.chunk),
+                cand.body_ops,
+                need,
+                new_need,
+                fit.cost,
+                cand.regions(fit.chunk),
             )
         )
         log.info(
@@ -256,7 +404,15 @@ def auto_chunk(
             need,
             new_need,
         )
-        need = new_need
+        need, prof, cur = new_need, new_prof, new_mod
+        if need < best_state[0]:
+            best_state = (need, prof, cur, len(stages))
+    if need > best_state[0]:
+        # the path went through plans above the best one (repeated layers) without getting
+        # back below it: return the best plan on the path
+        need, prof, cur, n = best_state
+        blockers.append(f"{len(stages) - n} later stage(s) did not lower the peak further")
+        stages = stages[:n]
     res = AutoChunkResult(
         user_budget,
         unchunked,
@@ -267,8 +423,9 @@ def auto_chunk(
         tuple(blockers),
     )
     if need > budget_bytes:
-        # the smallest budget whose margin-reduced target still admits the peak reached
-        suggest = max(need + 2**20 if need > 2**25 else need, -(-need * 100 // 97))
+        # the smallest budget whose margin-reduced target still admits the peak reached (never
+        # above the unchunked peak: a budget of that size builds without chunking)
+        suggest = min(unchunked, max(need + 2**20 if need > 2**25 else need, -(-need * 100 // 97)))
         raise BudgetInfeasibleError(
             f"cannot fit the budget of {human_bytes(user_budget)} ({user_budget} bytes): the "
             f"unchunked module needs {human_bytes(unchunked)} and the smallest peak reached "

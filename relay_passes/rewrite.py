@@ -18,6 +18,8 @@ Preconditions are checked (the region must be legal; ``well_formed`` after the r
 
 from __future__ import annotations
 
+import functools
+
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -29,6 +31,7 @@ from .errors import PassContractError
 from .plan import ChunkPlan, ChunkRegion
 
 
+@functools.cache  # parsing TVMScript takes ~0.2 s; the PrimFunc is immutable, so share it
 def make_write_slice(dtype: str):
     """``out[a, off + i, b] = src[a, i, b]`` in place, all extents symbolic."""
 
@@ -192,6 +195,23 @@ class _RegionReplacer(PyExprMutator):
         bb = self.builder_
         func = self.mod_[self.func_name]
         bindings = bindings_by_name(func)
+        # regions are addressed by binding name, so a name this rewrite adds must not repeat one
+        # the function already has (e.g. "chunk_res" of an earlier stage): the BlockBuilder only
+        # keeps the names it emitted itself unique
+        used = set(bindings) | {str(p.name) for p in func.params}
+
+        next_k: dict[str, int] = {}
+
+        def fresh(base: str) -> str:
+            k = next_k.get(base, 0)  # resume where the last name with this base stopped
+            name = f"{base}{k}" if k else base
+            while name in used:
+                k += 1
+                name = f"{base}{k}"  # the BlockBuilder's own style: lv88_part3
+            next_k[base] = k
+            used.add(name)
+            return name
+
         for h in self.ra.hoisted:
             super().visit_var_binding_(bindings[h])
         outs = [bindings[o.name].var for o in self.ra.outputs]
@@ -200,19 +220,20 @@ class _RegionReplacer(PyExprMutator):
             shape = C.tensor_shape(v.ty)
             bufs.append(
                 bb.emit(
-                    relax.op.zeros(relax.ShapeExpr(shape), C.tensor_dtype(v.ty)), f"{o.name}_init"
+                    relax.op.zeros(relax.ShapeExpr(shape), C.tensor_dtype(v.ty)),
+                    fresh(f"{o.name}_init"),
                 )
             )
         ins = [self.visit_expr(v) for v in self.inputs]
         for gv, offset in self.calls:
             r = bb.emit(
-                relax.Call(gv, [*ins, *bufs, tvm.tirx.IntImm("int64", offset)]), "chunk_res"
+                relax.Call(gv, [*ins, *bufs, tvm.tirx.IntImm("int64", offset)]), fresh("chunk_res")
             )
             if len(outs) == 1:
                 bufs = [r]
             else:
                 bufs = [
-                    bb.emit(relax.TupleGetItem(r, k), f"{o.name}_part")
+                    bb.emit(relax.TupleGetItem(r, k), fresh(f"{o.name}_part"))
                     for k, o in enumerate(self.ra.outputs)
                 ]
         for v, buf in zip(outs, bufs):

@@ -46,15 +46,31 @@ class Candidate:
     body_ops: int
     body_bytes: int  # full-size bytes of the tensors the region computes per chunk
     out_bytes: int  # full-size bytes of the region outputs (written whole)
+    # (start, end, seed) of identical regions elsewhere (repeated layers), chunked jointly
+    # with this one by the same chunk size; bytes and ops above are per copy
+    copies: tuple[tuple[str, str, str], ...] = ()
 
     def region(self, chunk: int) -> ChunkRegion:
         return ChunkRegion(self.start, self.end, self.seed, self.dim, int(chunk), self.function)
+
+    def regions(self, chunk: int) -> tuple[ChunkRegion, ...]:
+        """This region and its copies, last in the graph first (applying one leaves the
+        binding names of the others as they were)."""
+        out = [self.region(chunk)]
+        out += [
+            ChunkRegion(a, b, s, self.dim, int(chunk), self.function) for a, b, s in self.copies
+        ]
+        return tuple(reversed(out))
+
+    @property
+    def n_regions(self) -> int:
+        return 1 + len(self.copies)
 
     def cost(self, chunk: int, opts: SearchOptions) -> float:
         n = math.ceil(self.extent / chunk)
         per = opts.call_overhead + self.body_ops * opts.op_overhead
         penalty = opts.small_penalty if chunk < opts.small_rows else 1.0
-        return n * per * penalty
+        return n * per * penalty * self.n_regions
 
 
 @dataclass(frozen=True)
@@ -69,7 +85,14 @@ def rank_candidates(cands: list[Candidate]) -> list[Candidate]:
     """Most memory to gain first; then fewer ops per chunk; then by name (deterministic)."""
     return sorted(
         cands,
-        key=lambda c: (-(c.body_bytes - c.out_bytes), c.body_ops, c.start, c.end, c.seed, c.dim),
+        key=lambda c: (
+            -(c.body_bytes - 3 * c.out_bytes) * c.n_regions,
+            c.body_ops,
+            c.start,
+            c.end,
+            c.seed,
+            c.dim,
+        ),
     )
 
 
@@ -103,7 +126,7 @@ def fit_chunk(
     if m_lo > budget:
         # this region alone cannot reach the budget (other parts of the graph set a floor):
         # take the largest chunk that gets within a small margin of that floor, not chunk 1
-        target = m_lo + max(2**20, (m_lo * 3) // 100)
+        target = m_lo + max(2**20 if m_lo > 2**25 else 0, (m_lo * 3) // 100)
     if m_mid > m_lo:
         guess = lo + (target - m_lo) * (mid - lo) / (m_mid - m_lo)
     else:

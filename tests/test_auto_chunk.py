@@ -149,3 +149,45 @@ def test_build_tightens_and_retries_when_the_built_plan_is_over(gpt, monkeypatch
     assert any("retrying with target" in m for m in msgs)
     assert art.report.peak_bytes <= int(need * 0.6)
     np.testing.assert_allclose(art(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def vit2():
+    """Two identical encoder layers: the peak (attention scores) occurs once in each."""
+    w = FAMILIES["vit"](576, layers=2)
+    return ac.from_torch(w.module, w.inputs), w.inputs[0].numpy()
+
+
+def test_repeated_layers_are_chunked_jointly(vit2):
+    mod, x = vit2
+    peak = need_bytes(estimate_memory(mod, "llvm"))
+    budget = peak // 2
+    _, res = auto_chunk(mod, "llvm", budget)
+    assert res.final_peak <= budget
+    # chunking one layer alone cannot lower the common peak: a stage chunks both, one size
+    joint = [s for s in res.stages if len(s.regions) >= 2]
+    assert joint, res.to_dict()
+    regs = joint[0].regions
+    assert len({r.chunk for r in regs}) == 1 and len({(r.start, r.end) for r in regs}) == len(regs)
+    art = ac.build(mod, "llvm", budget=budget)
+    base = ac.build(mod, "llvm")
+    np.testing.assert_allclose(art(x), base(x), rtol=1e-5, atol=1e-6)
+    assert art.report.peak_bytes <= budget
+
+
+def test_with_copies_finds_the_same_region_in_the_other_layer(vit2):
+    from relay_passes.auto_chunk import enumerate_candidates, with_copies
+
+    mod, _ = vit2
+    prof = estimate_memory(mod, "llvm")
+    names = [str(b.var.name) for blk in mod["main"].body.blocks for b in blk.bindings]
+    cands = [with_copies(mod, c) for c in enumerate_candidates(mod, [prof.peak_binding],
+                                                                SearchOptions())]
+    with_c = [c for c in cands if c.copies]
+    assert with_c
+    for c in with_c:
+        lo, hi = names.index(c.start), names.index(c.end)
+        for a, b, seed in c.copies:
+            i, j = names.index(a), names.index(b)
+            assert j < lo or i > hi  # disjoint from the original
+            assert j - i == hi - lo and names[i - 1] == seed
