@@ -12,6 +12,8 @@ import contextlib
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -131,6 +133,37 @@ def test_build_quiet_verbose_with_budget(model, tmp_path, capsys):
 
     assert logging.getLogger("tvm_autochunk").propagate
     assert not logging.getLogger("tvm_autochunk").handlers
+
+
+@pytest.mark.cuda_build
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
+def test_build_cuda_arch_progress_and_fatbin(model, tmp_path):
+    """``build --target cuda --arch sm_90``: progress names the arch; the .so holds its SASS."""
+    so = tmp_path / "tiny_cuda.so"
+    rc, out, err = _main(["build", model["pt2"], "--target", "cuda", "--arch", "sm_90",
+                          "--budget", "1MiB", "-o", so])
+    assert rc == 0, err
+    progress = [ln for ln in err.splitlines() if re.match(r"^\[\s*\d+\.\ds\] ", ln)]
+    assert progress and progress[0].endswith("s] importing model"), err
+    assert any("compiling CUDA kernels for sm_90 with nvcc" in ln for ln in progress), err
+    assert any(f"wrote {so}" in ln for ln in progress), err
+    assert out.startswith("Memory report (cuda")
+    meta = ac.read_metadata(so)
+    assert meta["target"] == {"kind": "cuda", "arch": "sm_90"}
+    assert meta["device_code"]["format"] == "fatbin"
+    assert ac.artifact.device_code(so)["archs"] == ["sm_90"]
+    rc, out, err = _main(["inspect", so])
+    assert rc == 0 and "device code   fatbin for sm_90" in out, err
+
+
+@pytest.mark.parametrize(("arch", "match"), [("90", "invalid CUDA arch '90'"),
+                                             ("compute_90", "invalid CUDA arch")])
+def test_build_bad_cuda_arch_fails_before_importing(model, tmp_path, capsys, arch, match):
+    so = tmp_path / "never.so"
+    argv = ["build", str(model["pt2"]), "--target", "cuda", "--arch", arch, "-o", str(so)]
+    assert cli.main(argv) == 2
+    assert match in _error(capsys)
+    assert not so.exists()
 
 
 # ------------------------------------------------------------------------------------ inspect

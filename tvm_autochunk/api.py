@@ -13,7 +13,7 @@ from relay_passes.plan import ChunkPlan, ChunkRegion  # noqa: F401 (re-exported)
 
 from .budget import format_bytes, parse_budget
 from .report import MemoryReport
-from .targets import is_cross, resolve_target, target_summary
+from .targets import cuda_device_code, is_cross, resolve_target, target_summary
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,22 @@ def signature(mod, entry: str = "main") -> dict:
 MAX_BUILD_ATTEMPTS = 3
 
 
+def _tvm_ffi_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("apache-tvm-ffi")
+    except Exception:  # not installed as a distribution (a source tree on sys.path)
+        return None
+
+
 def _over_budget(report: MemoryReport, budget_bytes: int | None) -> bool:
     return budget_bytes is not None and report.peak_bytes > budget_bytes
 
 
 def _compile(mod, tgt, prof, budget_bytes, chunking, progress):
-    """tvm.compile with our pipeline; returns (executable, report with TVM's plan)."""
+    """tvm.compile with our pipeline; returns (executable, report with TVM's plan, device-code
+    info: for CUDA, the embedded fatbin's arch and compiler, see ``targets.cuda_device_code``)."""
     import tvm
 
     from relay_passes.pipeline import autochunk_pipeline
@@ -102,7 +112,8 @@ def _compile(mod, tgt, prof, budget_bytes, chunking, progress):
     _progress(progress, f"building with TVM for {tgt.kind.name}")
     t1 = time.perf_counter()
     try:
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
+        with cuda_device_code(tgt, lambda m: _progress(progress, m)) as device_code:
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
     except AutochunkError:
         raise
     except Exception as e:
@@ -114,7 +125,70 @@ def _compile(mod, tgt, prof, budget_bytes, chunking, progress):
         chunking=chunking,
         extra={"build_seconds": round(time.perf_counter() - t1, 3)},
     )
-    return ex, report
+    return ex, report, device_code
+
+
+def _explain_floor(e, mod, prof, budget: int, entry: str):
+    """``e`` with a note when no chunking can help: the smallest peak is mostly the outputs
+    (one call must allocate them whole) or tensors computed from weights alone (they depend on
+    no input, so there is no input dim to chunk them along)."""
+    from tvm import relax
+
+    from relay_passes.estimate_memory import num_inputs
+
+    func = mod[entry]
+    n_in = num_inputs(func)
+    dep = set(func.params[:n_in])  # what depends on an input
+    from_weights = {str(p.name) for p in func.params[n_in:]}  # weight params (relax.frontend.nn)
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if set(relax.analysis.free_vars(b.value)) & dep:
+                dep.add(b.var)
+            else:
+                from_weights.add(str(b.var.name))
+    outs = [o for o in prof.outputs if o.nbytes]
+    const = [
+        r for r in prof.live_at_peak if r.kind != "output" and r.name in from_weights and r.nbytes
+    ]
+    out_bytes = sum(o.nbytes for o in outs)
+    const_bytes = sum(r.nbytes for r in const)
+    best = e.best_peak or 0
+    if not best or 2 * (out_bytes + const_bytes) < best:
+        return e
+
+    def desc(rs):
+        shown = ", ".join(
+            f"'{r.name}' {'x'.join(map(str, r.shape)) or 'scalar'} {r.dtype}" for r in rs[:4]
+        )
+        return shown + (f" and {len(rs) - 4} more" if len(rs) > 4 else "")
+
+    parts = []
+    if out_bytes:
+        parts.append(
+            f"{format_bytes(out_bytes)} are the module's outputs ({desc(outs)}), "
+            "which one call must allocate whole"
+        )
+    if const_bytes:
+        parts.append(
+            f"{format_bytes(const_bytes)} are tensors computed from weights alone "
+            f"({desc(const)}), which depend on no input dim that could be chunked"
+        )
+    below = budget < out_bytes + const_bytes
+    note = f"No chunking can help here: of the smallest peak, {'; and '.join(parts)}" + (
+        ", and the budget is below them alone. " if below else ". "
+    )
+    fixes = ["return smaller outputs"] if out_bytes else []
+    if const_bytes:
+        fixes.append("precompute the weight-only tensors offline (e.g. store a weight transposed)")
+    fix = "".join(f", or {f}" for f in fixes)
+    msg = str(e)
+    i = msg.find("Remedy:")
+    msg = msg[:i] + note + msg[i:] if i >= 0 else f"{msg} {note}"
+    tail = ", or shorten the input."
+    msg = msg[: -len(tail)] + fix + "." if msg.endswith(tail) else msg + f" Also{fix[1:]}."
+    return BudgetInfeasibleError(
+        msg, unchunked_peak=e.unchunked_peak, best_peak=e.best_peak, min_budget=e.min_budget
+    )
 
 
 def build(
@@ -169,7 +243,10 @@ def build(
                 f"{format_bytes(target_bytes)}: searching chunk regions",
             )
             # raises BudgetInfeasibleError (peak, best reached, where, what blocks) if impossible
-            mod, search = auto_chunk(mod, tgt, target_bytes, function=entry)
+            try:
+                mod, search = auto_chunk(mod, tgt, target_bytes, function=entry)
+            except BudgetInfeasibleError as e:
+                raise _explain_floor(e, base_mod, base_prof, budget_bytes, entry) from None
             chunking = search.to_dict()
             _progress(
                 progress,
@@ -177,7 +254,7 @@ def build(
                 f"estimated peak {format_bytes(search.final_peak)}",
             )
             prof = estimate_memory(mod, tgt, entry=entry)
-        ex, report = _compile(mod, tgt, prof, budget_bytes, chunking, progress)
+        ex, report, device_code = _compile(mod, tgt, prof, budget_bytes, chunking, progress)
         if not _over_budget(report, budget_bytes):
             break
         if chunking is None or attempt == MAX_BUILD_ATTEMPTS - 1:
@@ -197,12 +274,14 @@ def build(
         "format": 1,
         "tvm_autochunk_version": __version__,
         "tvm_version": tvm.__version__,
+        "tvm_ffi_version": _tvm_ffi_version(),
         "target": target_summary(tgt),
         "cross": cross,
         "cross_compiler": CROSS_COMPILERS.get(str(tgt.attrs.get("mtriple", "")).split("-")[0])
         if cross
         else None,
         "budget_bytes": budget_bytes,
+        "device_code": device_code if tgt.kind.name == "cuda" else None,
         **signature(mod, entry),
         "report": report.to_dict(),
     }

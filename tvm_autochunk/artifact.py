@@ -5,6 +5,8 @@
 else a tuple. ``export(path)`` writes a shared library that embeds a JSON metadata record in an
 ELF section named ``.tvm_autochunk`` (signature, target, memory report, versions), readable
 with ``read_metadata(path)`` without loading the library (works for cross-compiled files too).
+``device_code(path)`` lists the CUDA fatbins a library embeds (archs, SASS/PTX), also without
+loading it. ``load`` checks the TVM version and loads TVM's CUDA runtime library on demand.
 
 This module imports only the TVM *runtime* at call time, so it works on deploy hosts with a
 runtime-only TVM (no libtvm_compiler.so).
@@ -84,6 +86,20 @@ def _elf_section(path: str | os.PathLike, name: str) -> bytes | None:
                 nm, _t, _fl, _addr, o, sz = struct.unpack_from(end + "IIIIII", data, off)
             return nm, o, sz
 
+        if shnum == 0 or shoff + shnum * shentsize > len(data) or shstrndx >= shnum:
+            raise ArtifactError(
+                f"{path} is a truncated or corrupted ELF file (its section table lies past the "
+                f"end of the {len(data)}-byte file). Remedy: copy or re-export the artifact."
+            )
+        # every section with file contents must lie inside the file (catches truncation)
+        for i in range(shnum):
+            (stype,) = struct.unpack_from(end + "I", data, shoff + i * shentsize + 4)
+            _, o, sz = sect(i)
+            if stype != 8 and o + sz > len(data):  # 8: SHT_NOBITS (.bss) has no bytes
+                raise ArtifactError(
+                    f"{path} is a truncated or corrupted ELF file (section {i} runs past the "
+                    "end of the file). Remedy: copy or re-export the artifact."
+                )
         _, stro, strsz = sect(shstrndx)
         names = data[stro : stro + strsz]
         for i in range(shnum):
@@ -122,6 +138,73 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"(expects {FORMAT_VERSION}); rebuild the artifact with this tvm_autochunk"
         )
     return meta
+
+
+# ----------------------------------------------------------------------------- device code
+FATBIN_MAGIC = 0xBA55ED50
+EM_CUDA = 190
+_FATBIN_KINDS = {1: "ptx", 2: "elf"}
+
+
+def fatbin_entries(data: bytes) -> list[dict]:
+    """The CUDA fatbins embedded in ``data`` (an exported library), one dict per fatbin.
+
+    Each: ``offset``, ``size`` and ``entries``, a list of ``{"kind": "elf" | "ptx", "arch":
+    "sm_90", "size": n}``; for ``elf`` entries (SASS) also ``machine`` (190, EM_CUDA) and
+    ``elf_arch``, the arch the cubin's own ELF header names. Pure Python: no TVM, no CUDA.
+    """
+    found = []
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    i = data.find(magic)
+    while i >= 0:
+        fat = _parse_fatbin(data, i)
+        if fat is not None:
+            found.append(fat)
+            i = data.find(magic, i + fat["size"])
+        else:
+            i = data.find(magic, i + 4)
+    return found
+
+
+def _parse_fatbin(data: bytes, start: int) -> dict | None:
+    try:
+        _magic, version, hsize, fsize = struct.unpack_from("<IHHQ", data, start)
+        if version != 1 or hsize < 16 or start + hsize + fsize > len(data):
+            return None
+        entries, off, end = [], start + hsize, start + hsize + fsize
+        while off < end:
+            kind, _ver, ehsize, padded = struct.unpack_from("<HHIQ", data, off)
+            (sm,) = struct.unpack_from("<I", data, off + 28)
+            if ehsize < 32 or off + ehsize + padded > end:
+                return None
+            payload = data[off + ehsize : off + ehsize + padded]
+            e = {"kind": _FATBIN_KINDS.get(kind, f"kind{kind}"), "arch": f"sm_{sm}",
+                 "size": padded}
+            if payload[:4] == b"\x7fELF":
+                (e["machine"],) = struct.unpack_from("<H", payload, 18)
+                (flags,) = struct.unpack_from("<I", payload, 48)
+                # CUDA ELF e_flags: arch in bits 8..15 (current ABI) or 0..7 (older)
+                e["elf_arch"] = f"sm_{(flags >> 8) & 0xFF or flags & 0xFF}"
+            entries.append(e)
+            off += ehsize + padded
+    except struct.error:
+        return None
+    if not entries:
+        return None
+    return {"offset": start, "size": hsize + fsize, "entries": entries}
+
+
+def device_code(path: str | os.PathLike) -> dict:
+    """What device code an exported library carries, from its bytes (no loading).
+
+    ``{"fatbins": [...]}`` (see ``fatbin_entries``) plus ``"archs"``, the SASS archs, and
+    ``"cuda_source"``: whether CUDA C++ source (to be compiled on the deploy host) is embedded.
+    """
+    data = Path(path).read_bytes()
+    fats = fatbin_entries(data)
+    archs = sorted({e["arch"] for f in fats for e in f["entries"] if e["kind"] == "elf"})
+    has_source = b'extern "C" __global__' in data
+    return {"fatbins": fats, "archs": archs, "cuda_source": has_source}
 
 
 # ----------------------------------------------------------------------------- the artifact
@@ -268,7 +351,14 @@ class Artifact:
             if fcompile is None and self.meta.get("cross_compiler"):
                 from tvm.support import cc
 
-                fcompile = cc.cross_compiler(self.meta["cross_compiler"])
+                compiler = self.meta["cross_compiler"]
+                if shutil.which(compiler) is None:
+                    raise ArtifactError(
+                        f"cannot export a {self.meta['target'].get('mtriple', 'cross')} library: "
+                        f"the cross compiler {compiler} is not installed. Remedy (Debian/Ubuntu): "
+                        f"apt-get install gcc-{compiler.rsplit('-', 1)[0]}"
+                    )
+                fcompile = cc.cross_compiler(compiler)
             if fcompile is not None:
                 kw["fcompile"] = fcompile
             try:
@@ -315,8 +405,51 @@ def load(path: str | os.PathLike, device=None) -> Artifact:
         )
     if meta.get("cross"):
         return Artifact(None, meta, device=device, path=str(path))
+    source = False
+    if meta["target"].get("kind") == "cuda":
+        why = _cuda_runtime_problem()
+        if why is not None:
+            raise ArtifactError(
+                f"{path} holds CUDA device code, but this TVM runtime has no CUDA support "
+                f"(libtvm_runtime_cuda.so does not load: {why}; it needs libcuda.so.1 from an "
+                "NVIDIA driver and libcudart.so.13). Remedy: load it on a host with an NVIDIA "
+                "GPU and driver, or build the model for 'llvm' to run it on CPU."
+            )
+        source = (meta.get("device_code") or {}).get("format") == "cuda-source"
     try:
         lib = tvm.runtime.load_module(str(path))
     except Exception as e:
-        raise ArtifactError(f"cannot load {path}: {e}") from e
+        hint = ""
+        if source:
+            hint = (" (this artifact holds CUDA source, compiled at load: it needs nvcc with "
+                    "TVM_CUDA_COMPILE_MODE=nvcc, or cuda-bindings for nvrtc. Remedy: rebuild "
+                    "it on a host with nvcc, which embeds a fatbin)")
+        raise ArtifactError(f"cannot load {path}: {e}{hint}") from e
     return Artifact(lib, meta, device=device, path=str(path))
+
+
+def _cuda_runtime_problem() -> str | None:
+    """None when TVM can load CUDA modules here, else why not.
+
+    A runtime-only TVM does not load its backend libraries at import, so the CUDA one
+    (libtvm_runtime_cuda.so, runtime only) is loaded here on demand.
+    """
+    import tvm_ffi
+
+    loader = "ffi.Module.load_from_bytes.cuda"
+    if tvm_ffi.get_global_func(loader, allow_missing=True) is not None:
+        return None
+    try:
+        from tvm.base import _LOADED_LIBS
+        from tvm_ffi.libinfo import load_lib_ctypes
+
+        runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir],
+            mode="RTLD_LOCAL",
+        )
+    except (OSError, RuntimeError, KeyError) as e:
+        return str(e).strip() or type(e).__name__
+    if tvm_ffi.get_global_func(loader, allow_missing=True) is None:
+        return "it registered no CUDA module loader"
+    return None

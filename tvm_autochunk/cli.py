@@ -176,6 +176,36 @@ def _cmd_build(args) -> int:
     return 0
 
 
+def _device_code_text(meta: dict, path: str | None) -> str | None:
+    """CUDA device code: what the build recorded, and what the file's bytes hold."""
+    rec = meta.get("device_code")
+    if not rec and (meta.get("target") or {}).get("kind") != "cuda":
+        return None
+    rec = rec or {}
+    fmt = rec.get("format", "?")
+    text = fmt + (f" for {rec['arch']}" if rec.get("arch") else "")
+    if rec.get("compiler"):
+        text += f" ({rec['compiler']})"
+    if fmt == "cuda-source":
+        text += "; compiled on the deploy host at load"
+        if rec.get("reason"):
+            text += f" [{rec['reason']}]"
+    if path is not None and Path(path).is_file():
+        from .artifact import device_code  # pure Python
+
+        found = device_code(path)
+        parts = [
+            f"{e['arch']} {'SASS' if e['kind'] == 'elf' else e['kind'].upper()}"
+            for f in found["fatbins"] for e in f["entries"]
+        ]
+        if parts:
+            size = sum(f["size"] for f in found["fatbins"])
+            text += f"; embedded: {' + '.join(parts)} ({format_bytes(size)})"
+        elif found["cuda_source"]:
+            text += "; embedded: CUDA source"
+    return text
+
+
 def format_metadata(meta: dict, path: str | None = None) -> str:
     """The metadata record of an exported artifact, for people."""
     rep = meta.get("report") or {}
@@ -183,14 +213,18 @@ def format_metadata(meta: dict, path: str | None = None) -> str:
     if path is not None:
         size = Path(path).stat().st_size if Path(path).is_file() else None
         lines.append(f"artifact      {path}" + (f" ({format_bytes(size)})" if size else ""))
+    ffi = f", tvm-ffi {meta['tvm_ffi_version']}" if meta.get("tvm_ffi_version") else ""
     lines.append(
         f"built by      tvm_autochunk {meta.get('tvm_autochunk_version', '?')}, "
-        f"TVM {meta.get('tvm_version', '?')} (metadata format {meta.get('format', '?')})"
+        f"TVM {meta.get('tvm_version', '?')}{ffi} (metadata format {meta.get('format', '?')})"
     )
     tgt = _target_text(meta.get("target") or {})
     if meta.get("cross"):
         tgt += f"  [cross-compiled with {meta.get('cross_compiler') or 'a cross compiler'}]"
     lines.append(f"target        {tgt}")
+    dev = _device_code_text(meta, path)
+    if dev:
+        lines.append(f"device code   {dev}")
     for title, key in (("inputs", "inputs"), ("outputs", "outputs")):
         specs = meta.get(key) or []
         lines.append(f"{title:<13} {len(specs)}")
