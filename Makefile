@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := torch,onnx,dev
 
-.PHONY: venv demo test bench lint clean distclean
+.PHONY: venv demo test bench bench-report lint clean distclean
 
 venv: $(STAMP)
 
@@ -29,8 +29,21 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+# All the CPU benchmarks (long: tens of minutes on 2 cores), then the tables and plots.
+# fuzz.py and benchmarks/gpu/ are run on their own (see benchmarks/README.md).
 bench: venv
 	$(PY) benchmarks/estimator_accuracy.py
+	$(PY) benchmarks/chunk_regions.py
+	$(PY) benchmarks/budget_sweep.py
+	$(PY) benchmarks/budget_sweep.py --case gpt:4096:1 --fractions 0.1 0.05 --no-min \
+		--repeats 3 --out benchmarks/results/budget_sweep_gpt4096.jsonl
+	$(PY) benchmarks/max_length.py
+	$(PY) benchmarks/report.py
+
+# Only the report: plots, benchmarks/README.md tables and the README headline, from the
+# JSON lines already in benchmarks/results/ (a few seconds, runs no model).
+bench-report: venv
+	$(PY) benchmarks/report.py
 
 lint: venv
 	$(PY) -m ruff check .

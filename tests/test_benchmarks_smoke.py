@@ -34,3 +34,19 @@ def test_budget_sweep_smoke():
             assert r["plan_within_budget"] and r["max_rel_err"] <= 1e-5
         else:
             assert "Remedy" in r["error"]
+
+
+def test_max_length_smoke(tmp_path):
+    from benchmarks import max_length
+
+    out = tmp_path / "ml.jsonl"
+    assert max_length.main(["--quick", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    summary = [r for r in rows if r["kind"] == "summary"]
+    assert len(summary) == 1 and summary[0]["max_autochunk"] >= summary[0]["max_unchunked"]
+    probes = [r for r in rows if r["kind"] == "probe"]
+    assert probes and all("env" in r and r["env"]["tvm"] for r in rows)
+    # every probe that "fits" the unchunked build must have an estimate within the budget
+    for r in probes:
+        if r["who"] == "unchunked":
+            assert r["fits"] == (r["estimate_bytes"] <= r["budget_bytes"])

@@ -285,7 +285,11 @@ def test_makefile_uses_no_torch_index():
 def test_makefile_recipes():
     assert _recipe("test") == [".venv/bin/python -m pytest -q"]
     assert _recipe("demo") == [".venv/bin/python examples/demo.py"]
-    assert _recipe("bench") == [".venv/bin/python benchmarks/estimator_accuracy.py"]
+    bench = _recipe("bench")
+    assert bench[0] == ".venv/bin/python benchmarks/estimator_accuracy.py"
+    assert ".venv/bin/python benchmarks/max_length.py" in bench
+    assert bench[-1] == ".venv/bin/python benchmarks/report.py"
+    assert _recipe("bench-report") == [".venv/bin/python benchmarks/report.py"]
 
 
 # -------------------------------------------------------------------------------- Dockerfile
