@@ -183,7 +183,6 @@ def _verify(family, size, kw, budget, chunked: bool) -> dict:
 
 def run_case(family: str, base: int, kw: dict, cap_factor: int, measure: bool, emit) -> dict:
     import tvm_autochunk as ac
-
     from benchmarks.env import env_info
 
     size_of, k_of = GRID[family]
