@@ -116,24 +116,47 @@ def region_bindings(func: relax.Function, start: str, end: str):
     raise PassContractError(f"no binding named '{start}' in the function")
 
 
+_READS_CACHE: dict = {}  # relax.Function (hashed by identity) -> _reads_by_block(function)
+
+
+def _reads_by_block(func: relax.Function):
+    """Per block, [(binding var, vars its value reads)], and the vars the return value reads.
+
+    Cached for the last few functions: the search analyses hundreds of regions of one function,
+    and each analysis would otherwise walk every binding through the FFI again.
+    """
+    hit = _READS_CACHE.get(func)
+    if hit is None:
+        blocks = [
+            [(b.var, tuple(relax.analysis.free_vars(b.value))) for b in block.bindings]
+            for block in func.body.blocks
+        ]
+        hit = (blocks, tuple(relax.analysis.free_vars(func.body.body)))
+        if len(_READS_CACHE) >= 8:
+            _READS_CACHE.pop(next(iter(_READS_CACHE)))
+        _READS_CACHE[func] = hit  # holds func: its identity cannot be reused meanwhile
+    return hit
+
+
 def _used_after(func: relax.Function, block_index: int, region_vars: set) -> set:
     """Region vars used after the region (later bindings, later blocks, the return value)."""
     used: set = set()
     started = False
-    for bi, block in enumerate(func.body.blocks):
+    blocks, ret = _reads_by_block(func)
+    for bi, block in enumerate(blocks):
         if bi < block_index:
             continue
-        for b in block.bindings:
+        for var, reads in block:
             if bi == block_index and not started:
-                if b.var in region_vars:
+                if var in region_vars:
                     started = True
                 continue
-            if b.var in region_vars:
+            if var in region_vars:
                 continue
-            for v in relax.analysis.free_vars(b.value):
+            for v in reads:
                 if v in region_vars:
                     used.add(v)
-    for v in relax.analysis.free_vars(func.body.body):
+    for v in ret:
         if v in region_vars:
             used.add(v)
     if isinstance(func.body.body, relax.Var) and func.body.body in region_vars:
