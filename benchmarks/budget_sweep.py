@@ -43,6 +43,7 @@ def _timed(art, x, repeats, base):
 def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
           fractions=FRACTIONS, with_min: bool = True) -> list[dict]:
     import tvm_autochunk as ac
+    from benchmarks.env import env_info
     from benchmarks.models import FAMILIES
     from tvm_autochunk.measure import measure_peak
 
@@ -67,6 +68,8 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
             "budget": label,
             "budget_bytes": budget,
             "unchunked_peak_bytes": peak0,
+            "layers": kw.get("layers"),
+            "env": env_info(),
         }
         t = time.perf_counter()
         try:
@@ -74,7 +77,7 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
         except ac.BudgetInfeasibleError as e:
             row.update(ok=False, error=str(e)[:300], build_s=round(time.perf_counter() - t, 2))
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "env"}), flush=True)
             continue
         row["build_s"] = round(time.perf_counter() - t, 2)
         ch = art.report.chunking or {}
@@ -104,7 +107,7 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
                 slowdown=round(tc / tu, 3),
             )
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "env"}), flush=True)
     return rows
 
 

@@ -50,3 +50,16 @@ def test_max_length_smoke(tmp_path):
     for r in probes:
         if r["who"] == "unchunked":
             assert r["fits"] == (r["estimate_bytes"] <= r["budget_bytes"])
+
+
+def test_calibrate_cost_smoke(tmp_path):
+    from benchmarks import calibrate_cost
+
+    out = tmp_path / "cal.jsonl"
+    assert calibrate_cost.main(["--quick", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    summary = rows[-1]
+    assert summary["kind"] == "summary" and summary["call_overhead_us"] >= 0
+    timed = [r for r in rows if r.get("median_s")]
+    # one row per (region, chunk size); the unchunked variant is n_chunks == 1
+    assert {r["n_chunks"] for r in timed} >= {1, 4}
