@@ -319,15 +319,12 @@ def auto_chunk(
         budget_bytes = budget_bytes - max(
             2**20 if budget_bytes > 2**25 else 0, int(budget_bytes * opts.safety_margin)
         )
-    stages: list[StageRecord] = []
     blockers: list[str] = []
-    best_state = (need, prof, cur, 0)
-    for _stage in range(opts.max_stages):
-        if need <= budget_bytes:
-            break
-        if time.perf_counter() - t0 > opts.time_limit_s:
-            blockers.append(f"search stopped after {opts.time_limit_s:.0f}s")
-            break
+
+    def expand(cur, need, prof) -> list[tuple[StageRecord, int, object, tvm.IRModule]]:
+        """The next stage from one state: the best child, and when the best child meets the
+        budget only with chunks shorter than ``small_rows``, also the same region at
+        ``small_rows`` (not meeting the budget yet; later stages chunk elsewhere). []: stuck."""
         # the most memory-heavy bindings that are still plain ops (a chunk call is done)
         hot = [
             e.name
@@ -339,15 +336,16 @@ def auto_chunk(
         if not cands:
             common = max(set(reasons), key=reasons.count) if reasons else "no legal seed dim"
             blockers.append(f"no chunkable region around '{hot[0] if hot else '?'}' ({common})")
-            break
+            return []
 
         tried: dict[tuple[Candidate, int], tuple[int, object, tvm.IRModule]] = {}
 
         def peak_with(cand: Candidate, chunk: int) -> int:
-            m = apply_chunk_plan(cur, ChunkPlan(cand.regions(chunk)))
-            n, p = evaluate(m)
-            tried[(cand, chunk)] = (n, p, m)
-            return n
+            if (cand, chunk) not in tried:
+                m = apply_chunk_plan(cur, ChunkPlan(cand.regions(chunk)))
+                n, p = evaluate(m)
+                tried[(cand, chunk)] = (n, p, m)
+            return tried[(cand, chunk)][0]
 
         best = None
         # the same region in repeated layers is chunked jointly (one stage, one chunk size):
@@ -355,12 +353,7 @@ def auto_chunk(
         ranked = rank_candidates(cands)[: 4 * opts.evaluate_top]
         ranked = rank_candidates([with_copies(cur, c, function) for c in ranked])
         for cand in ranked[: opts.evaluate_top]:
-            fit = fit_chunk(
-                cand,
-                budget_bytes,
-                lambda c, cand=cand: peak_with(cand, c),
-                opts,
-            )
+            fit = fit_chunk(cand, budget_bytes, lambda c, cand=cand: peak_with(cand, c), opts)
             if fit is None:
                 continue
             over = fit.peak > budget_bytes
@@ -368,51 +361,85 @@ def auto_chunk(
             key = (over, (fit.peak, excess_bytes(p_fit, budget_bytes)) if over else fit.cost)
             if best is None or key < best[0]:
                 best = (key, cand, fit)
+        if best is None:
+            blockers.append(f"no candidate lowers the peak below {need} bytes")
+            return []
+        _, cand, fit = best
+
+        def child(chunk: int):
+            n, p, m = tried[(cand, chunk)]
+            rec = StageRecord(
+                cand.region(chunk),
+                -(-cand.extent // chunk),
+                cand.body_ops,
+                need,
+                n,
+                cand.cost(chunk, opts),
+                cand.regions(chunk),
+            )
+            return rec, n, p, m
+
         # progress = a lower peak, or less memory above the target (models with repeated
         # layers: chunking the first of two equal attention blocks cannot lower the peak, and
         # may even raise it a little, until the second one is chunked too)
-        if best is None:
+        n, p, _ = tried[(cand, fit.chunk)]
+        if n >= need and excess_bytes(p, budget_bytes) >= excess_bytes(prof, budget_bytes):
             blockers.append(f"no candidate lowers the peak below {need} bytes")
-            break
-        _, cand, fit = best
-        new_need, new_prof, new_mod = tried[(cand, fit.chunk)]
-        if new_need >= need and excess_bytes(new_prof, budget_bytes) >= excess_bytes(
-            prof, budget_bytes
-        ):
-            blockers.append(f"no candidate lowers the peak below {need} bytes")
-            break
-        region = cand.region(fit.chunk)
-        stages.append(
-            StageRecord(
-                region,
-                -(-cand.extent // fit.chunk),
-                cand.body_ops,
+            return []
+        out = [child(fit.chunk)]
+        g = max(1, cand.granularity)
+        alt = -(-opts.small_rows // g) * g
+        if fit.peak <= budget_bytes and fit.chunk < opts.small_rows and alt < cand.extent:
+            if peak_with(cand, alt) < need:
+                out.append(child(alt))
+        return out
+
+    def total_cost(stages) -> float:
+        return sum(st.cost for st in stages)
+
+    def better(a, b) -> bool:
+        """a before b: meets the budget; then the cheaper plan (or the lower peak); fewer stages."""
+
+        def key(state):
+            n, _p, _m, st = state
+            fits = n <= budget_bytes
+            return (not fits, total_cost(st) if fits else n, len(st))
+
+        return key(a) < key(b)
+
+    branches = [2]  # alternative children explored, at most (bounded search)
+
+    def search(cur, need, prof, stages, depth):
+        """The best state in the tree below (cur, need, prof, stages), itself included."""
+        best = (need, prof, cur, stages)
+        if need <= budget_bytes or depth >= opts.max_stages:
+            return best
+        if time.perf_counter() - t0 > opts.time_limit_s:
+            blockers.append(f"search stopped after {opts.time_limit_s:.0f}s")
+            return best
+        for i, (rec, n, p, m) in enumerate(expand(cur, need, prof)):
+            if i > 0:
+                if branches[0] <= 0:
+                    break
+                branches[0] -= 1
+            log.info(
+                "stage %d%s: chunk %s..%s along %s[%d] by %d: %d -> %d bytes",
+                depth + 1,
+                " (alternative)" if i else "",
+                rec.region.start,
+                rec.region.end,
+                rec.region.seed,
+                rec.region.dim,
+                rec.region.chunk,
                 need,
-                new_need,
-                fit.cost,
-                cand.regions(fit.chunk),
+                n,
             )
-        )
-        log.info(
-            "stage %d: chunk %s..%s along %s[%d] by %d: %d -> %d bytes",
-            len(stages),
-            region.start,
-            region.end,
-            region.seed,
-            region.dim,
-            region.chunk,
-            need,
-            new_need,
-        )
-        need, prof, cur = new_need, new_prof, new_mod
-        if need < best_state[0]:
-            best_state = (need, prof, cur, len(stages))
-    if need > best_state[0]:
-        # the path went through plans above the best one (repeated layers) without getting
-        # back below it: return the best plan on the path
-        need, prof, cur, n = best_state
-        blockers.append(f"{len(stages) - n} later stage(s) did not lower the peak further")
-        stages = stages[:n]
+            found = search(m, n, p, [*stages, rec], depth + 1)
+            if better(found, best):
+                best = found
+        return best
+
+    need, prof, cur, stages = search(mod, need, prof, [], 0)
     res = AutoChunkResult(
         user_budget,
         unchunked,
