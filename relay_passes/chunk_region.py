@@ -396,6 +396,10 @@ def _sink_sliced(bindings, spec, hoisted, body, slices, used_after) -> list[ArgS
             srcs = flow.outputs[0][dim]
             if any((src.arg, src.dim) in flow.reduced for src in srcs):
                 return False
+            if not srcs and flow.reduced:
+                # the dim is made by mixing inputs (softmax or a norm along it, a conv window),
+                # not by slicing one and not from a shape (full, zeros): it cannot be sunk
+                return False
         # arguments that are already computed per chunk must be exactly the slices we need;
         # any other argument is read whole
         want = {src.arg: (src.dim, scale / src.scale) for src in srcs}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .errors import UnsupportedTargetError
+from .errors import AutochunkError, BuildError, UnsupportedTargetError
 
 
 def as_target(target) -> tvm.target.Target:
@@ -133,8 +133,81 @@ def build_passes(target: tvm.target.Target) -> list:
 
 
 def run_passes(mod: tvm.IRModule, passes: list, target: tvm.target.Target) -> tvm.IRModule:
+    """Run ``passes``; a failure inside TVM becomes a ``BuildError`` naming the op TVM could
+    not lower (TVM's own errors are not ours to show: they name C++ checks, not the model)."""
     with target:
-        return tvm.transform.Sequential(passes)(mod)
+        try:
+            return tvm.transform.Sequential(passes)(mod)
+        except AutochunkError:
+            raise
+        except Exception as e:
+            raise BuildError(_lowering_failure(e, mod, target)) from e
+
+
+def _lowering_failure(e: Exception, mod: tvm.IRModule, target: tvm.target.Target) -> str:
+    import traceback
+
+    what = " ".join(str(e).split()) or type(e).__name__
+    what = f"{type(e).__name__}: {what[:300]}"
+    kind = target.kind.name
+    # TVM's traceback (synthetic frames) names the legalization function that failed, e.g.
+    # legalize_ops/nn.py _nn_rms_norm for relax.nn.rms_norm: find that op's first binding
+    legal = [
+        f.f_code.co_name
+        for f, _ in traceback.walk_tb(e.__traceback__)
+        if "legalize_ops" in f.f_code.co_filename
+    ]
+    if legal:
+        hits = []  # bindings of the op whose legalization failed
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+                continue
+            for block in func.body.blocks:
+                for b in block.bindings:
+                    name = str(getattr(getattr(b.value, "op", None), "name", ""))
+                    if name and "_" + name.removeprefix("relax.").replace(".", "_") == legal[-1]:
+                        hits.append((gv.name_hint, b))
+        if len(hits) > 1:  # legalize each alone to find the one that fails
+            failing = [h for h in hits if not _legalizes(h[1].value, target)]
+            hits = failing or hits
+        if hits:
+            fn, b = hits[0]
+            args = ", ".join(str(getattr(a, "ty", "?")) for a in b.value.args)
+            return (
+                f"TVM cannot lower {b.value.op.name} (binding '{b.var.name}' of '{fn}', "
+                f"arguments {args}) for {kind}: its legalization failed with {what}. Remedy: "
+                "replace or reshape this op in the model; TVM's lowering does not support it "
+                "with these arguments."
+            )
+        return (
+            f"TVM cannot lower the module for {kind}: its legalization {legal[-1]} failed with "
+            f"{what}. Remedy: replace that op in the model."
+        )
+    return (
+        f"TVM's pipeline for {kind} failed on the module: {what}. Remedy: check that the model "
+        "builds with tvm.compile, and report it with the model if it does."
+    )
+
+
+def _legalizes(call, target: tvm.target.Target) -> bool:
+    """Whether TVM legalizes ``call`` on its own (its Var arguments become parameters)."""
+    params, args = [], []
+    for a in call.args:
+        if isinstance(a, relax.Var):
+            p = relax.Var(str(a.name), a.ty)
+            params.append(p)
+            args.append(p)
+        else:
+            args.append(a)
+    try:
+        bb = relax.BlockBuilder()
+        with bb.function("main", params):
+            bb.emit_func_output(bb.emit(relax.Call(call.op, args, call.attrs, call.ty_args)))
+        with target:
+            relax.transform.LegalizeOps()(bb.get())
+    except Exception:
+        return False
+    return True
 
 
 def autochunk_build_passes(

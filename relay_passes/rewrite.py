@@ -109,8 +109,9 @@ class _ChunkFunctionBuilder:
                 for o, buf, v in zip(ra.outputs, bufs, out_vars):
                     results.append(self._write(o, buf, env[v], v.ty, chunk, off))
                 gv = bb.emit_output(relax.Tuple(results) if len(results) > 1 else results[0])
-            bb.emit_func_output(gv)
-        return bb.get().get_global_var(name)
+            # the builder hands back an existing GlobalVar when a structurally equal function
+            # is already in the module (another region with the same body), not one of ``name``
+            return bb.emit_func_output(gv)
 
     def _slice(self, x, dim, scale, chunk, off):
         ext = chunk * scale

@@ -128,18 +128,64 @@ def _compile(mod, tgt, prof, budget_bytes, chunking, progress):
     return ex, report, device_code
 
 
+MIN_BUDGET_CHECKS = 2
+
+
+def search_chunks(mod, tgt, budget_bytes: int, entry: str = "main"):
+    """``relay_passes.auto_chunk``, whose refusals carry a ``min_budget`` that really works.
+
+    The search is greedy and its path depends on the budget: a search aiming at the
+    ``min_budget`` that a lower budget's refusal suggests can take another path and miss it
+    (found by fuzzing). So a refusal's suggestion is checked by searching at it (at most
+    ``MIN_BUDGET_CHECKS`` times, each time adopting the new refusal's suggestion); failing
+    that, the suggestion becomes the unchunked peak, which needs no chunking at all.
+    """
+    from relay_passes.auto_chunk import auto_chunk
+
+    try:
+        return auto_chunk(mod, tgt, budget_bytes, function=entry)
+    except BudgetInfeasibleError as first:
+        suggest, top = first.min_budget, first.unchunked_peak
+        if suggest is None or top is None or suggest >= top:
+            raise  # the unchunked module fits the suggestion: nothing to check
+        reached = None  # what a search aiming at the first suggestion reaches
+        for _ in range(MIN_BUDGET_CHECKS):
+            try:
+                auto_chunk(mod, tgt, suggest, function=entry)
+                break
+            except BudgetInfeasibleError as again:
+                reached = again.best_peak if reached is None else reached
+                suggest = again.min_budget
+                if suggest is None or suggest >= top:
+                    suggest = top
+                    break
+        else:
+            suggest = top  # not confirmed: only the unchunked peak is sure to work
+        if reached is None:
+            raise
+        old = f"at least {first.min_budget} bytes"
+        new = (
+            f"at least {suggest} bytes (the search is greedy and its path depends on the "
+            f"budget: aiming at {first.min_budget} bytes it reaches only {reached} bytes)"
+        )
+        msg = str(first)
+        msg = msg.replace(old, new) if old in msg else f"{msg} Remedy: a budget of {new}."
+        raise BudgetInfeasibleError(
+            msg, unchunked_peak=top, best_peak=first.best_peak, min_budget=suggest
+        ) from None
+
+
 def _explain_floor(e, mod, prof, budget: int, entry: str):
     """``e`` with a note when no chunking can help: the smallest peak is mostly the outputs
-    (one call must allocate them whole) or tensors computed from weights alone (they depend on
-    no input, so there is no input dim to chunk them along)."""
+    (one call must allocate them whole) or tensors computed from constant weights alone (they
+    depend on no parameter, so there is no dim a region could be chunked along)."""
     from tvm import relax
 
-    from relay_passes.estimate_memory import num_inputs
-
     func = mod[entry]
-    n_in = num_inputs(func)
-    dep = set(func.params[:n_in])  # what depends on an input
-    from_weights = {str(p.name) for p in func.params[n_in:]}  # weight params (relax.frontend.nn)
+    # what depends on a parameter; weights passed as parameters (relax.frontend.nn) count too,
+    # since a region can be chunked along a weight parameter's dims
+    dep = set(func.params)
+    from_weights: set[str] = set()  # computed from constants alone
     for block in func.body.blocks:
         for b in block.bindings:
             if set(relax.analysis.free_vars(b.value)) & dep:
@@ -174,7 +220,12 @@ def _explain_floor(e, mod, prof, budget: int, entry: str):
             f"({desc(const)}), which depend on no input dim that could be chunked"
         )
     below = budget < out_bytes + const_bytes
-    note = f"No chunking can help here: of the smallest peak, {'; and '.join(parts)}" + (
+    head = (
+        "No chunking can help here"
+        if e.unchunked_peak is not None and best >= e.unchunked_peak
+        else "Chunking cannot go lower"
+    )
+    note = f"{head}: of the smallest peak, {'; and '.join(parts)}" + (
         ", and the budget is below them alone. " if below else ". "
     )
     fixes = ["return smaller outputs"] if out_bytes else []
@@ -235,8 +286,6 @@ def build(
     for attempt in range(MAX_BUILD_ATTEMPTS):
         mod, prof = base_mod, base_prof
         if target_bytes is not None and MemoryReport(prof).peak_bytes > target_bytes:
-            from relay_passes.auto_chunk import auto_chunk
-
             _progress(
                 progress,
                 f"peak {format_bytes(MemoryReport(prof).peak_bytes)} is over the budget "
@@ -244,7 +293,7 @@ def build(
             )
             # raises BudgetInfeasibleError (peak, best reached, where, what blocks) if impossible
             try:
-                mod, search = auto_chunk(mod, tgt, target_bytes, function=entry)
+                mod, search = search_chunks(mod, tgt, target_bytes, entry)
             except BudgetInfeasibleError as e:
                 raise _explain_floor(e, base_mod, base_prof, budget_bytes, entry) from None
             chunking = search.to_dict()

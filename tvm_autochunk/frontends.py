@@ -112,6 +112,11 @@ def _check_file(path: PathLike, frontend: str) -> Path:
             f"the {frontend} frontend cannot read '{p}': it is not a regular file. "
             "Remedy: pass the path of the model file itself."
         )
+    if p.stat().st_size == 0:
+        raise FrontendError(
+            f"the {frontend} frontend cannot read '{p}': the file is empty (0 bytes), so it was "
+            "not written completely. Remedy: export or save the model again."
+        )
     return p
 
 
@@ -271,9 +276,19 @@ def from_pt2(path: PathLike, *, keep_params_as_input: bool = False) -> tvm.IRMod
         with open(p, "rb") as f:
             ep = torch.export.load(f)
     except Exception as e:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+        what = ""
+        if not any(n.endswith("archive_format") for n in names):  # torch.export.save writes it
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            what = (
+                f" (it is a zip file, but not a torch.export archive: it has no archive_format "
+                f"entry; it holds {shown or 'nothing'})"
+            )
         raise FrontendError(
-            f"the torch frontend cannot load '{p}': {_one_line(e)}. Remedy: re-save the program "
-            f"with torch.export.save using the installed torch {torch.__version__}."
+            f"the torch frontend cannot load '{p}'{what}: {_one_line(e)}. Remedy: re-save the "
+            f"program with torch.export.save(ep, path) (not torch.save) using the installed "
+            f"torch {torch.__version__}."
         ) from e
     return from_exported_program(ep, keep_params_as_input=keep_params_as_input, source=f"'{p}'")
 
