@@ -9,8 +9,12 @@ largest chunk size that meets the budget on the best candidates (exact re-estima
 -> repeat until the estimate fits, or no candidate helps (then ``BudgetInfeasibleError`` with
 the unchunked peak, the best reached, where it is and what blocks going lower).
 
-Not handled yet: regions inside callees, several regions searched jointly (stages are greedy,
-one region per stage, best by estimated peak then by the cost model).
+A stage chunks one region, or the same region in every repeated layer (``with_copies``) with
+one chunk size. The search is a bounded tree: a stage that meets the budget only with chunks
+shorter than ``small_rows`` also branches into that region at ``small_rows`` plus later stages
+(at most two such branches); the cheapest plan that fits wins, else the lowest peak seen.
+
+Not handled yet: regions inside callees; a full dynamic programme over stages.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ def need_bytes(prof) -> int:
 def excess_bytes(prof, target: int) -> int:
     """Memory above ``target`` summed over the entry function's timeline (byte x bindings).
 
-    Breaks ties between plans with the same peak: a model whose peak occurs in several equal
-    layers only gets below it when every one of them is chunked, one stage at a time.
+    Breaks ties between plans with the same peak: a model whose peak occurs in several layers
+    that differ slightly (no joint copies) only gets below it when each one is chunked.
     """
     return sum(max(0, e.live_bytes - target) for e in prof.timeline)
 
