@@ -481,13 +481,6 @@ def test_failed_export_leaves_no_partial_artifact(small_artifact, tmp_path, monk
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="artifact.export lets an OSError from copying the library next to the destination "
-    "(disk full, read-only folder) escape instead of raising ArtifactError, so the CLI shows a "
-    "traceback (exit 1); fix in artifact.py pending (see the issue 7 report)",
-)
 def test_export_write_error_is_an_artifact_error(small_artifact, tmp_path, monkeypatch):
     def full(src, dst, *a, **kw):
         with open(dst, "wb") as f:

@@ -370,6 +370,11 @@ class Artifact:
             try:
                 shutil.copyfile(out, tmp_dst)
                 os.replace(tmp_dst, dst)
+            except OSError as e:  # disk full, read-only folder, ...: nothing is left behind
+                raise ArtifactError(
+                    f"cannot write the artifact to {str(dst)!r}: {e}. Remedy: free space or "
+                    "choose a writable folder."
+                ) from e
             finally:
                 tmp_dst.unlink(missing_ok=True)
         self.path = str(dst)
