@@ -37,6 +37,7 @@ _VIEW_OPS = tuple(
     C.Op.get(n) for n in ("relax.reshape", "relax.memory.view", "relax.memory.ensure_zero_offset")
 )
 _MATCH_RANGE = 16  # TokenAllocator1D::match_range_
+_RETURNED: dict = {}  # (id(module), callee name) -> (module, alias.returned_params)
 
 
 @dataclass(eq=False)
@@ -352,11 +353,39 @@ class FrameWalker:
                 self.callees.append(ev.callee)
         else:
             ev.op = self._op_label(name, str(getattr(op, "name", op)).removeprefix("relax."))
+        shared = self._returned_args(op, call, var.ty) if ev.callee is not None else None
+        if shared is not None:
+            # the callee returns (views of) its arguments, e.g. a chunk function its in-place
+            # buffer: the result is that storage, which stays live while the result is used
+            self.tokens[var] = shared
+            return
         outs = self._protos_for_type(
             var.ty, name, ev.op, runtime=True, planned=False, from_callee=ev.callee is not None
         )
         ev.allocs.extend(_nested(outs))
         self.tokens[var] = outs
+
+    def _returned_args(self, gv, call, ty):
+        """The tokens of the arguments a Relax callee returns, leaf for leaf, when every leaf
+        of its result is one argument's storage; else None (the result is the callee's)."""
+        from .alias import returned_params
+
+        key = (id(self.mod), str(gv.name_hint))
+        if key not in _RETURNED:
+            if len(_RETURNED) > 256:
+                _RETURNED.clear()
+            _RETURNED[key] = (self.mod, returned_params(self.mod, gv))
+        per_leaf = _RETURNED[key][1]
+        tys = list(ty.fields) if isinstance(ty, C.TupleType) else [ty]
+        if per_leaf is None or len(per_leaf) != len(tys) or len(call.args) == 0:
+            return None
+        leaves = []
+        for ps, t in zip(per_leaf, tys):
+            tok = self._tokens_of(call.args[ps[0]]) if len(ps) == 1 else None
+            if not isinstance(t, C.TensorType) or not isinstance(tok, Proto):
+                return None
+            leaves.append(tok)
+        return tuple(leaves) if isinstance(ty, C.TupleType) else leaves[0]
 
     # ---------------------------------------------------------------- plan
     def _finish(self, n: int) -> FrameAnalysis:

@@ -7,10 +7,14 @@ For each region (``plan.ChunkRegion``), re-derived with ``chunk_region.analyze_r
   the region's bindings on the slice, and writes each output's slice **in place** into a
   full-size buffer (``call_tir_inplace`` of one symbolic ``write_slice`` PrimFunc per dtype), so
   no chunk outputs pile up for a concat;
-* the region in the caller becomes: hoisted bindings, one zero-initialised buffer per output,
-  and a chain of calls ``r_i = chunk(inputs..., buffers of r_{i-1}, i*C)``; a last, shorter chunk
-  uses a second function built for the remainder size. One copy of each PrimFunc serves every
-  chunk, so compile time does not grow with the number of chunks.
+* the region in the caller becomes: hoisted bindings, one buffer per output, and a chain of
+  calls ``r_i = chunk(inputs..., buffers of r_{i-1}, i*C)``; a last, shorter chunk uses a
+  second function built for the remainder size. One copy of each PrimFunc serves every chunk,
+  so compile time does not grow with the number of chunks.
+
+An output's buffer is a region input that dies with the region when every chunk reads only the
+rows of it that the same chunk writes (``alias.reusable_inputs``: e.g. the residual stream),
+else a fresh zero-initialised tensor.
 
 Where it belongs: on a high-level Relax module before legalization (it emits Relax ops).
 Preconditions are checked (the region must be legal; ``well_formed`` after the rewrite).
@@ -26,6 +30,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T
 
 from . import _compat as C
+from .alias import reusable_inputs
 from .chunk_region import RegionAnalysis, analyze_region, bindings_by_name
 from .errors import PassContractError
 from .plan import ChunkPlan, ChunkRegion
@@ -175,8 +180,9 @@ class _ChunkFunctionBuilder:
 
 @mutator
 class _RegionReplacer(PyExprMutator):
-    def __init__(self, mod, func_name, ra, inputs, calls):
+    def __init__(self, mod, func_name, ra, inputs, calls, reuse):
         super().__init__(mod)
+        self.reuse = reuse  # output name -> region input whose storage becomes its buffer
         self.mod_ = mod
         self.func_name = func_name
         self.ra = ra
@@ -219,12 +225,17 @@ class _RegionReplacer(PyExprMutator):
         bufs = []
         for o, v in zip(self.ra.outputs, outs):
             shape = C.tensor_shape(v.ty)
-            bufs.append(
-                bb.emit(
-                    relax.op.zeros(relax.ShapeExpr(shape), C.tensor_dtype(v.ty)),
-                    fresh(f"{o.name}_init"),
-                )
-            )
+            x = self.reuse.get(o.name)
+            if x is None:
+                buf = relax.op.zeros(relax.ShapeExpr(shape), C.tensor_dtype(v.ty))
+            else:  # written in place over an input that dies with the region
+                buf = self.visit_expr(x)
+                if [int(d) for d in C.tensor_shape(x.ty)] != [int(d) for d in shape]:
+                    buf = relax.op.reshape(buf, relax.ShapeExpr(shape))
+                else:
+                    bufs.append(buf)
+                    continue
+            bufs.append(bb.emit(buf, fresh(f"{o.name}_init")))
         ins = [self.visit_expr(v) for v in self.inputs]
         for gv, offset in self.calls:
             r = bb.emit(
@@ -260,7 +271,8 @@ def _region_inputs(func, ra: RegionAnalysis) -> list:
     return seen
 
 
-def apply_region(mod: tvm.IRModule, region: ChunkRegion) -> tvm.IRModule:
+def apply_region(mod: tvm.IRModule, region: ChunkRegion, *, reuse_inputs: bool = True):
+    """Rewrite one region; ``reuse_inputs=False`` always allocates fresh output buffers."""
     ra = analyze_region(
         mod, region.start, region.end, region.seed, region.dim, function=region.function
     )
@@ -285,6 +297,7 @@ def apply_region(mod: tvm.IRModule, region: ChunkRegion) -> tvm.IRModule:
             name = f"autochunk_write_slice_{dt}"
             existing = [g for g in bb.get().functions if g.name_hint == name]
             write_gvs[dt] = existing[0] if existing else bb.add_func(make_write_slice(dt), name)
+    reuse = reusable_inputs(mod, ra, inputs) if reuse_inputs else {}
     fb = _ChunkFunctionBuilder(bb, func, ra, inputs, write_gvs)
     n_full, rem = divmod(ra.extent, c)
     base = f"{region.function}_{region.start}_{region.end}_chunk"
@@ -296,7 +309,7 @@ def apply_region(mod: tvm.IRModule, region: ChunkRegion) -> tvm.IRModule:
             ra.chunk_extent(s.name, rem)
         calls.append((gv_rem, n_full * c))
     mod2 = bb.get()
-    out = _RegionReplacer(mod2, region.function, ra, inputs, calls).transform()
+    out = _RegionReplacer(mod2, region.function, ra, inputs, calls, reuse).transform()
     try:
         relax.analysis.well_formed(out)  # raises on the first violation (TVM 0.27)
     except Exception as e:
@@ -307,10 +320,10 @@ def apply_region(mod: tvm.IRModule, region: ChunkRegion) -> tvm.IRModule:
     return out
 
 
-def apply_chunk_plan(mod: tvm.IRModule, plan: ChunkPlan) -> tvm.IRModule:
+def apply_chunk_plan(mod: tvm.IRModule, plan: ChunkPlan, *, reuse_inputs: bool = True):
     """Apply every region of ``plan`` in order (plain Python: errors keep their types)."""
     for region in plan.regions:
-        mod = apply_region(mod, region)
+        mod = apply_region(mod, region, reuse_inputs=reuse_inputs)
     return mod
 
 
