@@ -104,6 +104,14 @@ def prod(xs: Iterable[int]) -> int:
     return math.prod(xs)
 
 
+def static_nbytes(ty) -> int:
+    """Bytes of a statically shaped tensor type; 0 for anything else (tuples, symbolic)."""
+    shape = tensor_shape(ty) if isinstance(ty, TensorType) else None
+    if not shape or any(not isinstance(d, int) for d in shape):
+        return 0
+    return prod(shape) * dtype_bytes(tensor_dtype(ty))
+
+
 def _lower_for_workspace(pf, target):
     """The start of TVM's TIR pipeline, through StorageRewrite (which merges buffers)."""
     from tvm import s_tir, tirx

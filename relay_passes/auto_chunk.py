@@ -29,7 +29,7 @@ import tvm
 from tvm import relax
 
 from . import _compat as C
-from .chunk_region import RegionAnalysis, analyze_region, bindings_by_name
+from .chunk_region import RegionAnalysis, _reads_by_block, analyze_region, bindings_by_name
 from .errors import BudgetInfeasibleError, PassContractError
 from .estimate_memory import estimate_memory
 from .plan import ChunkPlan, ChunkRegion, human_bytes
@@ -199,7 +199,7 @@ def enumerate_candidates(
                         # the end in [hot .. longest] leaving the fewest bytes live after the
                         # region: every output is a whole tensor kept through the chunk loop
                         if bi not in last_use:
-                            last_use[bi] = _last_uses(bs, func)
+                            last_use[bi] = _last_uses(func, bi)
                         e = _min_output_end(bs, last_use[bi], j, ip, names.index(ra.end))
                         if e != names.index(ra.end):
                             ra2 = analyze_region(
@@ -210,23 +210,25 @@ def enumerate_candidates(
     return out
 
 
-def _last_uses(bs: list, func: relax.Function) -> list[int]:
-    """For each binding of a block, the index of its last reader in the block (len(bs) if the
-    value is read after the block or returned)."""
-    index = {b.var: i for i, b in enumerate(bs)}
+def _last_uses(func: relax.Function, bi: int) -> list[int]:
+    """For each binding of block ``bi``, the index of its last reader in the block (the block's
+    length if the value is read after the block or returned)."""
+    blocks, ret = _reads_by_block(func)
+    bs = blocks[bi]
+    index = {v: i for i, (v, _) in enumerate(bs)}
     last = [-1] * len(bs)
-    for i, b in enumerate(bs):
-        for v in relax.analysis.free_vars(b.value):
+    for i, (_, reads) in enumerate(bs):
+        for v in reads:
             k = index.get(v)
             if k is not None:
                 last[k] = max(last[k], i)
-    outside = set(relax.analysis.free_vars(func.body.body))
-    for blk in func.body.blocks:
-        if blk.bindings and blk.bindings[0].var not in index:  # another block
-            for b in blk.bindings:
-                outside.update(relax.analysis.free_vars(b.value))
+    outside = set(ret)
+    for bj, blk in enumerate(blocks):
+        if bj != bi:
+            for _, reads in blk:
+                outside.update(reads)
     for v, k in index.items():
-        if v in outside or not isinstance(bs[k].var, relax.DataflowVar):
+        if v in outside or not isinstance(v, relax.DataflowVar):
             last[k] = len(bs)  # returned, read by another block, or a block output
     return last
 
@@ -234,14 +236,7 @@ def _last_uses(bs: list, func: relax.Function) -> list[int]:
 def _min_output_end(bs: list, last: list[int], j: int, lo: int, hi: int) -> int:
     """The end e in [lo, hi] minimising the bytes of bindings in [j, e] read after e (ties: the
     longest region)."""
-
-    def nbytes(b) -> int:
-        shape = C.tensor_shape(b.var.ty) if isinstance(b.var.ty, C.TensorType) else None
-        if not shape or any(not isinstance(x, int) for x in shape):
-            return 0
-        return C.prod(shape) * C.dtype_bytes(C.tensor_dtype(b.var.ty))
-
-    sizes = [nbytes(b) for b in bs]
+    sizes = [C.static_nbytes(b.var.ty) for b in bs]
     best, best_e = None, hi
     for e in range(hi, lo - 1, -1):
         live = sum(sizes[i] for i in range(j, e + 1) if last[i] > e)
@@ -254,11 +249,7 @@ def _candidate(ra: RegionAnalysis, func: relax.Function) -> Candidate:
     types = {n: b.var.ty for n, b in bindings_by_name(func).items()}
 
     def nbytes(name: str) -> int:
-        ty = types.get(name)
-        shape = C.tensor_shape(ty) if ty is not None else None
-        if not shape or any(not isinstance(d, int) for d in shape):
-            return 0
-        return C.prod(shape) * C.dtype_bytes(C.tensor_dtype(ty))
+        return C.static_nbytes(types.get(name))
 
     gran = 1
     for s in ra.specs:

@@ -431,11 +431,9 @@ class FrameWalker:
             size, lo, hi = spans.get(st.sid, (st.nbytes, p.born, p.last_use))
             spans[st.sid] = (size, min(lo, p.born), max(hi, p.last_use))
         blocks = list(spans.values())
-        blocks += [
-            (p.nbytes, p.born, p.last_use)
-            for p in self.protos
-            if p.uid not in assigned and not p.from_callee
-        ]
+        # a callee's fresh result is in the callee's frame during the call and stays live in
+        # this frame until its last use (counted twice at the call itself: conservative)
+        blocks += [(p.nbytes, p.born, p.last_use) for p in self.protos if p.uid not in assigned]
         return FrameAnalysis(
             mem,
             tuple(self.protos),
