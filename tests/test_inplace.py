@@ -178,3 +178,38 @@ def test_measured_peak_of_reused_buffers_stays_within_the_budget(tmp_path):
     m = measure_peak(path, [t.numpy() for t in w.inputs])
     assert m.peak_bytes <= budget + max(2**20, budget // 100), (m.peak_bytes, budget)
     assert m.peak_bytes <= art.report.runtime_peak_bytes + 2**20
+
+
+@I.ir_module
+class FreshFromCallee:  # f returns a new tensor that main keeps live past other work
+    @R.function(private=True)
+    def f(x: R.Tensor((512, 512), "float32")) -> R.Tensor((512, 512), "float32"):
+        with R.dataflow():
+            y = R.multiply(x, x)
+            R.output(y)
+        return y
+
+    @R.function
+    def main(x: R.Tensor((512, 512), "float32")) -> R.Tensor((512, 512), "float32"):
+        cls = FreshFromCallee
+        y = cls.f(x)
+        with R.dataflow():
+            a = R.add(x, x)
+            b = R.add(a, y)
+            R.output(b)
+        return b
+
+
+def test_a_callees_fresh_result_stays_live_in_the_run_time_model(tmp_path):
+    """y (1 MiB, allocated by the callee) is live while a and b are computed: the run-time model
+    must count y, a and b together, and be an upper bound of the measured peak."""
+    from tvm_autochunk.measure import measure_peak
+
+    mib = 2**20
+    est = estimate_memory(FreshFromCallee, "llvm")
+    assert est.runtime_peak_bytes >= 3 * mib
+    art = ac.build(FreshFromCallee, "llvm")
+    x = np.ones((512, 512), "float32")
+    np.testing.assert_allclose(art(x), 3 * np.ones((512, 512), "float32"))
+    m = measure_peak(art.export(tmp_path / "callee.so"), [x])
+    assert m.peak_bytes <= est.runtime_peak_bytes + mib
