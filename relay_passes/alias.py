@@ -20,7 +20,7 @@ from fractions import Fraction
 from tvm import relax
 
 from . import _compat as C
-from .chunk_region import RegionAnalysis, bindings_by_name
+from .chunk_region import RegionAnalysis, _reads_by_block, bindings_by_name
 
 # ops that may become views (no copy) of their tensor arguments once lowered: reshapes, and
 # copies whose index map is the identity, which RewriteDataflowReshape turns into reshapes
@@ -50,23 +50,26 @@ _MOVE_OPS = frozenset(
 
 
 class _Groups:
-    """Union-find over Relax vars; a group is tainted when it may share a parameter's or a
+    """Union-find over Relax vars (keyed by object identity: hashing a TVM object is its
+    address, comparing two is slow); a group is tainted when it may share a parameter's or a
     constant's storage (never written in place)."""
 
     def __init__(self) -> None:
-        self.parent: dict = {}
-        self.tainted: set = set()
+        self.parent: dict[int, int] = {}
+        self.tainted: set[int] = set()
 
-    def find(self, v):
-        self.parent.setdefault(v, v)
-        while self.parent[v] is not v:
-            self.parent[v] = self.parent[self.parent[v]]
-            v = self.parent[v]
-        return v
+    def find(self, v) -> int:
+        k = hash(v)
+        parent = self.parent
+        parent.setdefault(k, k)
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
 
     def union(self, a, b) -> None:
         ra, rb = self.find(a), self.find(b)
-        if ra is not rb:
+        if ra != rb:
             self.parent[ra] = rb
             if ra in self.tainted:
                 self.tainted.add(rb)
@@ -98,17 +101,7 @@ def _link(groups: _Groups, var, sources) -> None:
             groups.taint(var)
 
 
-def _returned_params(mod, gv, seen: frozenset = frozenset()) -> list[int] | None:
-    """Indices of the parameters that the Relax function ``gv`` may return (alias), or None
-    when it cannot be analysed (then every argument is assumed returned)."""
-    if gv in seen or gv not in mod.functions:
-        return None
-    func = mod[gv]
-    if not isinstance(func, relax.Function):
-        return None
-    groups = function_groups(mod, func, seen | {gv})
-    out = {groups.find(v) for v in _tensor_leaves(func.body.body) if isinstance(v, relax.Var)}
-    return [i for i, p in enumerate(func.params) if groups.find(p) in out]
+_RETURNED: dict = {}  # (id(module), function name) -> (module, returned_params)
 
 
 def _return_leaves(func: relax.Function) -> list:
@@ -125,18 +118,26 @@ def _return_leaves(func: relax.Function) -> list:
     return leaves(func.body.body)
 
 
-def returned_params(mod, gv) -> list[list[int]] | None:
+def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] | None:
     """Per leaf of the Relax function ``gv``'s return value (one for a tensor), the indices of
-    the parameters it may share storage with; None when ``gv`` cannot be analysed."""
+    the parameters it may share storage with; None when ``gv`` cannot be analysed (unknown,
+    or recursive). Cached per module: a chunked module calls one function hundreds of times."""
+    key = (id(mod), str(gv.name_hint))
+    hit = _RETURNED.get(key)
+    if hit is not None and hit[0] is mod:
+        return hit[1]
     func = mod[gv] if gv in mod.functions else None
-    if not isinstance(func, relax.Function):
+    if gv in seen or not isinstance(func, relax.Function):
         return None
-    groups = function_groups(mod, func, frozenset({gv}))
+    groups = function_groups(mod, func, seen | {gv})
     roots = [groups.find(p) for p in func.params]
     out = []
     for leaf in _return_leaves(func):
         r = groups.find(leaf) if isinstance(leaf, relax.Var) else None
-        out.append([i for i, pr in enumerate(roots) if r is not None and pr is r])
+        out.append([i for i, pr in enumerate(roots) if r is not None and pr == r])
+    if len(_RETURNED) > 256:
+        _RETURNED.clear()
+    _RETURNED[key] = (mod, out)  # holds mod: its id cannot be reused while cached
     return out
 
 
@@ -154,8 +155,9 @@ def _call_sources(mod, call, seen) -> list:
             return [x for a in call.args for x in _tensor_leaves(a)]
         return []  # a computing op: a fresh tensor
     if isinstance(op, C.GlobalVar):
-        ps = _returned_params(mod, op, seen)
-        if ps is not None:
+        per_leaf = returned_params(mod, op, seen)
+        if per_leaf is not None:
+            ps = sorted({i for leaf in per_leaf for i in leaf})
             return [x for i in ps if i < len(call.args) for x in _tensor_leaves(call.args[i])]
     return [x for a in call.args for x in _tensor_leaves(a)]
 
@@ -208,13 +210,14 @@ def reusable_inputs(mod, ra: RegionAnalysis, inputs: list) -> dict[str, relax.Va
     groups = function_groups(mod, func, skip=body)
     order: dict[str, int] = {}
     uses: dict = {}  # group root -> [(binding name, position)]; position -1: return value
-    for block in func.body.blocks:
-        for b in block.bindings:
-            name = str(b.var.name)
+    blocks, returned = _reads_by_block(func)  # cached per function
+    for block in blocks:
+        for var, reads in block:
+            name = str(var.name)
             order[name] = len(order)
-            for v in relax.analysis.free_vars(b.value):
+            for v in reads:
                 uses.setdefault(groups.find(v), []).append(name)
-    for v in relax.analysis.free_vars(func.body.body):
+    for v in returned:
         uses.setdefault(groups.find(v), []).append(None)
     start = order[ra.start]
     sliced = {(s.binding, s.arg): s for s in ra.slices}
@@ -234,7 +237,7 @@ def reusable_inputs(mod, ra: RegionAnalysis, inputs: list) -> dict[str, relax.Va
             continue
         want = _rows(oshape, o.dim, o.scale)
         for x in inputs:
-            if x in chosen.values() or groups.is_tainted(x):
+            if any(x.same_as(c) for c in chosen.values()) or groups.is_tainted(x):
                 continue
             xshape = _static(x.ty)
             if xshape is None or C.tensor_dtype(x.ty) != C.tensor_dtype(oty):
@@ -266,7 +269,7 @@ def _only_row_reads(root, uses, order, start, ra, body, bindings, sliced, seed, 
             return False
         for i, a in enumerate(b.value.args):
             leaves = _tensor_leaves(a)
-            hit = [v for v in leaves if isinstance(v, relax.Var) and groups.find(v) is root]
+            hit = [v for v in leaves if isinstance(v, relax.Var) and groups.find(v) == root]
             if not hit:
                 continue
             if seed is not None and isinstance(a, relax.Var) and a.same_as(seed):

@@ -37,7 +37,6 @@ _VIEW_OPS = tuple(
     C.Op.get(n) for n in ("relax.reshape", "relax.memory.view", "relax.memory.ensure_zero_offset")
 )
 _MATCH_RANGE = 16  # TokenAllocator1D::match_range_
-_RETURNED: dict = {}  # (id(module), callee name) -> (module, alias.returned_params)
 
 
 @dataclass(eq=False)
@@ -370,12 +369,7 @@ class FrameWalker:
         of its result is one argument's storage; else None (the result is the callee's)."""
         from .alias import returned_params
 
-        key = (id(self.mod), str(gv.name_hint))
-        if key not in _RETURNED:
-            if len(_RETURNED) > 256:
-                _RETURNED.clear()
-            _RETURNED[key] = (self.mod, returned_params(self.mod, gv))
-        per_leaf = _RETURNED[key][1]
+        per_leaf = returned_params(self.mod, gv)
         tys = list(ty.fields) if isinstance(ty, C.TupleType) else [ty]
         if per_leaf is None or len(per_leaf) != len(tys) or len(call.args) == 0:
             return None
