@@ -31,6 +31,7 @@ _LAZY = {
     "ApplyChunkPlan": "rewrite",
     "analyze_region": "chunk_region",
     "legal_dims": "chunk_region",
+    "reusable_inputs": "alias",
     "register_dim_rule": "dimflow",
     "AutoChunk": "auto_chunk",
     "auto_chunk": "auto_chunk",

@@ -22,8 +22,10 @@ from tvm import relax
 from . import _compat as C
 from .chunk_region import RegionAnalysis, _reads_by_block, bindings_by_name
 
-# ops that may become views (no copy) of their tensor arguments once lowered: reshapes, and
-# copies whose index map is the identity, which RewriteDataflowReshape turns into reshapes
+# ops that may become views (no copy) of their tensor arguments once lowered: reshapes, copies
+# whose index map is the identity (RewriteDataflowReshape turns them into reshapes), identities.
+# Every other Relax op computes a fresh tensor; calls of functions and packed calls may return
+# an argument (see ``_call_sources``)
 _MOVE_OPS = frozenset(
     "relax." + n
     for n in (
@@ -45,6 +47,13 @@ _MOVE_OPS = frozenset(
         "collapse_sum_like",
         "memory.view",
         "memory.ensure_zero_offset",
+        "stack",
+        # identities (device hints, parameter wrappers) and inference-time dropout
+        "hint_on_device",
+        "to_vdevice",
+        "wrap_param",
+        "builtin.stop_lift_params",
+        "nn.dropout",
     )
 )
 

@@ -329,10 +329,12 @@ def apply_chunk_plan(mod: tvm.IRModule, plan: ChunkPlan, *, reuse_inputs: bool =
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyChunkPlan")
 class ApplyChunkPlan:
-    """Apply every region of a ``ChunkPlan`` (in order), re-analysing each on the current IR."""
+    """Apply every region of a ``ChunkPlan`` (in order), re-analysing each on the current IR.
+    ``reuse_inputs=False``: every output gets a fresh buffer (none written over a dead input)."""
 
-    def __init__(self, plan: ChunkPlan):
+    def __init__(self, plan: ChunkPlan, reuse_inputs: bool = True):
         self.plan = plan
+        self.reuse_inputs = reuse_inputs
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return apply_chunk_plan(mod, self.plan)
+        return apply_chunk_plan(mod, self.plan, reuse_inputs=self.reuse_inputs)
