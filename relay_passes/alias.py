@@ -218,7 +218,7 @@ def reusable_inputs(mod, ra: RegionAnalysis, inputs: list) -> dict[str, relax.Va
     body = set(ra.body)
     groups = function_groups(mod, func, skip=body)
     order: dict[str, int] = {}
-    uses: dict = {}  # group root -> [(binding name, position)]; position -1: return value
+    uses: dict = {}  # group root -> names of the bindings that read it (None: the return value)
     blocks, returned = _reads_by_block(func)  # cached per function
     for block in blocks:
         for var, reads in block:
