@@ -171,7 +171,7 @@ def test_measured_peak_of_reused_buffers_stays_within_the_budget(tmp_path):
 
     w = FAMILIES["evoformer"](128)
     mod = ac.from_torch(w.module, w.inputs)
-    budget = 14 * 2**20  # about 11% of the unchunked 125 MiB: three regions, all reusing
+    budget = 14 * 2**20  # about 11% of the unchunked 125 MiB: several regions
     art = ac.build(mod, "llvm", budget=budget)
     assert len(art.report.chunking["regions"]) >= 2
     path = art.export(tmp_path / "evo.so")
