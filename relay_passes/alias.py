@@ -20,7 +20,7 @@ from fractions import Fraction
 from tvm import relax
 
 from . import _compat as C
-from .chunk_region import RegionAnalysis, _reads_by_block, bindings_by_name
+from .chunk_region import RegionAnalysis, _reads_by_block, _static_shape, bindings_by_name
 
 # ops that may become views (no copy) of their tensor arguments once lowered: reshapes, copies
 # whose index map is the identity (RewriteDataflowReshape turns them into reshapes), identities.
@@ -204,13 +204,6 @@ def _rows(shape, dim: int, scale: Fraction) -> tuple:
     return (C.prod(shape[:dim]), int(shape[dim]) * inner, scale * inner)
 
 
-def _static(ty):
-    shape = C.tensor_shape(ty) if isinstance(ty, C.TensorType) else None
-    if shape is None or not all(isinstance(d, (int, C.IntImm)) for d in shape):
-        return None
-    return [int(d) for d in shape]
-
-
 def reusable_inputs(mod, ra: RegionAnalysis, inputs: list) -> dict[str, relax.Var]:
     """{output name: region input whose storage the output may be written into}."""
     func = mod[ra.function]
@@ -219,11 +212,13 @@ def reusable_inputs(mod, ra: RegionAnalysis, inputs: list) -> dict[str, relax.Va
     groups = function_groups(mod, func, skip=body)
     order: dict[str, int] = {}
     uses: dict = {}  # group root -> names of the bindings that read it (None: the return value)
+    reads_of: dict[str, tuple] = {}
     blocks, returned = _reads_by_block(func)  # cached per function
     for block in blocks:
         for var, reads in block:
             name = str(var.name)
             order[name] = len(order)
+            reads_of[name] = reads
             for v in reads:
                 uses.setdefault(groups.find(v), []).append(name)
     for v in returned:
@@ -235,20 +230,20 @@ def reusable_inputs(mod, ra: RegionAnalysis, inputs: list) -> dict[str, relax.Va
     # body bindings each body binding depends on (for regions with several outputs)
     deps: dict[str, set] = {}
     for n in ra.body:
-        reads = {str(v.name) for v in relax.analysis.free_vars(bindings[n].value)}
-        deps[n] = {n}.union(*(deps[r] for r in reads if r in deps))
+        names = {str(v.name) for v in reads_of[n]}
+        deps[n] = {n}.union(*(deps[r] for r in names if r in deps))
 
     chosen: dict[str, relax.Var] = {}
     for o in ra.outputs:
         oty = bindings[o.name].var.ty
-        oshape = _static(oty)
+        oshape = _static_shape(oty)
         if oshape is None:
             continue
         want = _rows(oshape, o.dim, o.scale)
         for x in inputs:
             if any(x.same_as(c) for c in chosen.values()) or groups.is_tainted(x):
                 continue
-            xshape = _static(x.ty)
+            xshape = _static_shape(x.ty)
             if xshape is None or C.tensor_dtype(x.ty) != C.tensor_dtype(oty):
                 continue
             if C.prod(xshape) != C.prod(oshape):
@@ -282,10 +277,10 @@ def _only_row_reads(root, uses, order, start, ra, body, bindings, sliced, seed, 
             if not hit:
                 continue
             if seed is not None and isinstance(a, relax.Var) and a.same_as(seed):
-                rows = _rows(_static(seed.ty), ra.seed.dim, Fraction(1))
+                rows = _rows(_static_shape(seed.ty), ra.seed.dim, Fraction(1))
             elif isinstance(a, relax.Var) and (name, i) in sliced:
                 s = sliced[(name, i)]
-                shape = _static(a.ty)
+                shape = _static_shape(a.ty)
                 if shape is None:
                     return False
                 rows = _rows(shape, s.dim, s.scale)

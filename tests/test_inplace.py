@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tvm
-from tvm import relax
+from test_chunking import _run  # build for llvm, run main, return the first output
 from tvm.script import ir as I
 from tvm.script import relax as R
 
@@ -23,14 +22,6 @@ from relay_passes.plan import ChunkPlan, ChunkRegion
 from relay_passes.planned_memory import planned_memory
 from relay_passes.rewrite import _region_inputs as region_inputs
 from relay_passes.rewrite import apply_chunk_plan
-
-
-def _run(mod, args):
-    ex = tvm.compile(mod, target=tvm.target.Target("llvm"))
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    out = vm["main"](*[tvm.runtime.tensor(a) for a in args])
-    out = out[0] if not hasattr(out, "numpy") else out
-    return out.numpy()
 
 
 @I.ir_module
