@@ -40,14 +40,15 @@ TIGHTEST_TARGET = 10.0  # tightest reachable budget <= 10% of the unchunked peak
 BIG_PEAK = 64 * MIB  # estimator target: within 5% of the measured peak for peaks >= 64 MiB
 
 BENCH_SECTIONS = (
-    "targets", "estimator_accuracy", "chunk_regions", "budget_sweep", "max_length", "fuzz",
-    "plots",
+    "targets", "estimator_accuracy", "chunk_regions", "budget_sweep", "search_time",
+    "max_length", "fuzz", "plots",
 )
 BENCH_TITLES = {
     "targets": "Targets",
     "estimator_accuracy": "Memory estimator accuracy",
     "chunk_regions": "Hand-picked chunk regions",
     "budget_sweep": "AutoChunk budget sweep",
+    "search_time": "AutoChunk search time against TVM's build time",
     "max_length": "Longest input within a fixed budget",
     "fuzz": "Fuzzing",
     "plots": "Plots",
@@ -159,6 +160,7 @@ class Data:
         self.regions = read_jsonl(results / "chunk_regions.jsonl", notes)
         self.max_length = read_jsonl(results / "max_length.jsonl", notes)
         self.fuzz = read_jsonl(results / "fuzz.jsonl", notes)
+        self.search_time = read_jsonl(results / "search_time.jsonl", notes)
         self.sweep, self.sweep_files = self._load_sweep(results, notes)
 
     @staticmethod
@@ -389,6 +391,38 @@ def section_budget_sweep(data: Data) -> list[str]:
     out += ["", f"{len(rows)} points, {n_ok} built, {len(rows) - n_ok} refused, "
             f"{bad} violation(s) (measured over budget + max(1 MiB, 1%), plan over budget, "
             "or error > 1e-5)."]
+    return out
+
+
+def section_search_time(data: Data) -> list[str]:
+    rows = data.search_time
+    if rows is None:
+        return _missing("search_time.jsonl", "search_time.py")
+    rows = [r for r in rows if "family" in r and "target" in r]
+    body = []
+    for r in rows:
+        layers = "" if r.get("layers") is None else f", {r['layers']} layer"
+        head = [f"{r['family']}{layers}", r["size"], r["target"], r["budget"]]
+        if not r.get("ok"):
+            body.append([*head, "refused", "-", "-", "-", "-"])
+            continue
+        body.append([*head, _num(r.get("search_s"), "{:.2f}"), _num(r.get("evaluations")),
+                     _num(r.get("tvm_build_s"), "{:.2f}"),
+                     _num(r.get("search_over_build"), "{:.2f}"), _regions(r.get("regions"))])
+    ratios = [r["search_over_build"] for r in rows if r.get("ok") and r.get("search_over_build")]
+    out = ["From `search_time.jsonl` (`benchmarks/search_time.py`; builds only, CUDA compiled "
+           "with nvcc, not run). Target (issue 4): search + rewrite under 20% of TVM's build.", ""]
+    out += _table(["model", "size", "target", "budget", "search s", "estimates", "TVM build s",
+                   "search / build", "regions (chunk x n)"], body)
+    for t in sorted({r["target"] for r in rows}):
+        rs = [r["search_over_build"] for r in rows
+              if r["target"] == t and r.get("ok") and r.get("search_over_build")]
+        if rs:
+            met = sum(x <= 0.2 for x in rs)
+            out += ["", f"{t}: search / build {min(rs):.2f}-{max(rs):.2f}; under 0.2 at {met} of "
+                        f"{len(rs)} points."]
+    if not ratios:
+        out += ["", "No point built."]
     return out
 
 
@@ -883,6 +917,7 @@ def main(argv=None) -> int:
         "estimator_accuracy": section_estimator,
         "chunk_regions": section_chunk_regions,
         "budget_sweep": section_budget_sweep,
+        "search_time": section_search_time,
         "max_length": section_max_length,
         "fuzz": section_fuzz,
         "plots": lambda d: section_plots(d, bench_dir),

@@ -40,14 +40,41 @@ def dtype_bytes(dtype: str) -> int:
     return max(1, (int(dt.bits) + 7) // 8) * int(dt.lanes)
 
 
+_SHAPES: dict[int, tuple] = {}  # TensorType handle -> (the type, its shape): see tensor_shape
+
+
 def tensor_shape(ty) -> list | None:
-    """The shape of a TensorType as a list of ints / PrimExprs, or None if unknown."""
-    if not isinstance(ty, TensorType) or ty.shape is None:
+    """The shape of a TensorType as a list of ints / PrimExprs, or None if unknown.
+
+    Cached by the type's handle (types are immutable; the cache holds the type, so its handle
+    cannot be reused meanwhile): the search reads the same shapes thousands of times, and each
+    read through the FFI costs microseconds.
+    """
+    hit = _shape_entry(ty)
+    return None if hit is None or hit[1] is None else list(hit[1])
+
+
+def static_shape(ty) -> tuple[int, ...] | None:
+    """The shape of a TensorType when every dim is a known int, else None (cached)."""
+    hit = _shape_entry(ty)
+    return None if hit is None else hit[2]
+
+
+def _shape_entry(ty):
+    if not isinstance(ty, TensorType):
         return None
-    vals = getattr(ty.shape, "values", None)
-    if vals is None:
-        return None
-    return [int(d) if isinstance(d, IntImm) else d for d in vals]
+    h = ty.__chandle__()
+    hit = _SHAPES.get(h)
+    if hit is None:
+        vals = None if ty.shape is None else getattr(ty.shape, "values", None)
+        shape = None
+        if vals is not None:
+            shape = tuple(int(d) if isinstance(d, IntImm) else d for d in vals)
+        static = shape if shape is not None and all(isinstance(d, int) for d in shape) else None
+        if len(_SHAPES) >= 100_000:
+            _SHAPES.clear()
+        hit = _SHAPES[h] = (ty, shape, static)
+    return hit
 
 
 def tensor_dtype(ty) -> str:

@@ -80,6 +80,8 @@ class AutoChunkResult:
     search_seconds: float = 0.0
     evaluations: int = 0
     notes: tuple[str, ...] = field(default=())
+    # estimate_memory of the returned module (the search made it; no need to estimate again)
+    profile: object = field(default=None, repr=False, compare=False)
 
     @property
     def plan(self) -> ChunkPlan:
@@ -295,8 +297,13 @@ def auto_chunk(
     *,
     options: SearchOptions | None = None,
     function: str = "main",
+    profile=None,
 ) -> tuple[tvm.IRModule, AutoChunkResult]:
-    """Chunk ``mod`` until its estimated peak fits ``budget_bytes`` (or raise)."""
+    """Chunk ``mod`` until its estimated peak fits ``budget_bytes`` (or raise).
+
+    ``profile``: ``estimate_memory(mod, target, entry=function)`` when the caller has it
+    already (it is not checked; it saves one estimate).
+    """
     opts = options or SearchOptions()
     t0 = time.perf_counter()
     evals = [0]
@@ -307,7 +314,8 @@ def auto_chunk(
         return need_bytes(p), p
 
     cur = mod
-    unchunked, prof = evaluate(cur)
+    unchunked, prof = (need_bytes(profile), profile) if profile is not None else evaluate(cur)
+    first_prof = prof
     need = unchunked
     user_budget = budget_bytes
     if unchunked > budget_bytes:  # chunking needed: aim under the budget by the safety margin
@@ -315,6 +323,9 @@ def auto_chunk(
             2**20 if budget_bytes > 2**25 else 0, int(budget_bytes * opts.safety_margin)
         )
     blockers: list[str] = []
+    # per module state: (ranked candidates, why none, {(candidate, chunk): (need, profile,
+    # chunked module)}); the state holds its module, so its identity is not reused meanwhile
+    memo: dict = {}
 
     def expand(cur, need, prof) -> list[tuple[StageRecord, int, object, tvm.IRModule]]:
         """The next stage from one state: the best child, and when the best child meets the
@@ -326,14 +337,19 @@ def auto_chunk(
             for e in sorted(prof.timeline, key=lambda e: (-e.live_bytes, e.index))
             if not e.op.startswith("call ")
         ][: opts.hot_bindings]
-        reasons: list[str] = []
-        cands = enumerate_candidates(cur, hot, opts, function, reasons)
-        if not cands:
+        if cur not in memo:  # a second search (without floor slack) revisits states
+            reasons: list[str] = []
+            cands = enumerate_candidates(cur, hot, opts, function, reasons)
+            # the same region in repeated layers is chunked jointly (one stage, one chunk
+            # size): chunking one of several equal layers alone cannot lower their common peak
+            ranked = rank_candidates(cands)[: 4 * opts.evaluate_top]
+            ranked = rank_candidates([with_copies(cur, c, function) for c in ranked])
+            memo[cur] = (ranked, reasons, {})
+        ranked, reasons, tried = memo[cur]
+        if not ranked:
             common = max(set(reasons), key=reasons.count) if reasons else "no legal seed dim"
             blockers.append(f"no chunkable region around '{hot[0] if hot else '?'}' ({common})")
             return []
-
-        tried: dict[tuple[Candidate, int], tuple[int, object, tvm.IRModule]] = {}
 
         def peak_with(cand: Candidate, chunk: int) -> int:
             if (cand, chunk) not in tried:
@@ -343,12 +359,17 @@ def auto_chunk(
             return tried[(cand, chunk)][0]
 
         best = None
-        # the same region in repeated layers is chunked jointly (one stage, one chunk size):
-        # chunking one of several equal layers alone cannot lower their common peak
-        ranked = rank_candidates(cands)[: 4 * opts.evaluate_top]
-        ranked = rank_candidates([with_copies(cur, c, function) for c in ranked])
         for cand in ranked[: opts.evaluate_top]:
-            fit = fit_chunk(cand, budget_bytes, lambda c, cand=cand: peak_with(cand, c), opts)
+            # a later candidate is first tried at the best fit's chunk: dropped after that one
+            # evaluation when it cannot beat it (search.fit_chunk)
+            beat = best[2] if best is not None else None
+            fit = fit_chunk(
+                cand,
+                budget_bytes,
+                lambda c, cand=cand: peak_with(cand, c),
+                opts,
+                beat=beat,
+            )
             if fit is None:
                 continue
             over = fit.peak > budget_bytes
@@ -435,6 +456,17 @@ def auto_chunk(
         return best
 
     need, prof, cur, stages = search(mod, need, prof, [], 0)
+    if need > budget_bytes and opts.floor_slack > 0:
+        # the slack that regions unable to reach the budget alone may leave (for fewer
+        # chunks) adds up over stages: search again taking every such region's lowest peak
+        log.info("budget missed by %d bytes: searching again without floor slack",
+                 need - budget_bytes)
+        blockers.clear()
+        branches[0] = 2
+        opts = dataclasses.replace(opts, floor_slack=0.0)
+        again = search(mod, unchunked, first_prof, [], 0)
+        if better(again, (need, prof, cur, stages)):
+            need, prof, cur, stages = again
     res = AutoChunkResult(
         user_budget,
         unchunked,
@@ -443,6 +475,7 @@ def auto_chunk(
         time.perf_counter() - t0,
         evals[0],
         tuple(blockers),
+        prof,
     )
     if need > budget_bytes:
         # the smallest budget whose margin-reduced target still admits the peak reached (never

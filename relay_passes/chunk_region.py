@@ -78,10 +78,7 @@ class RegionAnalysis:
 
 
 def _static_shape(ty) -> tuple[int, ...] | None:
-    shape = C.tensor_shape(ty)
-    if shape is None or any(not isinstance(d, int) for d in shape):
-        return None
-    return tuple(shape)
+    return C.static_shape(ty)
 
 
 def _leaves(ty) -> list:
@@ -138,6 +135,57 @@ def _reads_by_block(func: relax.Function):
     return hit
 
 
+class _Facts:
+    """What analyze_region reads of one binding, read once through the FFI per function."""
+
+    __slots__ = ("_flow", "arg_shapes", "args", "is_tensor", "name", "op", "out_shapes")
+
+    def __init__(self, b) -> None:
+        value = b.value
+        self.name = str(b.var.name)
+        self.is_tensor = isinstance(b.var.ty, C.TensorType)
+        self.op = C.op_name(value)
+        call = isinstance(value, C.Call)
+        self.args = tuple(value.args) if call else ()
+        self.arg_shapes = [_static_shape(a.ty) if hasattr(a, "ty") else None for a in self.args]
+        self.out_shapes = [_static_shape(t) for t in _leaves(b.var.ty)] if call else []
+        self._flow = None  # (rule, its flow for this binding)
+
+    def flow(self, rule, value):
+        """``rule(value, arg_shapes, out_shapes)``, memoised per rule (rules can be replaced)."""
+        if self._flow is None or self._flow[0] is not rule:
+            self._flow = (rule, rule(value, self.arg_shapes, self.out_shapes))
+        return self._flow[1]
+
+
+_FACTS_CACHE: dict = {}  # relax.Function -> {binding var: _Facts}, as _READS_CACHE
+
+
+def _binding_facts(func: relax.Function) -> dict:
+    hit = _FACTS_CACHE.get(func)
+    if hit is None:
+        hit = {b.var: _Facts(b) for block in func.body.blocks for b in block.bindings}
+        if len(_FACTS_CACHE) >= 8:
+            _FACTS_CACHE.pop(next(iter(_FACTS_CACHE)))
+        _FACTS_CACHE[func] = hit
+    return hit
+
+
+_NAMES_CACHE: dict = {}  # relax.Function -> {name: binding var}, as _READS_CACHE
+
+
+def _named_vars(func: relax.Function) -> dict:
+    """{name: binding var} over every block of ``func`` (the last binding of a name wins)."""
+    hit = _NAMES_CACHE.get(func)
+    if hit is None:
+        blocks, _ = _reads_by_block(func)
+        hit = {str(v.name): v for block in blocks for v, _ in block}
+        if len(_NAMES_CACHE) >= 8:
+            _NAMES_CACHE.pop(next(iter(_NAMES_CACHE)))
+        _NAMES_CACHE[func] = hit
+    return hit
+
+
 def _used_after(func: relax.Function, block_index: int, region_vars: set) -> set:
     """Region vars used after the region (later bindings, later blocks, the return value)."""
     used: set = set()
@@ -174,10 +222,9 @@ def analyze_region(
 
     # the seed: a tensor defined before the region (a param or an earlier binding)
     seed_var = next((p for p in func.params if str(p.name) == seed), None)
-    for block in func.body.blocks:
-        for b in block.bindings:
-            if str(b.var.name) == seed:
-                seed_var = b.var
+    named = _named_vars(func)
+    if seed in named:
+        seed_var = named[seed]
     sd = TensorChunk(seed, dim)
     current = [""]
     extent = 0
@@ -211,8 +258,10 @@ def analyze_region(
             return fields if any(f is not None for f in fields) else None
         return None
 
+    facts = _binding_facts(func)
     for b in bindings:
-        name, value = str(b.var.name), b.value
+        fb = facts[b.var]
+        name, value = fb.name, b.value
         current[0] = name
         if isinstance(b, relax.MatchCast):
             return fail(f"binding '{name}' is a match_cast (dynamic shape) inside the region")
@@ -225,9 +274,10 @@ def analyze_region(
             spec[b.var] = None
             hoisted.append(name)
             continue
-        arg_specs = [spec_of(a) for a in value.args]
+        args = fb.args
+        arg_specs = [spec_of(a) for a in args]
         depends = any(s is not None for s in arg_specs)
-        op = C.op_name(value)
+        op = fb.op
         if not depends:
             if op is None or op.startswith("relax.call_") or not isinstance(value.op, C.Op):
                 return fail(
@@ -242,15 +292,13 @@ def analyze_region(
         rule = get_dim_rule(op)
         if rule is None:
             return fail(f"binding '{name}' ({op}) has no dim-flow rule: it is a barrier")
-        arg_shapes = [_static_shape(a.ty) if hasattr(a, "ty") else None for a in value.args]
-        outs = _leaves(b.var.ty)
-        out_shapes = [_static_shape(t) for t in outs]
+        arg_shapes, out_shapes = fb.arg_shapes, fb.out_shapes
         if any(s is None for s in out_shapes):
             return fail(f"binding '{name}' ({op}) has a dynamic output shape")
-        flow = rule(value, arg_shapes, out_shapes)
+        flow = fb.flow(rule, value)
         if flow is None:
             return fail(f"binding '{name}' ({op}) cannot be chunked with these attributes")
-        out_spec: list = [None] * len(outs)
+        out_spec: list = [None] * len(out_shapes)
         for i, s in enumerate(arg_specs):
             if s is None:
                 continue
@@ -295,17 +343,18 @@ def analyze_region(
                     if src.arg == i:
                         if (i, src.dim) in flow.reduced:
                             return fail(f"binding '{name}' reduces a dim it must slice")
-                        a = value.args[i]
+                        a = args[i]
                         inside = isinstance(a, relax.Var) and a in region_vars
                         if inside and str(a.name) not in hoisted:
                             return fail(f"binding '{name}' reads '{a.name}' whole along the chunk")
                         slices.append(ArgSlice(name, i, src.dim, sc / src.scale))
-        spec[b.var] = out_spec[0] if isinstance(b.var.ty, C.TensorType) else tuple(out_spec)
+        spec[b.var] = out_spec[0] if fb.is_tensor else tuple(out_spec)
         body.append(name)
 
     current[0] = ""
     used_after = _used_after(func, bi, region_vars)
-    slices = _sink_sliced(bindings, spec, hoisted, body, slices, used_after)
+    reads = dict(_reads_by_block(func)[0][bi])
+    slices = _sink_sliced(bindings, spec, hoisted, body, slices, used_after, reads)
     outputs: list[TensorChunk] = []
     order = [b.var for b in bindings]
     for v in sorted(used_after, key=order.index):
@@ -343,7 +392,7 @@ def analyze_region(
 _ARANGE = "relax.arange"
 
 
-def _sink_sliced(bindings, spec, hoisted, body, slices, used_after) -> list[ArgSlice]:
+def _sink_sliced(bindings, spec, hoisted, body, slices, used_after, reads) -> list[ArgSlice]:
     """Compute sliced hoisted tensors per chunk instead of whole before the loop.
 
     A hoisted binding whose result is only ever read *sliced along the chunked dim* (e.g. the
@@ -351,12 +400,13 @@ def _sink_sliced(bindings, spec, hoisted, body, slices, used_after) -> list[ArgS
     slice only, from slices of its own inputs (recursively). Work is unchanged (each chunk
     computes a different slice); the full-size tensor is never materialised. ``spec``,
     ``hoisted`` and ``body`` are updated in place; returns the remaining argument slices.
+    ``reads``: {binding var: the vars its value reads} (``_reads_by_block``).
     """
     by_var = {b.var: b for b in bindings}
     by_name = {str(b.var.name): b for b in bindings}
     readers: dict = {}
     for b in bindings:
-        for v in relax.analysis.free_vars(b.value):
+        for v in reads[b.var]:
             readers.setdefault(v, []).append(str(b.var.name))
     moved: set[str] = set()
     slices = list(slices)

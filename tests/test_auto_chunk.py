@@ -16,7 +16,13 @@ from relay_passes.auto_chunk import auto_chunk, need_bytes
 from relay_passes.errors import BudgetInfeasibleError
 from relay_passes.estimate_memory import estimate_memory
 from relay_passes.planned_memory import planned_memory
-from relay_passes.search import Candidate, SearchOptions, fit_chunk, rank_candidates
+from relay_passes.search import (
+    Candidate,
+    SearchOptions,
+    balanced_chunk,
+    fit_chunk,
+    rank_candidates,
+)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -30,11 +36,37 @@ def _cand(extent=1024, gran=1, ops=10):
     return Candidate("main", "a", "b", "x", 0, extent, gran, ops, 100, 10)
 
 
-def test_fit_takes_the_largest_chunk_that_fits_not_one():
-    # memory = 1000 + 10 * chunk: a budget of 6000 fits chunks up to 500
-    fit = fit_chunk(_cand(), 6000, lambda c: 1000 + 10 * c, SearchOptions())
+def test_fit_takes_the_fewest_chunks_that_fit_not_one():
+    # memory = 1000 + 10 * chunk: a budget of 6000 fits chunks up to 500, so 1024 rows need
+    # 3 chunks; they are balanced (342, 342, 340: as many calls as 500, 500, 24, less memory)
+    calls = []
+    fit = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or 1000 + 10 * c, SearchOptions())
     assert fit is not None and fit.peak <= 6000
-    assert 400 <= fit.chunk <= 500
+    assert -(-1024 // fit.chunk) == 3 and fit.chunk == 342
+    assert fit.evaluations == len(calls) <= SearchOptions().max_evals_per_candidate
+    # two chunks fit: no smaller chunk is tried after that
+    fit = fit_chunk(_cand(), 10**6, lambda c: 1000 + 10 * c, SearchOptions())
+    assert fit.chunk == 512 and fit.evaluations == 1
+
+
+def test_balanced_chunk_keeps_the_number_of_chunks():
+    for extent, chunk, gran in [(4096, 1196, 1), (1024, 500, 1), (2304, 72, 1), (96, 20, 8)]:
+        b, c = balanced_chunk(extent, chunk, gran), chunk // gran * gran
+        assert b % gran == 0 and b <= c
+        assert -(-extent // b) == -(-extent // c)
+    assert balanced_chunk(4096, 1196) == 1024
+
+
+def test_fit_drops_a_candidate_that_cannot_beat_the_best():
+    opts = SearchOptions()
+    best = fit_chunk(_cand(), 6000, lambda c: 1000 + 10 * c, opts)
+    # the same memory and cost (another seed of the same region): one evaluation, dropped
+    calls = []
+    got = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or 1000 + 10 * c, opts, beat=best)
+    assert got is None and calls == [best.chunk]
+    # less memory at that chunk: it may fit with fewer chunks, so it is fitted
+    got = fit_chunk(_cand(), 6000, lambda c: 500 + 5 * c, opts, beat=best)
+    assert got is not None and got.chunk > best.chunk and got.cost < best.cost
 
 
 def test_fit_respects_granularity_and_floor():

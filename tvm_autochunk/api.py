@@ -131,7 +131,7 @@ def _compile(mod, tgt, prof, budget_bytes, chunking, progress):
 MIN_BUDGET_CHECKS = 2
 
 
-def search_chunks(mod, tgt, budget_bytes: int, entry: str = "main"):
+def search_chunks(mod, tgt, budget_bytes: int, entry: str = "main", profile=None):
     """``relay_passes.auto_chunk``, whose refusals carry a ``min_budget`` that really works.
 
     The search is greedy and its path depends on the budget: a search aiming at the
@@ -143,7 +143,7 @@ def search_chunks(mod, tgt, budget_bytes: int, entry: str = "main"):
     from relay_passes.auto_chunk import auto_chunk
 
     try:
-        return auto_chunk(mod, tgt, budget_bytes, function=entry)
+        return auto_chunk(mod, tgt, budget_bytes, function=entry, profile=profile)
     except BudgetInfeasibleError as first:
         suggest, top = first.min_budget, first.unchunked_peak
         if suggest is None or top is None or suggest >= top:
@@ -151,7 +151,7 @@ def search_chunks(mod, tgt, budget_bytes: int, entry: str = "main"):
         reached = None  # what a search aiming at the first suggestion reaches
         for _ in range(MIN_BUDGET_CHECKS):
             try:
-                auto_chunk(mod, tgt, suggest, function=entry)
+                auto_chunk(mod, tgt, suggest, function=entry, profile=profile)
                 break
             except BudgetInfeasibleError as again:
                 reached = again.best_peak if reached is None else reached
@@ -293,7 +293,7 @@ def build(
             )
             # raises BudgetInfeasibleError (peak, best reached, where, what blocks) if impossible
             try:
-                mod, search = search_chunks(mod, tgt, target_bytes, entry)
+                mod, search = search_chunks(mod, tgt, target_bytes, entry, profile=prof)
             except BudgetInfeasibleError as e:
                 raise _explain_floor(e, base_mod, base_prof, budget_bytes, entry) from None
             chunking = search.to_dict()
@@ -302,7 +302,7 @@ def build(
                 f"chunked {len(search.stages)} region(s) in {search.search_seconds:.1f}s: "
                 f"estimated peak {format_bytes(search.final_peak)}",
             )
-            prof = estimate_memory(mod, tgt, entry=entry)
+            prof = search.profile or estimate_memory(mod, tgt, entry=entry)
         ex, report, device_code = _compile(mod, tgt, prof, budget_bytes, chunking, progress)
         if not _over_budget(report, budget_bytes):
             break
