@@ -9,6 +9,7 @@ only: no GPU is needed, nothing is run.
 
     .venv/bin/python benchmarks/search_time.py                     # llvm and cuda (sm_90)
     .venv/bin/python benchmarks/search_time.py --targets llvm --case gpt:4096:1
+    .venv/bin/python benchmarks/search_time.py --quick          # tiny, for the smoke test
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     ap.add_argument("--arch", default="sm_90", help="CUDA arch for target cuda (default sm_90)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/search_time.jsonl"))
+    ap.add_argument("--quick", action="store_true", help="GPT S=512, llvm, 50%%: smoke test")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.case, args.targets, args.fractions = ["gpt:512:1"], ["llvm"], [0.5]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -6,6 +6,7 @@ Pinned to apache-tvm 0.27 (Relax shares its IR with tirx; StructInfo became Type
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -34,6 +35,7 @@ def op_name(call) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element as TVM's planner counts them (bool is one byte)."""
     dt = tvm.runtime.DataType(str(dtype))
@@ -71,9 +73,10 @@ def _shape_entry(ty):
         if vals is not None:
             shape = tuple(int(d) if isinstance(d, IntImm) else d for d in vals)
         static = shape if shape is not None and all(isinstance(d, int) for d in shape) else None
+        nbytes = prod(static) * dtype_bytes(str(ty.dtype)) if static else 0
         if len(_SHAPES) >= 100_000:
             _SHAPES.clear()
-        hit = _SHAPES[h] = (ty, shape, static)
+        hit = _SHAPES[h] = (ty, shape, static, nbytes)
     return hit
 
 
@@ -133,10 +136,8 @@ def prod(xs: Iterable[int]) -> int:
 
 def static_nbytes(ty) -> int:
     """Bytes of a statically shaped tensor type; 0 for anything else (tuples, symbolic)."""
-    shape = tensor_shape(ty) if isinstance(ty, TensorType) else None
-    if not shape or any(not isinstance(d, int) for d in shape):
-        return 0
-    return prod(shape) * dtype_bytes(tensor_dtype(ty))
+    hit = _shape_entry(ty)
+    return 0 if hit is None else hit[3]
 
 
 def _lower_for_workspace(pf, target):

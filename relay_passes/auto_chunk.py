@@ -122,6 +122,38 @@ def _op_key(binding) -> str:
     return type(v).__name__
 
 
+def layer_prefix(mod, cand: Candidate, function: str = "main") -> Candidate | None:
+    """The longest prefix of ``cand``'s region whose op sequence repeats, with its copies (see
+    ``with_copies``), when ``cand`` itself has none; else None.
+
+    A region that runs past the end of a repeated layer (into the next layer's row-local
+    prefix: its LayerNorm, its q/k/v projection) has no copy, and chunking one of several
+    equal layers alone cannot lower their common peak. The prefix must keep at least half of
+    the region (a layer boundary, not a short motif that happens to repeat).
+    """
+    func = mod[function]
+    for block in func.body.blocks:
+        keys = [_op_key(b) for b in block.bindings]
+        names = [str(b.var.name) for b in block.bindings]
+        if cand.start not in names or cand.end not in names:
+            continue
+        j, e = names.index(cand.start), names.index(cand.end)
+        for e2 in range(e - 1, j + (e - j) // 2 - 1, -1):  # longest first, at least half
+            pat, n = keys[j : e2 + 1], e2 - j + 1
+            if not any(
+                keys[k : k + n] == pat for k in range(1, len(keys) - n + 1) if k > e2 or k + n <= j
+            ):
+                continue
+            ra = analyze_region(mod, cand.start, names[e2], cand.seed, cand.dim, function=function)
+            if not ra.legal:
+                continue
+            shorter = with_copies(mod, _candidate(ra, func), function)
+            if shorter.copies:
+                return shorter
+        return None
+    return None
+
+
 def with_copies(mod, cand: Candidate, function: str = "main") -> Candidate:
     """``cand`` plus the identical regions elsewhere in the function (repeated layers).
 
@@ -342,8 +374,14 @@ def auto_chunk(
             cands = enumerate_candidates(cur, hot, opts, function, reasons)
             # the same region in repeated layers is chunked jointly (one stage, one chunk
             # size): chunking one of several equal layers alone cannot lower their common peak
-            ranked = rank_candidates(cands)[: 4 * opts.evaluate_top]
-            ranked = rank_candidates([with_copies(cur, c, function) for c in ranked])
+            ranked = []
+            for c in rank_candidates(cands)[: 4 * opts.evaluate_top]:
+                ranked.append(with_copies(cur, c, function))
+                if not ranked[-1].copies:  # maybe it runs past the end of a repeated layer
+                    p = layer_prefix(cur, c, function)
+                    if p is not None and p not in ranked:
+                        ranked.append(p)
+            ranked = rank_candidates(ranked)
             memo[cur] = (ranked, reasons, {})
         ranked, reasons, tried = memo[cur]
         if not ranked:

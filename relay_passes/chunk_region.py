@@ -94,45 +94,24 @@ def _leaves(ty) -> list:
 
 def bindings_by_name(func: relax.Function) -> dict:
     """{binding var name: binding} over every top-level block of ``func``."""
-    return {str(b.var.name): b for block in func.body.blocks for b in block.bindings}
+    return dict(_index(func).by_name)
 
 
 def region_bindings(func: relax.Function, start: str, end: str):
     """(block index, list of bindings) of the region; errors name what is wrong."""
-    for bi, block in enumerate(func.body.blocks):
-        names = [str(b.var.name) for b in block.bindings]
-        if start in names:
-            if end not in names:
+    ix = _index(func)
+    for bi, names in enumerate(ix.names):
+        i = ix.position[bi].get(start)
+        if i is not None:
+            j = ix.position[bi].get(end)
+            if j is None:
                 raise PassContractError(
                     f"region end '{end}' is not in the same binding block as start '{start}'"
                 )
-            i, j = names.index(start), names.index(end)
             if j < i:
                 raise PassContractError(f"region end '{end}' comes before start '{start}'")
-            return bi, list(block.bindings[i : j + 1])
+            return bi, list(ix.blocks[bi][i : j + 1])
     raise PassContractError(f"no binding named '{start}' in the function")
-
-
-_READS_CACHE: dict = {}  # relax.Function (hashed by identity) -> _reads_by_block(function)
-
-
-def _reads_by_block(func: relax.Function):
-    """Per block, [(binding var, vars its value reads)], and the vars the return value reads.
-
-    Cached for the last few functions: the search analyses hundreds of regions of one function,
-    and each analysis would otherwise walk every binding through the FFI again.
-    """
-    hit = _READS_CACHE.get(func)
-    if hit is None:
-        blocks = [
-            [(b.var, tuple(relax.analysis.free_vars(b.value))) for b in block.bindings]
-            for block in func.body.blocks
-        ]
-        hit = (blocks, tuple(relax.analysis.free_vars(func.body.body)))
-        if len(_READS_CACHE) >= 8:
-            _READS_CACHE.pop(next(iter(_READS_CACHE)))
-        _READS_CACHE[func] = hit  # holds func: its identity cannot be reused meanwhile
-    return hit
 
 
 class _Facts:
@@ -140,13 +119,13 @@ class _Facts:
 
     __slots__ = ("_flow", "arg_shapes", "args", "is_tensor", "name", "op", "out_shapes")
 
-    def __init__(self, b) -> None:
+    def __init__(self, b, canon: dict) -> None:
         value = b.value
         self.name = str(b.var.name)
         self.is_tensor = isinstance(b.var.ty, C.TensorType)
         self.op = C.op_name(value)
         call = isinstance(value, C.Call)
-        self.args = tuple(value.args) if call else ()
+        self.args = tuple(_canonical(a, canon) for a in value.args) if call else ()
         self.arg_shapes = [_static_shape(a.ty) if hasattr(a, "ty") else None for a in self.args]
         self.out_shapes = [_static_shape(t) for t in _leaves(b.var.ty)] if call else []
         self._flow = None  # (rule, its flow for this binding)
@@ -158,32 +137,79 @@ class _Facts:
         return self._flow[1]
 
 
-_FACTS_CACHE: dict = {}  # relax.Function -> {binding var: _Facts}, as _READS_CACHE
+def _canonical(v, canon: dict):
+    """The one Python object kept for a variable (see ``_FuncIndex``)."""
+    if isinstance(v, relax.Var):
+        return canon.get(v.__chandle__(), v)
+    return v
 
 
-def _binding_facts(func: relax.Function) -> dict:
-    hit = _FACTS_CACHE.get(func)
+class _FuncIndex:
+    """One function's bindings, names, reads and per-binding facts, read through the FFI once.
+
+    Every variable is one Python object here (each FFI access makes a new wrapper, and
+    comparing two wrappers of one variable goes through ``Var.__eq__``, which is slow): sets
+    and dicts keyed by these variables then hit by identity.
+    """
+
+    def __init__(self, func: relax.Function) -> None:
+        self.blocks = [list(block.bindings) for block in func.body.blocks]
+        canon = {p.__chandle__(): p for p in func.params}
+        self.vars = [[b.var for b in bs] for bs in self.blocks]
+        for vs in self.vars:
+            for v in vs:
+                canon[v.__chandle__()] = v
+        self.names = [[str(v.name) for v in vs] for vs in self.vars]
+        self.position = [{n: i for i, n in enumerate(ns)} for ns in self.names]
+        self.by_name = {n: b for ns, bs in zip(self.names, self.blocks) for n, b in zip(ns, bs)}
+        self.var_by_name = {n: v for ns, vs in zip(self.names, self.vars) for n, v in zip(ns, vs)}
+        self.reads = [
+            [
+                (v, tuple(_canonical(x, canon) for x in relax.analysis.free_vars(b.value)))
+                for v, b in zip(vs, bs)
+            ]
+            for vs, bs in zip(self.vars, self.blocks)
+        ]
+        self.ret = tuple(_canonical(x, canon) for x in relax.analysis.free_vars(func.body.body))
+        self.facts = {
+            v: _Facts(b, canon) for vs, bs in zip(self.vars, self.blocks) for v, b in zip(vs, bs)
+        }
+        self.canon = canon
+
+    def var(self, v):
+        """The canonical object of variable ``v`` (``binding.var`` is a fresh wrapper)."""
+        return _canonical(v, self.canon)
+
+
+_INDEX_CACHE: dict = {}  # relax.Function (hashed by identity) -> _FuncIndex
+
+
+def _index(func: relax.Function) -> _FuncIndex:
+    """The function's ``_FuncIndex``, cached for the last few functions (the search analyses
+    hundreds of regions of one function; the cache holds the function, so its identity
+    cannot be reused meanwhile)."""
+    hit = _INDEX_CACHE.get(func)
     if hit is None:
-        hit = {b.var: _Facts(b) for block in func.body.blocks for b in block.bindings}
-        if len(_FACTS_CACHE) >= 8:
-            _FACTS_CACHE.pop(next(iter(_FACTS_CACHE)))
-        _FACTS_CACHE[func] = hit
+        hit = _FuncIndex(func)
+        if len(_INDEX_CACHE) >= 8:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        _INDEX_CACHE[func] = hit
     return hit
 
 
-_NAMES_CACHE: dict = {}  # relax.Function -> {name: binding var}, as _READS_CACHE
+def _reads_by_block(func: relax.Function):
+    """Per block, [(binding var, vars its value reads)], and the vars the return value reads."""
+    ix = _index(func)
+    return ix.reads, ix.ret
+
+
+def _binding_facts(func: relax.Function) -> dict:
+    return _index(func).facts
 
 
 def _named_vars(func: relax.Function) -> dict:
     """{name: binding var} over every block of ``func`` (the last binding of a name wins)."""
-    hit = _NAMES_CACHE.get(func)
-    if hit is None:
-        blocks, _ = _reads_by_block(func)
-        hit = {str(v.name): v for block in blocks for v, _ in block}
-        if len(_NAMES_CACHE) >= 8:
-            _NAMES_CACHE.pop(next(iter(_NAMES_CACHE)))
-        _NAMES_CACHE[func] = hit
-    return hit
+    return _index(func).var_by_name
 
 
 def _used_after(func: relax.Function, block_index: int, region_vars: set) -> set:
@@ -218,7 +244,9 @@ def analyze_region(
     """Decide whether region ``[start..end]`` can be chunked along ``dim`` of tensor ``seed``."""
     func = mod[function]
     bi, bindings = region_bindings(func, start, end)
-    region_vars = {b.var for b in bindings}
+    ix = _index(func)
+    bvars = [ix.var(b.var) for b in bindings]  # canonical objects: sets hit by identity
+    region_vars = set(bvars)
 
     # the seed: a tensor defined before the region (a param or an earlier binding)
     seed_var = next((p for p in func.params if str(p.name) == seed), None)
@@ -249,7 +277,7 @@ def analyze_region(
 
     def spec_of(expr):
         if isinstance(expr, relax.Var):
-            return spec.get(expr)
+            return spec.get(ix.var(expr))
         if isinstance(expr, relax.TupleGetItem):
             t = spec_of(expr.tuple_value)
             return t[expr.index] if isinstance(t, tuple) else None
@@ -258,20 +286,20 @@ def analyze_region(
             return fields if any(f is not None for f in fields) else None
         return None
 
-    facts = _binding_facts(func)
-    for b in bindings:
-        fb = facts[b.var]
+    facts = ix.facts
+    for bv, b in zip(bvars, bindings):
+        fb = facts[bv]
         name, value = fb.name, b.value
         current[0] = name
         if isinstance(b, relax.MatchCast):
             return fail(f"binding '{name}' is a match_cast (dynamic shape) inside the region")
         if isinstance(value, (relax.Var, relax.TupleGetItem, relax.Tuple)):
             s = spec_of(value)
-            spec[b.var] = s
+            spec[bv] = s
             (body if s is not None else hoisted).append(name)
             continue
         if not isinstance(value, C.Call):
-            spec[b.var] = None
+            spec[bv] = None
             hoisted.append(name)
             continue
         args = fb.args
@@ -284,7 +312,7 @@ def analyze_region(
                     f"binding '{name}' calls {value.op} (not a pure Relax op) inside the "
                     "region; end the region before it"
                 )
-            spec[b.var] = None
+            spec[bv] = None
             hoisted.append(name)
             continue
         if op is None:
@@ -348,16 +376,16 @@ def analyze_region(
                         if inside and str(a.name) not in hoisted:
                             return fail(f"binding '{name}' reads '{a.name}' whole along the chunk")
                         slices.append(ArgSlice(name, i, src.dim, sc / src.scale))
-        spec[b.var] = out_spec[0] if fb.is_tensor else tuple(out_spec)
+        spec[bv] = out_spec[0] if fb.is_tensor else tuple(out_spec)
         body.append(name)
 
     current[0] = ""
     used_after = _used_after(func, bi, region_vars)
-    reads = dict(_reads_by_block(func)[0][bi])
-    slices = _sink_sliced(bindings, spec, hoisted, body, slices, used_after, reads)
+    reads = dict(ix.reads[bi])
+    slices = _sink_sliced(bindings, bvars, spec, hoisted, body, slices, used_after, reads, ix.var)
     outputs: list[TensorChunk] = []
-    order = [b.var for b in bindings]
-    for v in sorted(used_after, key=order.index):
+    order = {v: i for i, v in enumerate(bvars)}
+    for v in sorted(used_after, key=order.__getitem__):
         s = spec.get(v)
         if s is None:
             continue  # hoisted: computed before the loop
@@ -369,10 +397,10 @@ def analyze_region(
     if not outputs:
         return fail(f"no region output depends on '{seed}' along dim {dim}")
     specs = [TensorChunk(seed, dim)]
-    for b in bindings:
-        s = spec.get(b.var)
+    for bv in bvars:
+        s = spec.get(bv)
         if isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], Fraction):
-            specs.append(TensorChunk(str(b.var.name), s[0], s[1]))
+            specs.append(TensorChunk(facts[bv].name, s[0], s[1]))
     return RegionAnalysis(
         function,
         start,
@@ -392,7 +420,9 @@ def analyze_region(
 _ARANGE = "relax.arange"
 
 
-def _sink_sliced(bindings, spec, hoisted, body, slices, used_after, reads) -> list[ArgSlice]:
+def _sink_sliced(
+    bindings, bvars, spec, hoisted, body, slices, used_after, reads, canon
+) -> list[ArgSlice]:
     """Compute sliced hoisted tensors per chunk instead of whole before the loop.
 
     A hoisted binding whose result is only ever read *sliced along the chunked dim* (e.g. the
@@ -400,14 +430,17 @@ def _sink_sliced(bindings, spec, hoisted, body, slices, used_after, reads) -> li
     slice only, from slices of its own inputs (recursively). Work is unchanged (each chunk
     computes a different slice); the full-size tensor is never materialised. ``spec``,
     ``hoisted`` and ``body`` are updated in place; returns the remaining argument slices.
-    ``reads``: {binding var: the vars its value reads} (``_reads_by_block``).
+    ``bvars``: the bindings' vars as canonical objects (``_FuncIndex``); ``reads``: {binding
+    var: the vars its value reads}; ``canon``: variable -> its canonical object.
     """
-    by_var = {b.var: b for b in bindings}
-    by_name = {str(b.var.name): b for b in bindings}
+    names = [str(v.name) for v in bvars]
+    by_var = dict(zip(bvars, bindings))
+    name_of = dict(zip(bvars, names))
+    by_name = dict(zip(names, bindings))
     readers: dict = {}
-    for b in bindings:
-        for v in reads[b.var]:
-            readers.setdefault(v, []).append(str(b.var.name))
+    for v0, n0 in zip(bvars, names):
+        for v in reads[v0]:
+            readers.setdefault(v, []).append(n0)
     moved: set[str] = set()
     slices = list(slices)
 
@@ -428,11 +461,11 @@ def _sink_sliced(bindings, spec, hoisted, body, slices, used_after, reads) -> li
 
     def sink(var, dim, scale) -> bool:
         b = by_var.get(var)
-        if b is None or str(b.var.name) not in hoisted or not isinstance(b.value, C.Call):
+        if b is None or name_of[var] not in hoisted or not isinstance(b.value, C.Call):
             return False
         if not isinstance(b.var.ty, C.TensorType) or not sliced_only(var, dim, scale):
             return False
-        value, name = b.value, str(b.var.name)
+        value, name = b.value, name_of[var]
         op = C.op_name(value)
         srcs = ()
         if op != _ARANGE:
@@ -454,13 +487,13 @@ def _sink_sliced(bindings, spec, hoisted, body, slices, used_after, reads) -> li
         # any other argument is read whole
         want = {src.arg: (src.dim, scale / src.scale) for src in srcs}
         for i, a in enumerate(value.args):
-            have = spec.get(a) if isinstance(a, relax.Var) else None
+            have = spec.get(canon(a)) if isinstance(a, relax.Var) else None
             if have is not None and want.get(i) != have:
                 return False
         moved.add(name)  # from here on this binding is computed per chunk
         new_slices: list[ArgSlice] = []
         for src in srcs:
-            a = value.args[src.arg]
+            a = canon(value.args[src.arg])
             sub = scale / src.scale
             if isinstance(a, relax.Var) and spec.get(a) == (src.dim, sub):
                 continue  # already a chunk
@@ -475,11 +508,11 @@ def _sink_sliced(bindings, spec, hoisted, body, slices, used_after, reads) -> li
 
     for s in list(slices):
         b = by_name[s.binding]
-        a = b.value.args[s.arg]
+        a = canon(b.value.args[s.arg])
         if isinstance(a, relax.Var) and s in slices:
             sink(a, s.dim, s.scale)
-    order = [str(b.var.name) for b in bindings]
-    body.sort(key=order.index)
+    order = {n: i for i, n in enumerate(names)}
+    body.sort(key=order.__getitem__)
     return slices
 
 

@@ -95,7 +95,9 @@ def _tensor_record(name, ty, bounds, kind) -> TensorRecord | None:
     return TensorRecord(name, dims, dtype, C.prod(dims) * C.dtype_bytes(dtype), "", kind)
 
 
-def _weights(func: relax.Function, bounds) -> int:
+def _weights(mod, func: relax.Function, bounds) -> int:
+    """Bytes of the constants used by any Relax function of ``mod`` (a chunk function may hold
+    a weight its caller no longer reads), plus ``func``'s weight parameters."""
     seen: dict[int, int] = {}
 
     def cb(e):
@@ -104,7 +106,30 @@ def _weights(func: relax.Function, bounds) -> int:
             if r is not None:
                 seen[hash(e)] = r.nbytes  # one entry per constant object
 
-    relax.analysis.post_order_visit(func, cb)
+    def scan(e):
+        # A-normal form: constants are call arguments or tuple fields; anything else nested
+        # (If, SeqExpr, a local function) is visited whole
+        if isinstance(e, C.GenericConst):
+            cb(e)
+        elif isinstance(e, C.Call):
+            for a in e.args:
+                scan(a)
+        elif isinstance(e, relax.Tuple):
+            for a in e.fields:
+                scan(a)
+        elif not isinstance(e, (relax.Var, tvm.ir.GlobalVar, C.Op, relax.TupleGetItem)):
+            relax.analysis.post_order_visit(e, cb)
+
+    for _, f in mod.functions_items():
+        if not isinstance(f, relax.Function):
+            continue
+        if not isinstance(f.body, relax.SeqExpr):
+            relax.analysis.post_order_visit(f, cb)
+            continue
+        for block in f.body.blocks:
+            for b in block.bindings:
+                scan(b.value)
+        scan(f.body.body)
     extra = 0
     for p in func.params[num_inputs(func) :]:
         r = _tensor_record(str(p.name), p.ty, bounds, "weight")
@@ -212,7 +237,7 @@ def estimate_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") ->
         peak_op=top.op if top else "",
         live_at_peak=tuple(live_records(main.protos, top.index)) if top else (),
         timeline=tuple(tl),
-        weight_bytes=_weights(func, bounds),
+        weight_bytes=_weights(mod, func, bounds),
         input_bytes=sum(r.nbytes for r in inputs),
         inputs=inputs,
         outputs=outputs,

@@ -73,15 +73,22 @@ def estimate_passes(target: tvm.target.Target) -> list:
 
     Same as ``lowering_passes`` but without GPU scheduling (dlight only changes loop structure,
     never which tensors exist), plus ``RewriteDataflowReshape`` which decides which reshapes
-    become free views.
+    become free views. LegalizeOps is ``legalize_cache.CachedLegalizeOps``: the same lowering,
+    memoised per op signature (the search estimates many near-identical modules).
     """
+    from .legalize_cache import CachedLegalizeOps
+
     be = _backend(target)
     if be is None:
-        passes = lowering_passes(target)
+        passes = [
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            CachedLegalizeOps,
+        ]
     else:
         passes = [
             *be.library_dispatch_passes(target),
-            relax.transform.LegalizeOps(),
+            CachedLegalizeOps,
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),

@@ -225,6 +225,32 @@ def test_with_copies_finds_the_same_region_in_the_other_layer(vit2):
             assert j - i == hi - lo and names[i - 1] == seed
 
 
+def test_region_past_a_layer_boundary_is_shortened_to_find_its_copy():
+    """GPT, 2 layers, S=512: the longest legal region from the first layer's queries runs into
+    the second layer's row-local prefix (its LayerNorm, its q/k/v projection), so its op
+    sequence has no copy, and chunking the first layer alone only raised the peak (refused at
+    50%). The search now also tries the longest prefix of such a region that repeats (the
+    layer boundary, auto_chunk.layer_prefix) and chunks both layers in one stage."""
+    from relay_passes.auto_chunk import enumerate_candidates, layer_prefix, with_copies
+
+    w = FAMILIES["gpt"](512, layers=2)
+    mod = ac.from_torch(w.module, w.inputs)
+    prof = estimate_memory(mod, "llvm")
+    names = [str(b.var.name) for blk in mod["main"].body.blocks for b in blk.bindings]
+    longest = max(enumerate_candidates(mod, [prof.peak_binding], SearchOptions()),
+                  key=lambda c: names.index(c.end) - names.index(c.start))
+    assert not with_copies(mod, longest).copies  # as it is, no copy
+    got = layer_prefix(mod, longest)
+    assert got is not None and got.copies and got.start == longest.start
+    assert names.index(got.end) < names.index(longest.end)
+    budget = need_bytes(prof) // 2
+    art = ac.build(mod, "llvm", budget=budget)
+    assert art.report.planned_peak_bytes <= budget and art.report.peak_bytes <= budget
+    assert any(r["regions_in_stage"] >= 2 for r in art.report.chunking["regions"])
+    x = w.inputs[0].numpy()
+    np.testing.assert_allclose(art(x), ac.build(mod, "llvm")(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_prefers_two_regions_over_tiny_chunks():
     """ViT 2304 tokens at 10%: one region meets it only with chunks of 3 rows (769 chunks,

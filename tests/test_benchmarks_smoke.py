@@ -52,6 +52,18 @@ def test_max_length_smoke(tmp_path):
             assert r["fits"] == (r["estimate_bytes"] <= r["budget_bytes"])
 
 
+def test_search_time_smoke(tmp_path):
+    from benchmarks import search_time
+
+    out = tmp_path / "st.jsonl"
+    assert search_time.main(["--quick", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["ok"] and rows[0]["plan_within_budget"]
+    r = rows[0]
+    assert r["search_s"] > 0 and r["tvm_build_s"] > 0 and r["evaluations"] >= 1
+    assert r["search_over_build"] == round(r["search_s"] / r["tvm_build_s"], 3)
+
+
 def test_calibrate_cost_smoke(tmp_path):
     from benchmarks import calibrate_cost
 

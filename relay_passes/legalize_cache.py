@@ -1,0 +1,161 @@
+"""CachedLegalizeOps: TVM's LegalizeOps with each op's lowering memoised (for the estimator).
+
+The AutoChunk search estimates dozens of modules that differ only in a few bindings; most of
+each estimate's time went into legalizing the same ops again (``bb.call_te``: a TE compute
+and ``create_prim_func`` per binding). Here every op's registered ``FLegalize`` is wrapped:
+the first call of an op with given attributes and argument types runs TVM's legalization;
+when it yields one ``call_tir`` of a PrimFunc over the call's own arguments, that PrimFunc
+is kept, and a later call with the same key gets the same PrimFunc (added to the module under
+construction, where the BlockBuilder deduplicates it) called on its own arguments.
+
+What is never memoised (TVM's legalization runs each time): calls with a non-static argument
+or result shape, arguments that are tuples or other expressions holding variables, and any
+legalization that emits other bindings, calls something else, or passes extra (symbolic)
+arguments. So a cached result is exactly what TVM would produce, up to the PrimFunc's name.
+
+Used by ``pipeline.estimate_passes`` only; builds use TVM's own ``LegalizeOps``.
+"""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from . import _compat as C
+
+_CALL_TIR = C.Op.get("relax.call_tir")
+_MAX_ENTRIES = 4096
+# key -> (PrimFunc, its name hint, per call_tir argument: the index of the op's argument)
+_MEMO: dict[tuple, tuple] = {}
+_WRAPPERS: dict[str, object] = {}
+_TARGET = [""]  # the target in scope for the running pass: some lowerings depend on it
+stats = {"hits": 0, "misses": 0, "uncached": 0}
+
+
+def _key(call) -> tuple | None:
+    """(target, op, attrs, argument types / values, type args) as structural hashes; None:
+    uncacheable."""
+    h = tvm_ffi.structural_hash
+    parts: list = [_TARGET[0], str(call.op.name), h(call.attrs) if call.attrs is not None else 0]
+    args = list(call.args)
+    for k, a in enumerate(args):
+        if isinstance(a, (relax.Var, C.GenericConst)):
+            if not isinstance(a.ty, C.TensorType) or C.static_shape(a.ty) is None:
+                return None  # symbolic, or tuples, shapes, objects: may hold variables
+            if isinstance(a, C.GenericConst) and _small(a):
+                # TVM inlines small constants (a scalar scale) into the PrimFunc: key by value
+                parts.append(("c", h(a)))
+                continue
+            # which earlier argument is the same tensor: TVM lowers f(x, x) to a PrimFunc
+            # with one input, f(x, y) to one with two
+            same = next(i for i in range(k + 1) if args[i].same_as(a))
+            parts.append(("t", h(a.ty), same))
+        elif isinstance(a, relax.ShapeExpr):
+            if not all(isinstance(v, tvm.tirx.IntImm) for v in a.values):
+                return None  # symbolic
+            parts.append(("e", h(a)))
+        elif isinstance(a, (tvm.tirx.IntImm, tvm.tirx.FloatImm, tvm.ir.StringImm)):
+            parts.append(("e", h(a)))  # prim values are Relax expressions in TVM 0.27
+        else:
+            return None
+    parts.append(tuple(h(t) for t in call.ty_args))
+    return tuple(parts)
+
+
+def _record(bb, call, res) -> tuple | None:
+    """(PrimFunc, name, argument map) when ``res`` is one call_tir over ``call``'s arguments."""
+    if not isinstance(res, C.Call) or not res.op.same_as(_CALL_TIR) or len(res.args) != 2:
+        return None
+    gv, args = res.args
+    if not isinstance(gv, tvm.ir.GlobalVar) or not isinstance(args, relax.Tuple):
+        return None
+    if any(C.static_shape(t) is None for t in _leaves(res.ty_args)):
+        return None
+    idx = []
+    for a in args.fields:
+        i = next((k for k, b in enumerate(call.args) if b.same_as(a)), None)
+        if i is None:
+            return None  # an argument the legalization made: not ours to replay
+        idx.append(i)
+    for k, b in enumerate(call.args):
+        if isinstance(b, C.GenericConst) and not _small(b) and k not in idx:
+            return None  # a constant keyed by type only was inlined, not passed: not reusable
+    func = bb.get()[gv]
+    if not isinstance(func, C.PrimFunc):
+        return None
+    return func, gv.name_hint, tuple(idx), res
+
+
+def _small(const) -> bool:
+    shape = C.static_shape(const.ty)
+    return shape is not None and C.prod(shape) <= 64
+
+
+def _leaves(tys) -> list:
+    out = []
+    for t in tys:
+        if isinstance(t, C.TupleType):
+            out.extend(_leaves(t.fields))
+        else:
+            out.append(t)
+    return out
+
+
+def _wrapper(op_name: str, default):
+    def legalize(bb, call):
+        key = _key(call)
+        hit = _MEMO.get(key) if key is not None else None
+        if hit is not None:
+            func, name, idx, res = hit
+            stats["hits"] += 1
+            gv = bb.add_func(func, name)
+            args = relax.Tuple([call.args[i] for i in idx])
+            return relax.Call(res.op, [gv, args], res.attrs, res.ty_args)
+        res = default(bb, call)
+        if key is None:
+            stats["uncached"] += 1
+            return res
+        stats["misses"] += 1
+        rec = _record(bb, call, res)
+        if rec is not None:
+            if len(_MEMO) >= _MAX_ENTRIES:
+                _MEMO.clear()
+            _MEMO[key] = rec
+        return res
+
+    return legalize
+
+
+def _ops_in(mod) -> set[str]:
+    names: set[str] = set()
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr):
+            for block in f.body.blocks:
+                for b in block.bindings:
+                    n = C.op_name(b.value)
+                    if n:
+                        names.add(n)
+    return names
+
+
+def legalize_map(mod) -> dict:
+    """{op name: memoising legalization} for the ops of ``mod`` that TVM can legalize."""
+    out = {}
+    for name in sorted(_ops_in(mod)):
+        w = _WRAPPERS.get(name)
+        if w is None:
+            default = C.Op.get(name).get_attr("FLegalize")
+            if default is None:
+                continue
+            w = _WRAPPERS[name] = _wrapper(name, default)
+        out[name] = w
+    return out
+
+
+@tvm.transform.module_pass(opt_level=0, name="CachedLegalizeOps")
+def CachedLegalizeOps(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``relax.transform.LegalizeOps()`` with each op's legalization memoised."""
+    tgt = tvm.target.Target.current()
+    _TARGET[0] = "" if tgt is None else str(tgt)
+    return relax.transform.LegalizeOps(legalize_map(mod))(mod)

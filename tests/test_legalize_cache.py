@@ -1,0 +1,118 @@
+"""CachedLegalizeOps lowers exactly as TVM's LegalizeOps (the estimator relies on it)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import tvm
+import tvm_ffi
+from tvm import relax
+
+import tvm_autochunk as ac
+from benchmarks.fuzz_graphs import RandomDraw, generate
+from benchmarks.models import FAMILIES
+from relay_passes import legalize_cache as L
+from relay_passes.estimate_memory import estimate_memory
+from relay_passes.plan import ChunkPlan, ChunkRegion
+from relay_passes.rewrite import apply_chunk_plan
+
+
+def _canon(mod) -> tuple:
+    """The module with PrimFuncs named by their structure: a memoised PrimFunc keeps the name it
+    got in the module where it was first lowered (e.g. ``add3`` where TVM says ``add``)."""
+    prims = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    key = {n: tvm_ffi.structural_hash(f) for n, f in prims.items()}
+    rows = []
+    for gv, f in sorted(mod.functions_items(), key=lambda kv: kv[0].name_hint):
+        if isinstance(f, tvm.tirx.PrimFunc):
+            continue
+        rows.append(("fn", gv.name_hint, str(f.params), str(f.ret_ty)))
+        for block in f.body.blocks:
+            for b in block.bindings:
+                v = b.value
+                callee = v.args[0] if isinstance(v, relax.Call) and v.args else None
+                if isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint in prims:
+                    what = (str(v.op), key[callee.name_hint], str(list(v.args)[1:]))
+                else:
+                    what = (str(v),)
+                rows.append((str(b.var.name), str(b.var.ty), *what))
+    return tuple(rows), tuple(sorted(key.values()))
+
+
+def _same(a, b) -> bool:
+    return _canon(a) == _canon(b)
+
+
+def _both(mod, target="llvm"):
+    with tvm.target.Target(target):
+        want = relax.transform.LegalizeOps()(mod)
+        L.CachedLegalizeOps(mod)  # fills the memo
+        before = dict(L.stats)
+        got = L.CachedLegalizeOps(mod)  # served from it
+    return want, got, L.stats["hits"] - before["hits"]
+
+
+@pytest.mark.parametrize(
+    "family,size", [("gpt", 256), ("vit", 196), ("evoformer", 32), ("unet", 16)]
+)
+def test_same_module_as_legalize_ops_on_models(family, size):
+    kw = {"layers": 2} if family in ("gpt", "vit") else {}
+    w = FAMILIES[family](size, **kw)
+    mod = ac.from_torch(w.module, w.inputs)
+    want, got, hits = _both(mod)
+    assert hits > 0
+    assert _same(want, got)
+
+
+def test_same_module_per_target():
+    # the memo is keyed by the target in scope: lowering for one must not serve the other
+    w = FAMILIES["gpt"](128, layers=1)
+    mod = ac.from_torch(w.module, w.inputs)
+    for target in ({"kind": "cuda", "arch": "sm_90"}, "llvm", {"kind": "cuda", "arch": "sm_90"}):
+        want, got, hits = _both(mod, tvm.target.Target(target))
+        assert hits > 0 and _same(want, got)
+
+
+def test_same_module_on_a_chunked_module():
+    # chunk functions call ops on slices with symbolic offsets: what must not be memoised
+    # (symbolic shapes) falls through to TVM's legalization
+    w = FAMILIES["gpt"](256, layers=1)
+    mod = ac.from_torch(w.module, w.inputs)
+    chunked = apply_chunk_plan(mod, ChunkPlan((ChunkRegion("lv11", "lv75", "lv10", 1, 48),)))
+    want, got, hits = _both(chunked)
+    assert hits > 0
+    assert _same(want, got)
+
+
+def test_same_module_on_random_graphs():
+    rng = random.Random(11)
+    for _ in range(40):
+        g = generate(RandomDraw(rng.randrange(10**9)))
+        want, got, _ = _both(g.mod)
+        assert _same(want, got), g.recipe
+
+
+def test_same_estimate_and_a_cache_key_per_signature():
+    w = FAMILIES["evoformer"](32)
+    mod = ac.from_torch(w.module, w.inputs)
+    a = estimate_memory(mod, "llvm")
+    b = estimate_memory(mod, "llvm")
+    assert (a.peak_bytes, a.runtime_peak_bytes, a.timeline) == (
+        b.peak_bytes,
+        b.runtime_peak_bytes,
+        b.timeline,
+    )
+    # two calls that differ only in an argument's shape must not share a PrimFunc
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    y = relax.Var("y", relax.TensorType((4, 9), "float32"))
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            a1 = bb.emit(relax.op.exp(x))
+            a2 = bb.emit(relax.op.exp(y))
+            out = bb.emit_output(relax.Tuple([a1, a2]))
+        bb.emit_func_output(out)
+    want, got, _ = _both(bb.get())
+    assert _same(want, got)
+    assert len([f for f in got.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]) == 2
