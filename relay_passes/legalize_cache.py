@@ -159,3 +159,41 @@ def CachedLegalizeOps(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     tgt = tvm.target.Target.current()
     _TARGET[0] = "" if tgt is None else str(tgt)
     return relax.transform.LegalizeOps(legalize_map(mod))(mod)
+
+
+# ------------------------------------------------------------------ constant folding (GPU)
+
+_BUILDS: dict[tuple, tuple] = {}  # (PrimFunc hash, target) -> (PrimFunc, built module)
+_MAX_BUILDS = 256
+
+
+def _cached_build(orig):
+    """``tirx.build`` memoised by the PrimFunc's structure (checked on a hit) and target."""
+
+    def build(func, target):
+        key = (tvm_ffi.structural_hash(func), str(target))
+        hit = _BUILDS.get(key)
+        if hit is not None and tvm_ffi.structural_equal(hit[0], func):
+            stats["fold_build_hits"] = stats.get("fold_build_hits", 0) + 1
+            return hit[1]
+        out = orig(func, target)
+        if len(_BUILDS) >= _MAX_BUILDS:
+            _BUILDS.clear()
+        _BUILDS[key] = (func, out)
+        return out
+
+    return build
+
+
+@tvm.transform.module_pass(opt_level=0, name="CachedFoldConstant")
+def CachedFoldConstant(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a TVM pass)
+    """``relax.transform.FoldConstant()`` with the CPU builds of the PrimFuncs it evaluates
+    memoised (each estimate of a GPU module folded the same weight transposes again, compiling
+    them with LLVM each time: 80% of the estimate). The pass itself is TVM's: while it runs, the
+    global ``tirx.build`` that it calls is replaced by a memoising wrapper, then restored."""
+    orig = tvm_ffi.get_global_func("tirx.build")
+    tvm_ffi.register_global_func("tirx.build", _cached_build(orig), override=True)
+    try:
+        return relax.transform.FoldConstant()(mod)
+    finally:
+        tvm_ffi.register_global_func("tirx.build", orig, override=True)

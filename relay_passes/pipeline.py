@@ -73,10 +73,10 @@ def estimate_passes(target: tvm.target.Target) -> list:
 
     Same as ``lowering_passes`` but without GPU scheduling (dlight only changes loop structure,
     never which tensors exist), plus ``RewriteDataflowReshape`` which decides which reshapes
-    become free views. LegalizeOps is ``legalize_cache.CachedLegalizeOps``: the same lowering,
-    memoised per op signature (the search estimates many near-identical modules).
+    become free views. LegalizeOps and FoldConstant are ``legalize_cache``'s memoised wrappers:
+    the same lowering and folding (the search estimates many near-identical modules).
     """
-    from .legalize_cache import CachedLegalizeOps
+    from .legalize_cache import CachedFoldConstant, CachedLegalizeOps
 
     be = _backend(target)
     if be is None:
@@ -90,7 +90,7 @@ def estimate_passes(target: tvm.target.Target) -> list:
             *be.library_dispatch_passes(target),
             CachedLegalizeOps,
             relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
+            CachedFoldConstant,
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
         ]

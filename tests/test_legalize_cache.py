@@ -116,3 +116,19 @@ def test_same_estimate_and_a_cache_key_per_signature():
     want, got, _ = _both(bb.get())
     assert _same(want, got)
     assert len([f for f in got.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]) == 2
+
+
+def test_cached_fold_constant_equals_fold_constant_and_restores_tirx_build():
+    # GPU estimates fold the weight transposes on every estimate: the CPU builds are memoised
+    w = FAMILIES["gpt"](128, layers=1)
+    mod = ac.from_torch(w.module, w.inputs)
+    orig = tvm_ffi.get_global_func("tirx.build")
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
+        low = relax.transform.LegalizeOps()(mod)
+        want = relax.transform.FoldConstant()(low)
+        L.CachedFoldConstant(low)
+        before = L.stats.get("fold_build_hits", 0)
+        got = L.CachedFoldConstant(low)
+    assert L.stats.get("fold_build_hits", 0) > before  # served from the memo
+    assert tvm_ffi.structural_equal(want, got)
+    assert tvm_ffi.get_global_func("tirx.build").same_as(orig)
