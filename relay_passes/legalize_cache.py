@@ -186,7 +186,7 @@ def _cached_build(orig):
 
 
 @tvm.transform.module_pass(opt_level=0, name="CachedFoldConstant")
-def CachedFoldConstant(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a TVM pass)
+def CachedFoldConstant(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """``relax.transform.FoldConstant()`` with the CPU builds of the PrimFuncs it evaluates
     memoised (each estimate of a GPU module folded the same weight transposes again, compiling
     them with LLVM each time: 80% of the estimate). The pass itself is TVM's: while it runs, the

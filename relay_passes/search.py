@@ -143,6 +143,7 @@ def fit_chunk(
     does not fit there and one more chunk would cost no less; or it needs no less memory
     there and costs no less there (two seeds of one region often give the same chunked
     module); or, when the best misses the budget, it is at its smallest chunk and no lower.
+    Within 1% of the best's peak there but cheaper (fewer ops), it is taken at that chunk.
     """
     g = max(1, cand.granularity)
     top = (cand.extent // g) * g
@@ -176,6 +177,10 @@ def fit_chunk(
                 return None
         elif m >= beat.peak and cand.cost(c, opts) >= beat.cost:
             return None  # no less memory at the best's chunk, no cheaper there
+        elif m >= beat.peak - beat.peak // 100:
+            # about the same peak at the same chunk (within 1%): the same memory curve (the
+            # region differs by a cheap op or two at its start), so that chunk it is
+            return Fit(c, m, cand.cost(c, opts), len(seen))
     mid = snap(-(-cand.extent // 2))
     if ev(mid) <= target:
         return Fit(mid, seen[mid], cand.cost(mid, opts), len(seen))  # two chunks: the fewest

@@ -64,6 +64,12 @@ def test_fit_drops_a_candidate_that_cannot_beat_the_best():
     calls = []
     got = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or 1000 + 10 * c, opts, beat=best)
     assert got is None and calls == [best.chunk]
+    # the same memory curve but cheaper (fewer ops): taken at that chunk, one evaluation
+    calls = []
+    got = fit_chunk(_cand(ops=5), 6000, lambda c: calls.append(c) or 1000 + 10 * c, opts,
+                    beat=best)
+    assert got is not None and got.chunk == best.chunk and got.cost < best.cost
+    assert calls == [best.chunk]
     # less memory at that chunk: it may fit with fewer chunks, so it is fitted
     got = fit_chunk(_cand(), 6000, lambda c: 500 + 5 * c, opts, beat=best)
     assert got is not None and got.chunk > best.chunk and got.cost < best.cost
