@@ -5,7 +5,7 @@ puts it first). It reads the module with the analyses (``estimate_memory``,
 ``chunk_region.analyze_region``), decides with ``search`` (plain Python), and changes IR only
 through ``rewrite.apply_chunk_plan``. Loop (bounded): estimate -> the most memory-heavy bindings
 of the entry function -> candidate regions around them x legal seed dims -> rank -> fit the
-largest chunk size that meets the budget on the best candidates (exact re-estimates) -> apply
+fewest chunks that meet the budget on the best candidates (exact re-estimates) -> apply
 -> repeat until the estimate fits, or no candidate helps (then ``BudgetInfeasibleError`` with
 the unchunked peak, the best reached, where it is and what blocks going lower).
 
@@ -13,6 +13,8 @@ A stage chunks one region, or the same region in every repeated layer (``with_co
 one chunk size. The search is a bounded tree: a stage that meets the budget only with chunks
 shorter than ``small_rows`` also branches into that region at ``small_rows`` plus later stages
 (at most two such branches); the cheapest plan that fits wins, else the lowest peak seen.
+If the budget is missed, the search runs once more with ``floor_slack`` 0 (every region that
+cannot reach the budget alone takes its lowest peak), reusing the states it has evaluated.
 
 Not handled yet: regions inside callees; a full dynamic programme over stages.
 """

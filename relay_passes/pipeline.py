@@ -81,9 +81,8 @@ def estimate_passes(target: tvm.target.Target) -> list:
     be = _backend(target)
     if be is None:
         passes = [
-            relax.backend.DispatchSampling(),
-            relax.backend.DispatchSortScan(),
-            CachedLegalizeOps,
+            CachedLegalizeOps if p.info.name == "LegalizeOps" else p
+            for p in lowering_passes(target)
         ]
     else:
         passes = [

@@ -1,4 +1,4 @@
-"""Selection for AutoChunk over plain data: rank candidates, fit the largest chunk size.
+"""Selection for AutoChunk over plain data: rank candidates, fit the fewest chunks.
 
 Imports nothing from TVM (a test checks it): candidates are plain records and the memory of a
 chunked module comes from the caller's ``evaluate(chunk) -> bytes`` callback (an exact
