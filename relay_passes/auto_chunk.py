@@ -124,14 +124,17 @@ def _op_key(binding) -> str:
     return type(v).__name__
 
 
-def layer_prefix(mod, cand: Candidate, function: str = "main") -> Candidate | None:
-    """The longest prefix of ``cand``'s region whose op sequence repeats, with its copies (see
-    ``with_copies``), when ``cand`` itself has none; else None.
+def layer_prefix(
+    mod, cand: Candidate, function: str = "main", more_than: int = 0
+) -> Candidate | None:
+    """The prefix of ``cand``'s region with the most copies, more than ``more_than`` (see
+    ``with_copies``; pass the number ``cand`` itself has), with its copies; else None. Of
+    prefixes with as many copies, the longest.
 
     A region that runs past the end of a repeated layer (into the next layer's row-local
-    prefix: its LayerNorm, its q/k/v projection) has no copy, and chunking one of several
-    equal layers alone cannot lower their common peak. The prefix must keep at least half of
-    the region (a layer boundary, not a short motif that happens to repeat).
+    prefix: its LayerNorm, its q/k/v projection) has no copy in the last layer, and chunking
+    some of several equal layers cannot lower their common peak. The prefix must keep at
+    least half of the region (a layer boundary, not a short motif that happens to repeat).
     """
     func = mod[function]
     for block in func.body.blocks:
@@ -140,20 +143,35 @@ def layer_prefix(mod, cand: Candidate, function: str = "main") -> Candidate | No
         if cand.start not in names or cand.end not in names:
             continue
         j, e = names.index(cand.start), names.index(cand.end)
-        for e2 in range(e - 1, j + (e - j) // 2 - 1, -1):  # longest first, at least half
-            pat, n = keys[j : e2 + 1], e2 - j + 1
-            if not any(
-                keys[k : k + n] == pat for k in range(1, len(keys) - n + 1) if k > e2 or k + n <= j
-            ):
-                continue
+        # the most repeats first (every layer), then the longest; at least half the region
+        reps = {e2: _repeats(keys, j, e2) for e2 in range(j + (e - j) // 2, e)}  # op keys only
+        best = None
+        for e2 in sorted(reps, key=lambda x: (-reps[x], -x)):
+            have = len(best.copies) if best is not None else more_than
+            if reps[e2] <= have:
+                break  # no shorter prefix can have more copies
             ra = analyze_region(mod, cand.start, names[e2], cand.seed, cand.dim, function=function)
             if not ra.legal:
                 continue
+            # a same-op copy may still differ (e.g. the last layer's outputs): count real ones
             shorter = with_copies(mod, _candidate(ra, func), function)
-            if shorter.copies:
-                return shorter
-        return None
+            if len(shorter.copies) > have:
+                best = shorter
+        return best
     return None
+
+
+def _repeats(keys: list[str], j: int, e: int) -> int:
+    """How many disjoint copies of ``keys[j..e]`` the block has besides itself."""
+    pat, n = keys[j : e + 1], e - j + 1
+    count, k = 0, 1
+    while k + n <= len(keys):
+        if (k + n - 1 < j or k > e) and keys[k : k + n] == pat:
+            count += 1
+            k += n
+        else:
+            k += 1
+    return count
 
 
 def with_copies(mod, cand: Candidate, function: str = "main") -> Candidate:
@@ -379,10 +397,10 @@ def auto_chunk(
             ranked = []
             for c in rank_candidates(cands)[: 4 * opts.evaluate_top]:
                 ranked.append(with_copies(cur, c, function))
-                if not ranked[-1].copies:  # maybe it runs past the end of a repeated layer
-                    p = layer_prefix(cur, c, function)
-                    if p is not None and p not in ranked:
-                        ranked.append(p)
+                # it may run past the end of a repeated layer: then a prefix has more copies
+                p = layer_prefix(cur, c, function, more_than=len(ranked[-1].copies))
+                if p is not None and p not in ranked:
+                    ranked.append(p)
             ranked = rank_candidates(ranked)
             memo[cur] = (ranked, reasons, {})
         ranked, reasons, tried = memo[cur]

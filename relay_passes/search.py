@@ -24,6 +24,7 @@ class SearchOptions:
     max_evals_per_candidate: int = 6
     probe_chunks: int = 32  # the second probe: this many chunks (the first is two)
     chunk_tolerance: float = 0.1  # stop refining when at most 10% fewer chunks could fit
+    max_calls: int = 1024  # chunk calls of one stage (all copies) at most
     # a region that cannot reach the budget alone may leave the peak this far (and at least
     # 1 MiB above 32 MiB) above its smallest, for fewer chunks; a search that then misses the
     # budget is repeated with 0 (auto_chunk)
@@ -134,9 +135,10 @@ def fit_chunk(
     be cheaper by more than ``opts.chunk_tolerance``, or ``opts.max_evals_per_candidate``.
 
     If even ``probe_chunks`` chunks do not fit, 8x as many are tried, then the smallest chunk
-    (the granularity): if that does not fit either (other parts of the graph set a floor), the
-    target becomes "within ``opts.floor_slack`` (max(1 MiB, 3%)) of that floor" (best effort:
-    the largest chunk that gets there, not chunk 1).
+    (the granularity, or more rows so that the stage makes at most ``opts.max_calls`` calls
+    over every copy of the region): if that does not fit either (other parts of the graph set
+    a floor), the target becomes "within ``opts.floor_slack`` (max(1 MiB, 3%)) of that floor"
+    (best effort: the largest chunk that gets there, not chunk 1).
 
     ``beat``: the best fit found so far for another candidate. This one is first evaluated at
     that fit's chunk and dropped (None) after that one evaluation when it cannot beat it: it
@@ -188,16 +190,20 @@ def fit_chunk(
     if ev(lo) > target and seen[lo] >= seen[mid]:
         # 16x more chunks saved nothing: the peak is set elsewhere, not by this region's chunk
         return Fit(mid, seen[mid], cand.cost(mid, opts), len(seen))
-    if seen[lo] > target and lo > g:
+    # the smallest chunk tried: the granularity, unless that makes more than max_calls calls
+    # (over every copy of the region): each call is a binding the estimate walks, and chunks
+    # of a few rows are too slow to be worth it anyway
+    smallest = snap(-(-cand.extent * cand.n_regions // max(1, opts.max_calls)))
+    if seen[lo] > target and lo > smallest:
         # 8x more chunks before the smallest chunk (on long dims that one is costly to
         # evaluate: one call per row)
         lo2 = snap(-(-cand.extent // (8 * max(2, opts.probe_chunks))))
-        floor = ev(lo2) if lo2 < lo and ev(lo2) <= target else ev(g)
+        floor = ev(lo2) if smallest < lo2 < lo and ev(lo2) <= target else ev(smallest)
         if floor > target:
             # this region alone cannot reach the budget (other parts of the graph set a floor):
             # take the largest chunk that gets within a small margin of that floor, not chunk 1
             target = floor + _slack(floor, opts)
-    elif seen[lo] > target:  # lo is the granularity: it is the floor
+    elif seen[lo] > target:  # lo is the smallest chunk: it is the floor
         target = seen[lo] + _slack(seen[lo], opts)
 
     while len(seen) < opts.max_evals_per_candidate:

@@ -257,6 +257,28 @@ def test_region_past_a_layer_boundary_is_shortened_to_find_its_copy():
     np.testing.assert_allclose(art(x), ac.build(mod, "llvm")(x), rtol=1e-5, atol=1e-6)
 
 
+def test_every_layer_is_chunked_jointly_in_a_deeper_model():
+    """GPT, 4 layers, S=1024: regions that start at a layer's queries run into the next
+    layer's LayerNorm, so the last layer (followed by the final LayerNorm only) had no copy:
+    3 of 4 layers were chunked with 1-row chunks (1024 calls each) before the 4th got a stage
+    of its own, and the search took 30 s. layer_prefix takes the prefix with the most copies."""
+    w = FAMILIES["gpt"](1024, layers=4)
+    mod = ac.from_torch(w.module, w.inputs)
+    budget = need_bytes(estimate_memory(mod, "llvm")) // 2
+    _, res = auto_chunk(mod, "llvm", budget)
+    assert res.final_peak <= budget
+    assert len(res.stages) == 1 and len(res.stages[0].regions) == 4, res.to_dict()
+    assert res.stages[0].region.chunk >= SearchOptions().small_rows
+
+
+def test_smallest_chunk_probed_is_bounded_by_max_calls():
+    # a floor search evaluates the smallest chunk: at most max_calls calls over the copies
+    cand = Candidate("main", "a", "b", "x", 0, 4096, 1, 10, 100, 10, copies=(("c", "d", "y"),))
+    calls = []
+    fit_chunk(cand, 10, lambda c: calls.append(c) or 10**6 + c, SearchOptions(max_calls=512))
+    assert min(calls) == 16  # 4096 rows x 2 regions / 512 calls
+
+
 @pytest.mark.slow
 def test_prefers_two_regions_over_tiny_chunks():
     """ViT 2304 tokens at 10%: one region meets it only with chunks of 3 rows (769 chunks,
