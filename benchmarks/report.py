@@ -37,6 +37,7 @@ SLOWDOWN_LIMIT = 1.10  # targets: >= 90% cut at <= 10% slowdown (GPT, Evoformer)
 CUT_TARGET = 90.0
 CUT_TARGET_FAMILIES = ("gpt", "evoformer")
 TIGHTEST_TARGET = 10.0  # tightest reachable budget <= 10% of the unchunked peak (every family)
+SEARCH_TARGET = 0.2  # AutoChunk search + rewrite time over TVM's build time of the model
 BIG_PEAK = 64 * MIB  # estimator target: within 5% of the measured peak for peaks >= 64 MiB
 
 BENCH_SECTIONS = (
@@ -563,6 +564,18 @@ def section_targets(data: Data) -> list[str]:
         out += ["", f"Per model at its best size: {len(met)} of {len(fams)} met "
                 f"({', '.join(met) if met else 'none'})."]
     out.append("")
+    rows = [r for r in data.search_time or [] if r.get("ok") and r.get("search_over_build")]
+    if not rows:
+        out += ["_No search-time results: the search-time target is not evaluated._", ""]
+    else:
+        parts = []
+        for t in sorted({r["target"] for r in rows}):
+            rs = [r["search_over_build"] for r in rows if r["target"] == t]
+            met = sum(x <= SEARCH_TARGET for x in rs)
+            parts.append(f"{t} {met} of {len(rs)} points ({min(rs):.2f}-{max(rs):.2f}: "
+                         f"{'met' if met == len(rs) else 'missed'})")
+        out += [f"Search time under {SEARCH_TARGET:.0%} of TVM's build time (search_time.jsonl): "
+                + "; ".join(parts) + ".", ""]
     if data.max_length is None:
         out.append("_No max-length results: ratios not evaluated._")
     else:
