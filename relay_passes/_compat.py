@@ -177,10 +177,18 @@ def prim_func_workspace(pf, target, bounds: dict[str, int] | None = None) -> tup
     """
     bounds = bounds or {}
     key = (tvm_ffi.structural_hash(pf), str(target.kind.name), tuple(sorted(bounds.items())))
-    if key in _WS_CACHE:
-        return _WS_CACHE[key]
+    # structural hashes collide (seen on tensor types): a hit must also be structurally equal
+    bucket = _WS_CACHE.setdefault(key, [])
+    for other, sizes in bucket:
+        if tvm_ffi.structural_equal(other, pf):
+            return sizes
+    out = _workspace(pf, target, bounds)
+    bucket.append((pf, out))
+    return out
+
+
+def _workspace(pf, target, bounds: dict[str, int]) -> tuple[int, ...]:
     if not _has_global_alloc(pf):
-        _WS_CACHE[key] = ()
         return ()
     lowered = _lower_for_workspace(pf, target)
     sizes: list[int] = []
@@ -207,8 +215,7 @@ def prim_func_workspace(pf, target, bounds: dict[str, int] | None = None) -> tup
         return vis.default_visit(node)
 
     tvm_ffi.structural_visit(lowered.body, [(tvm.tirx.stmt.AllocBuffer, on_alloc)])
-    _WS_CACHE[key] = tuple(sizes)
-    return _WS_CACHE[key]
+    return tuple(sizes)
 
 
 def _has_global_alloc(pf) -> bool:

@@ -26,7 +26,8 @@ from . import _compat as C
 
 _CALL_TIR = C.Op.get("relax.call_tir")
 _MAX_ENTRIES = 4096
-# key -> (PrimFunc, its name hint, per call_tir argument: the index of the op's argument)
+# key -> (PrimFunc, its name hint, per call_tir argument: the index of the op's argument,
+#         TVM's call_tir, the op call it was lowered from)
 _MEMO: dict[tuple, tuple] = {}
 _WRAPPERS: dict[str, object] = {}
 _TARGET = [""]  # the target in scope for the running pass: some lowerings depend on it
@@ -34,33 +35,54 @@ stats = {"hits": 0, "misses": 0, "uncached": 0}
 
 
 def _key(call) -> tuple | None:
-    """(target, op, attrs, argument types / values, type args) as structural hashes; None:
-    uncacheable."""
+    """(target, op, attrs hash, argument signatures, type-args hash); None: uncacheable.
+
+    Shapes, dtypes and small constants' values are spelled out exactly: TVM's structural hash
+    is not collision-free on its own (R.Tensor((1, 20, 200)) and R.Tensor((1, 3, 18)) hash
+    alike; found by fuzzing), so hashed parts (attrs, type args) are also compared
+    structurally on every hit (``_same_call``).
+    """
     h = tvm_ffi.structural_hash
     parts: list = [_TARGET[0], str(call.op.name), h(call.attrs) if call.attrs is not None else 0]
     args = list(call.args)
     for k, a in enumerate(args):
         if isinstance(a, (relax.Var, C.GenericConst)):
-            if not isinstance(a.ty, C.TensorType) or C.static_shape(a.ty) is None:
+            shape = C.static_shape(a.ty) if isinstance(a.ty, C.TensorType) else None
+            if shape is None:
                 return None  # symbolic, or tuples, shapes, objects: may hold variables
+            dtype = C.tensor_dtype(a.ty)
             if isinstance(a, C.GenericConst) and _small(a):
                 # TVM inlines small constants (a scalar scale) into the PrimFunc: key by value
-                parts.append(("c", h(a)))
+                parts.append(("c", shape, dtype, a.value.numpy().tobytes()))
                 continue
             # which earlier argument is the same tensor: TVM lowers f(x, x) to a PrimFunc
             # with one input, f(x, y) to one with two
             same = next(i for i in range(k + 1) if args[i].same_as(a))
-            parts.append(("t", h(a.ty), same))
+            parts.append(("t", shape, dtype, same))
         elif isinstance(a, relax.ShapeExpr):
             if not all(isinstance(v, tvm.tirx.IntImm) for v in a.values):
                 return None  # symbolic
-            parts.append(("e", h(a)))
-        elif isinstance(a, (tvm.tirx.IntImm, tvm.tirx.FloatImm, tvm.ir.StringImm)):
-            parts.append(("e", h(a)))  # prim values are Relax expressions in TVM 0.27
+            parts.append(("s", tuple(int(v) for v in a.values)))
+        elif isinstance(a, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+            parts.append(("p", str(a.ty), a.value))  # prim values are Relax exprs in 0.27
+        elif isinstance(a, tvm.ir.StringImm):
+            parts.append(("str", str(a.value)))
         else:
             return None
     parts.append(tuple(h(t) for t in call.ty_args))
     return tuple(parts)
+
+
+def _same_call(call, first) -> bool:
+    """The hashed parts of two calls with one key are really equal (attrs, type args)."""
+    eq = tvm_ffi.structural_equal
+    if (call.attrs is None) != (first.attrs is None):
+        return False
+    if call.attrs is not None and not eq(call.attrs, first.attrs):
+        return False
+    return len(call.ty_args) == len(first.ty_args) and all(
+        eq(a, b) for a, b in zip(call.ty_args, first.ty_args)
+    )
 
 
 def _record(bb, call, res) -> tuple | None:
@@ -84,7 +106,7 @@ def _record(bb, call, res) -> tuple | None:
     func = bb.get()[gv]
     if not isinstance(func, C.PrimFunc):
         return None
-    return func, gv.name_hint, tuple(idx), res
+    return func, gv.name_hint, tuple(idx), res, call
 
 
 def _small(const) -> bool:
@@ -106,8 +128,11 @@ def _wrapper(op_name: str, default):
     def legalize(bb, call):
         key = _key(call)
         hit = _MEMO.get(key) if key is not None else None
+        if hit is not None and not _same_call(call, hit[4]):
+            hit = None  # a hash collision in attrs or type args: lower it, keep the first
+            key = None
         if hit is not None:
-            func, name, idx, res = hit
+            func, name, idx, res, _ = hit
             stats["hits"] += 1
             gv = bb.add_func(func, name)
             args = relax.Tuple([call.args[i] for i in idx])

@@ -132,3 +132,24 @@ def test_cached_fold_constant_equals_fold_constant_and_restores_tirx_build():
     assert L.stats.get("fold_build_hits", 0) > before  # served from the memo
     assert tvm_ffi.structural_equal(want, got)
     assert tvm_ffi.get_global_func("tirx.build").same_as(orig)
+
+
+def test_types_whose_structural_hashes_collide_get_their_own_primfunc():
+    """Fuzzing found R.Tensor((1, 20, 200)) and R.Tensor((1, 3, 18)) with one structural hash:
+    keyed by that hash, gelu on the second got the first's PrimFunc and output type, and a
+    matmul downstream failed to lower. Shapes are now spelled out in the key."""
+    a = relax.TensorType((1, 20, 200), "float32")
+    b = relax.TensorType((1, 3, 18), "float32")
+    assert tvm_ffi.structural_hash(a) == tvm_ffi.structural_hash(b)  # TVM's hash, as found
+    bb = relax.BlockBuilder()
+    x, y = relax.Var("x", a), relax.Var("y", b)
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            g1 = bb.emit(relax.op.nn.gelu(x))
+            g2 = bb.emit(relax.op.nn.gelu(y))
+            out = bb.emit_output(relax.Tuple([g1, g2]))
+        bb.emit_func_output(out)
+    want, got, _ = _both(bb.get())
+    assert _same(want, got)
+    tys = [str(b.var.ty) for b in got["main"].body.blocks[0].bindings[:2]]
+    assert tys == [str(a), str(b)]
