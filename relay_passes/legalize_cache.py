@@ -12,8 +12,13 @@ What is never memoised (TVM's legalization runs each time): calls with a non-sta
 or result shape, arguments that are tuples or other expressions holding variables, and any
 legalization that emits other bindings, calls something else, or passes extra (symbolic)
 arguments. So a cached result is exactly what TVM would produce, up to the PrimFunc's name.
+The key spells out shapes, dtypes and small constants' values; what it hashes (attrs, type
+args) is compared structurally on every hit, since TVM's structural hash collides (``_key``).
 
-Used by ``pipeline.estimate_passes`` only; builds use TVM's own ``LegalizeOps``.
+``CachedFoldConstant`` does the same for GPU estimates' FoldConstant (its CPU builds).
+
+Used by ``pipeline.estimate_passes`` only; builds use TVM's own ``LegalizeOps`` and
+``FoldConstant``.
 """
 
 from __future__ import annotations
