@@ -20,7 +20,7 @@ from fractions import Fraction
 from tvm import relax
 
 from . import _compat as C
-from .chunk_region import RegionAnalysis, _reads_by_block, _static_shape, bindings_by_name
+from .chunk_region import RegionAnalysis, _reads_by_block, bindings_by_name
 
 # ops that may become views (no copy) of their tensor arguments once lowered: reshapes, copies
 # whose index map is the identity (RewriteDataflowReshape turns them into reshapes), identities.
@@ -236,14 +236,14 @@ def reusable_inputs(mod, ra: RegionAnalysis, inputs: list) -> dict[str, relax.Va
     chosen: dict[str, relax.Var] = {}
     for o in ra.outputs:
         oty = bindings[o.name].var.ty
-        oshape = _static_shape(oty)
+        oshape = C.static_shape(oty)
         if oshape is None:
             continue
         want = _rows(oshape, o.dim, o.scale)
         for x in inputs:
             if any(x.same_as(c) for c in chosen.values()) or groups.is_tainted(x):
                 continue
-            xshape = _static_shape(x.ty)
+            xshape = C.static_shape(x.ty)
             if xshape is None or C.tensor_dtype(x.ty) != C.tensor_dtype(oty):
                 continue
             if C.prod(xshape) != C.prod(oshape):
@@ -277,10 +277,10 @@ def _only_row_reads(root, uses, order, start, ra, body, bindings, sliced, seed, 
             if not hit:
                 continue
             if seed is not None and isinstance(a, relax.Var) and a.same_as(seed):
-                rows = _rows(_static_shape(seed.ty), ra.seed.dim, Fraction(1))
+                rows = _rows(C.static_shape(seed.ty), ra.seed.dim, Fraction(1))
             elif isinstance(a, relax.Var) and (name, i) in sliced:
                 s = sliced[(name, i)]
-                shape = _static_shape(a.ty)
+                shape = C.static_shape(a.ty)
                 if shape is None:
                     return False
                 rows = _rows(shape, s.dim, s.scale)

@@ -31,7 +31,13 @@ import tvm
 from tvm import relax
 
 from . import _compat as C
-from .chunk_region import RegionAnalysis, _reads_by_block, analyze_region, bindings_by_name
+from .chunk_region import (
+    RegionAnalysis,
+    _reads_by_block,
+    analyze_region,
+    bindings_by_name,
+    block_layout,
+)
 from .errors import BudgetInfeasibleError, PassContractError
 from .estimate_memory import estimate_memory
 from .plan import ChunkPlan, ChunkRegion, human_bytes
@@ -117,13 +123,6 @@ class AutoChunkResult:
         }
 
 
-def _op_key(binding) -> str:
-    v = binding.value
-    if isinstance(v, C.Call) and isinstance(v.op, C.Op):
-        return str(v.op.name)
-    return type(v).__name__
-
-
 def layer_prefix(
     mod, cand: Candidate, function: str = "main", more_than: int = 0
 ) -> Candidate | None:
@@ -137,28 +136,26 @@ def layer_prefix(
     least half of the region (a layer boundary, not a short motif that happens to repeat).
     """
     func = mod[function]
-    for block in func.body.blocks:
-        keys = [_op_key(b) for b in block.bindings]
-        names = [str(b.var.name) for b in block.bindings]
-        if cand.start not in names or cand.end not in names:
+    layout = block_layout(func, cand.start)
+    if layout is None or cand.end not in layout[0]:
+        return None
+    names, keys = layout
+    j, e = names.index(cand.start), names.index(cand.end)
+    # the most repeats first (every layer), then the longest; at least half the region
+    reps = {e2: _repeats(keys, j, e2) for e2 in range(j + (e - j) // 2, e)}  # op keys only
+    best = None
+    for e2 in sorted(reps, key=lambda x: (-reps[x], -x)):
+        have = len(best.copies) if best is not None else more_than
+        if reps[e2] <= have:
+            break  # no shorter prefix can have more copies
+        ra = analyze_region(mod, cand.start, names[e2], cand.seed, cand.dim, function=function)
+        if not ra.legal:
             continue
-        j, e = names.index(cand.start), names.index(cand.end)
-        # the most repeats first (every layer), then the longest; at least half the region
-        reps = {e2: _repeats(keys, j, e2) for e2 in range(j + (e - j) // 2, e)}  # op keys only
-        best = None
-        for e2 in sorted(reps, key=lambda x: (-reps[x], -x)):
-            have = len(best.copies) if best is not None else more_than
-            if reps[e2] <= have:
-                break  # no shorter prefix can have more copies
-            ra = analyze_region(mod, cand.start, names[e2], cand.seed, cand.dim, function=function)
-            if not ra.legal:
-                continue
-            # a same-op copy may still differ (e.g. the last layer's outputs): count real ones
-            shorter = with_copies(mod, _candidate(ra, func), function)
-            if len(shorter.copies) > have:
-                best = shorter
-        return best
-    return None
+        # a same-op copy may still differ (e.g. the last layer's outputs): count real ones
+        shorter = with_copies(mod, _candidate(ra, func), function)
+        if len(shorter.copies) > have:
+            best = shorter
+    return best
 
 
 def _repeats(keys: list[str], j: int, e: int) -> int:
@@ -182,33 +179,30 @@ def with_copies(mod, cand: Candidate, function: str = "main") -> Candidate:
     overlap ``cand`` or each other. Without any, ``cand`` is returned unchanged.
     """
     func = mod[function]
-    for block in func.body.blocks:
-        bs = list(block.bindings)
-        names = [str(b.var.name) for b in bs]
-        if cand.start not in names or cand.end not in names:
-            continue
-        j, e = names.index(cand.start), names.index(cand.end)
-        if j == 0 or names[j - 1] != cand.seed:
-            return cand  # seeded by a parameter or from further back: not a layer pattern
-        keys = [_op_key(b) for b in bs]
-        pat, n = keys[j : e + 1], e - j + 1
-        sig = (cand.extent, cand.granularity, cand.body_ops, cand.body_bytes, cand.out_bytes)
-        copies: list[tuple[str, str, str]] = []
-        k = 1
-        while k + n <= len(bs):
-            if (k + n - 1 < j or k > e) and keys[k : k + n] == pat:  # disjoint, same ops
-                ra = analyze_region(
-                    mod, names[k], names[k + n - 1], names[k - 1], cand.dim, function=function
-                )
-                if ra.legal:
-                    c2 = _candidate(ra, func)
-                    if (c2.extent, c2.granularity, c2.body_ops, c2.body_bytes, c2.out_bytes) == sig:
-                        copies.append((names[k], names[k + n - 1], names[k - 1]))
-                        k += n
-                        continue
-            k += 1
-        return dataclasses.replace(cand, copies=tuple(copies)) if copies else cand
-    return cand
+    layout = block_layout(func, cand.start)
+    if layout is None or cand.end not in layout[0]:
+        return cand
+    names, keys = layout
+    j, e = names.index(cand.start), names.index(cand.end)
+    if j == 0 or names[j - 1] != cand.seed:
+        return cand  # seeded by a parameter or from further back: not a layer pattern
+    pat, n = keys[j : e + 1], e - j + 1
+    sig = (cand.extent, cand.granularity, cand.body_ops, cand.body_bytes, cand.out_bytes)
+    copies: list[tuple[str, str, str]] = []
+    k = 1
+    while k + n <= len(names):
+        if (k + n - 1 < j or k > e) and keys[k : k + n] == pat:  # disjoint, same ops
+            ra = analyze_region(
+                mod, names[k], names[k + n - 1], names[k - 1], cand.dim, function=function
+            )
+            if ra.legal:
+                c2 = _candidate(ra, func)
+                if (c2.extent, c2.granularity, c2.body_ops, c2.body_bytes, c2.out_bytes) == sig:
+                    copies.append((names[k], names[k + n - 1], names[k - 1]))
+                    k += n
+                    continue
+        k += 1
+    return dataclasses.replace(cand, copies=tuple(copies)) if copies else cand
 
 
 def enumerate_candidates(

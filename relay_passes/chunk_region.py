@@ -77,10 +77,6 @@ class RegionAnalysis:
         raise KeyError(name)
 
 
-def _static_shape(ty) -> tuple[int, ...] | None:
-    return C.static_shape(ty)
-
-
 def _leaves(ty) -> list:
     if isinstance(ty, C.TensorType):
         return [ty]
@@ -126,8 +122,8 @@ class _Facts:
         self.op = C.op_name(value)
         call = isinstance(value, C.Call)
         self.args = tuple(_canonical(a, canon) for a in value.args) if call else ()
-        self.arg_shapes = [_static_shape(a.ty) if hasattr(a, "ty") else None for a in self.args]
-        self.out_shapes = [_static_shape(t) for t in _leaves(b.var.ty)] if call else []
+        self.arg_shapes = [C.static_shape(a.ty) if hasattr(a, "ty") else None for a in self.args]
+        self.out_shapes = [C.static_shape(t) for t in _leaves(b.var.ty)] if call else []
         self._flow = None  # (rule, its flow for this binding)
 
     def flow(self, rule, value):
@@ -174,6 +170,12 @@ class _FuncIndex:
         self.facts = {
             v: _Facts(b, canon) for vs, bs in zip(self.vars, self.blocks) for v, b in zip(vs, bs)
         }
+        # per block, each binding's op name (its value's type name when it is no op call):
+        # repeated layers are found by matching these sequences
+        self.op_keys = [
+            [self.facts[v].op or type(b.value).__name__ for v, b in zip(vs, bs)]
+            for vs, bs in zip(self.vars, self.blocks)
+        ]
         self.canon = canon
 
     def var(self, v):
@@ -205,6 +207,15 @@ def _reads_by_block(func: relax.Function):
 
 def _binding_facts(func: relax.Function) -> dict:
     return _index(func).facts
+
+
+def block_layout(func: relax.Function, name: str) -> tuple[list[str], list[str]] | None:
+    """(binding names, op keys) of the block of ``func`` holding binding ``name`` (cached)."""
+    ix = _index(func)
+    for bi, pos in enumerate(ix.position):
+        if name in pos:
+            return ix.names[bi], ix.op_keys[bi]
+    return None
 
 
 def _named_vars(func: relax.Function) -> dict:
@@ -262,7 +273,7 @@ def analyze_region(
 
     shape = None
     if seed_var is not None and seed_var not in region_vars:
-        shape = _static_shape(seed_var.ty)
+        shape = C.static_shape(seed_var.ty)
     if shape is None:
         return fail(f"seed '{seed}' is not a statically shaped tensor defined before the region")
     if not 0 <= dim < len(shape):
@@ -472,8 +483,8 @@ def _sink_sliced(
             rule = get_dim_rule(op) if op else None
             if rule is None:
                 return False
-            arg_shapes = [_static_shape(a.ty) if hasattr(a, "ty") else None for a in value.args]
-            flow = rule(value, arg_shapes, [_static_shape(b.var.ty)])
+            arg_shapes = [C.static_shape(a.ty) if hasattr(a, "ty") else None for a in value.args]
+            flow = rule(value, arg_shapes, [C.static_shape(b.var.ty)])
             if flow is None or dim >= len(flow.outputs[0]):
                 return False
             srcs = flow.outputs[0][dim]
@@ -533,7 +544,7 @@ def legal_dims(mod, start: str, end: str, *, function: str = "main") -> list[Reg
                 seen.append(v)
     out = []
     for v in seen:
-        shape = _static_shape(v.ty)
+        shape = C.static_shape(v.ty)
         if shape is None:
             continue
         for d, n in enumerate(shape):
