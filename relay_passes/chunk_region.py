@@ -113,7 +113,18 @@ def region_bindings(func: relax.Function, start: str, end: str):
 class _Facts:
     """What analyze_region reads of one binding, read once through the FFI per function."""
 
-    __slots__ = ("_flow", "arg_shapes", "args", "is_tensor", "name", "op", "out_shapes")
+    __slots__ = (
+        "_flow",
+        "arg_is_var",
+        "arg_shapes",
+        "args",
+        "is_op",
+        "is_tensor",
+        "kind",
+        "name",
+        "op",
+        "out_shapes",
+    )
 
     def __init__(self, b, canon: dict) -> None:
         value = b.value
@@ -121,7 +132,16 @@ class _Facts:
         self.is_tensor = isinstance(b.var.ty, C.TensorType)
         self.op = C.op_name(value)
         call = isinstance(value, C.Call)
+        # "match_cast", "alias" (a var, tuple or projection), "call", or "other"
+        if isinstance(b, relax.MatchCast):
+            self.kind = "match_cast"
+        elif isinstance(value, (relax.Var, relax.TupleGetItem, relax.Tuple)):
+            self.kind = "alias"
+        else:
+            self.kind = "call" if call else "other"
+        self.is_op = call and isinstance(value.op, C.Op)
         self.args = tuple(_canonical(a, canon) for a in value.args) if call else ()
+        self.arg_is_var = tuple(isinstance(a, relax.Var) for a in self.args)
         self.arg_shapes = [C.static_shape(a.ty) if hasattr(a, "ty") else None for a in self.args]
         self.out_shapes = [C.static_shape(t) for t in _leaves(b.var.ty)] if call else []
         self._flow = None  # (rule, its flow for this binding)
@@ -177,6 +197,7 @@ class _FuncIndex:
             for vs, bs in zip(self.vars, self.blocks)
         ]
         self.canon = canon
+        self.walks: dict = {}  # (block, start, seed var, dim) -> _Walk (analyze_region)
 
     def var(self, v):
         """The canonical object of variable ``v`` (``binding.var`` is a fresh wrapper)."""
@@ -249,103 +270,107 @@ def _used_after(func: relax.Function, block_index: int, region_vars: set) -> set
     return used
 
 
-def analyze_region(
-    mod, start: str, end: str, seed: str, dim: int, *, function: str = "main"
-) -> RegionAnalysis:
-    """Decide whether region ``[start..end]`` can be chunked along ``dim`` of tensor ``seed``."""
-    func = mod[function]
-    bi, bindings = region_bindings(func, start, end)
-    ix = _index(func)
-    bvars = [ix.var(b.var) for b in bindings]  # canonical objects: sets hit by identity
-    region_vars = set(bvars)
+class _Walk:
+    """The forward dim-flow walk of regions from one start, seed and dim, kept per function.
 
-    # the seed: a tensor defined before the region (a param or an earlier binding)
-    seed_var = next((p for p in func.params if str(p.name) == seed), None)
-    named = _named_vars(func)
-    if seed in named:
-        seed_var = named[seed]
-    sd = TensorChunk(seed, dim)
-    current = [""]
-    extent = 0
+    Each binding's outcome depends only on the bindings before it (SSA order), not on where
+    the region ends, so every region ``[start .. end]`` with this seed is a prefix of one
+    walk: ``analyze_region`` extends the walk up to ``end`` (or to the binding that makes
+    the dim illegal) once, and a shorter region reuses it (``_longest_legal`` and
+    ``layer_prefix`` try several ends of one start).
+    """
 
-    def fail(reason: str) -> RegionAnalysis:
-        return RegionAnalysis(function, start, end, sd, extent, False, reason, failed_at=current[0])
+    def __init__(self, ix: _FuncIndex, bi: int, i0: int, seed_var, dim: int) -> None:
+        self.ix = ix
+        self.bindings = ix.blocks[bi]
+        self.vars = ix.vars[bi]
+        self.i0 = i0
+        # spec: var -> chunk spec per tensor leaf: (dim, scale) | None (whole); tuples -> tuple
+        self.spec: dict = {seed_var: (dim, Fraction(1))}
+        self.body: list[str] = []
+        self.hoisted: list[str] = []
+        self.slices: list[ArgSlice] = []
+        self.walked: set = set()  # vars of the bindings walked so far
+        # after the k-th binding of the walk: (len(body), len(hoisted), len(slices))
+        self.lengths: list[tuple[int, int, int]] = []
+        self.failed: tuple[str, str] | None = None  # (binding name, reason)
 
-    shape = None
-    if seed_var is not None and seed_var not in region_vars:
-        shape = C.static_shape(seed_var.ty)
-    if shape is None:
-        return fail(f"seed '{seed}' is not a statically shaped tensor defined before the region")
-    if not 0 <= dim < len(shape):
-        return fail(f"dim {dim} out of range for '{seed}' of shape {shape}")
-    extent = shape[dim]
-
-    # spec: var -> chunk spec per tensor leaf: (dim, scale) | None (whole); tuples -> tuple
-    spec: dict = {seed_var: (dim, Fraction(1))}
-    body: list[str] = []
-    hoisted: list[str] = []
-    slices: list[ArgSlice] = []
-
-    def spec_of(expr):
+    def spec_of(self, expr):
         if isinstance(expr, relax.Var):
-            return spec.get(ix.var(expr))
+            return self.spec.get(self.ix.var(expr))
         if isinstance(expr, relax.TupleGetItem):
-            t = spec_of(expr.tuple_value)
+            t = self.spec_of(expr.tuple_value)
             return t[expr.index] if isinstance(t, tuple) else None
         if isinstance(expr, relax.Tuple):
-            fields = tuple(spec_of(f) for f in expr.fields)
+            fields = tuple(self.spec_of(f) for f in expr.fields)
             return fields if any(f is not None for f in fields) else None
         return None
 
-    facts = ix.facts
-    for bv, b in zip(bvars, bindings):
-        fb = facts[bv]
+    def extend(self, n: int) -> None:
+        """Walk until ``n`` bindings are walked, or one fails."""
+        while self.failed is None and len(self.lengths) < n:
+            i = self.i0 + len(self.lengths)
+            bv, b = self.vars[i], self.bindings[i]
+            reason = self._step(bv, b)
+            if reason is not None:
+                self.failed = (self.ix.facts[bv].name, reason)
+                return
+            self.walked.add(bv)
+            self.lengths.append((len(self.body), len(self.hoisted), len(self.slices)))
+
+    def _step(self, bv, b) -> str | None:
+        """Walk one binding; the reason when it makes the dim illegal."""
+        spec, body, hoisted, slices = self.spec, self.body, self.hoisted, self.slices
+        fb = self.ix.facts[bv]
         name, value = fb.name, b.value
-        current[0] = name
-        if isinstance(b, relax.MatchCast):
-            return fail(f"binding '{name}' is a match_cast (dynamic shape) inside the region")
-        if isinstance(value, (relax.Var, relax.TupleGetItem, relax.Tuple)):
-            s = spec_of(value)
+        kind = fb.kind
+        if kind == "match_cast":
+            return f"binding '{name}' is a match_cast (dynamic shape) inside the region"
+        if kind == "alias":
+            s = self.spec_of(value)
             spec[bv] = s
             (body if s is not None else hoisted).append(name)
-            continue
-        if not isinstance(value, C.Call):
+            return None
+        if kind != "call":
             spec[bv] = None
             hoisted.append(name)
-            continue
+            return None
         args = fb.args
-        arg_specs = [spec_of(a) for a in args]
+        # arguments are canonical objects already: a variable's spec is one dict lookup
+        arg_specs = [
+            spec.get(a) if is_var else self.spec_of(a) for a, is_var in zip(args, fb.arg_is_var)
+        ]
         depends = any(s is not None for s in arg_specs)
         op = fb.op
         if not depends:
-            if op is None or op.startswith("relax.call_") or not isinstance(value.op, C.Op):
-                return fail(
+            if op is None or op.startswith("relax.call_") or not fb.is_op:
+                return (
                     f"binding '{name}' calls {value.op} (not a pure Relax op) inside the "
                     "region; end the region before it"
                 )
             spec[bv] = None
             hoisted.append(name)
-            continue
+            return None
         if op is None:
-            return fail(f"binding '{name}' calls a function ({value.op}); calls are barriers")
+            return f"binding '{name}' calls a function ({value.op}); calls are barriers"
         rule = get_dim_rule(op)
         if rule is None:
-            return fail(f"binding '{name}' ({op}) has no dim-flow rule: it is a barrier")
+            return f"binding '{name}' ({op}) has no dim-flow rule: it is a barrier"
         arg_shapes, out_shapes = fb.arg_shapes, fb.out_shapes
         if any(s is None for s in out_shapes):
-            return fail(f"binding '{name}' ({op}) has a dynamic output shape")
+            return f"binding '{name}' ({op}) has a dynamic output shape"
         flow = fb.flow(rule, value)
         if flow is None:
-            return fail(f"binding '{name}' ({op}) cannot be chunked with these attributes")
+            return f"binding '{name}' ({op}) cannot be chunked with these attributes"
         out_spec: list = [None] * len(out_shapes)
         for i, s in enumerate(arg_specs):
             if s is None:
                 continue
             if isinstance(s, tuple) and s and isinstance(s[0], tuple):
-                return fail(f"binding '{name}' ({op}) takes a chunked tuple; unsupported")
+                return f"binding '{name}' ({op}) takes a chunked tuple; unsupported"
             d, sc = s
             if (i, d) in flow.reduced:
-                return fail(
+                return (
                     f"binding '{name}' ({op.removeprefix('relax.')}) reduces or mixes dim {d} of "
                     f"argument {i}: chunks would not be independent"
                 )
@@ -356,19 +381,19 @@ def analyze_region(
                         if src.arg == i and src.dim == d:
                             want = (j, sc * src.scale)
                             if out_spec[o] not in (None, want):
-                                return fail(
+                                return (
                                     f"binding '{name}' ({op}) maps the chunked dims of "
                                     "its arguments to different output dims"
                                 )
                             out_spec[o] = want
                             hit = True
             if not hit:
-                return fail(
+                return (
                     f"binding '{name}' ({op.removeprefix('relax.')}) does not carry dim "
                     f"{d} of argument {i} to its output"
                 )
         if any(s is None for s in out_spec):
-            return fail(
+            return (
                 f"binding '{name}' ({op}) has an output that is not chunked although "
                 "it reads chunked data"
             )
@@ -381,16 +406,64 @@ def analyze_region(
                 for src in dims[j]:
                     if src.arg == i:
                         if (i, src.dim) in flow.reduced:
-                            return fail(f"binding '{name}' reduces a dim it must slice")
+                            return f"binding '{name}' reduces a dim it must slice"
                         a = args[i]
-                        inside = isinstance(a, relax.Var) and a in region_vars
+                        # in the region = walked already (a binding reads only earlier ones)
+                        inside = isinstance(a, relax.Var) and a in self.walked
                         if inside and str(a.name) not in hoisted:
-                            return fail(f"binding '{name}' reads '{a.name}' whole along the chunk")
+                            return f"binding '{name}' reads '{a.name}' whole along the chunk"
                         slices.append(ArgSlice(name, i, src.dim, sc / src.scale))
         spec[bv] = out_spec[0] if fb.is_tensor else tuple(out_spec)
         body.append(name)
+        return None
 
-    current[0] = ""
+
+def analyze_region(
+    mod, start: str, end: str, seed: str, dim: int, *, function: str = "main"
+) -> RegionAnalysis:
+    """Decide whether region ``[start..end]`` can be chunked along ``dim`` of tensor ``seed``."""
+    func = mod[function]
+    bi, bindings = region_bindings(func, start, end)
+    ix = _index(func)
+    i0 = ix.position[bi][start]
+    bvars = ix.vars[bi][i0 : i0 + len(bindings)]  # canonical objects: sets hit by identity
+    region_vars = set(bvars)
+
+    # the seed: a tensor defined before the region (a param or an earlier binding)
+    seed_var = next((p for p in func.params if str(p.name) == seed), None)
+    named = _named_vars(func)
+    if seed in named:
+        seed_var = named[seed]
+    if seed_var is not None:
+        seed_var = ix.var(seed_var)
+    sd = TensorChunk(seed, dim)
+    extent = 0
+
+    def fail(reason: str, at: str = "") -> RegionAnalysis:
+        return RegionAnalysis(function, start, end, sd, extent, False, reason, failed_at=at)
+
+    shape = None
+    if seed_var is not None and seed_var not in region_vars:
+        shape = C.static_shape(seed_var.ty)
+    if shape is None:
+        return fail(f"seed '{seed}' is not a statically shaped tensor defined before the region")
+    if not 0 <= dim < len(shape):
+        return fail(f"dim {dim} out of range for '{seed}' of shape {shape}")
+    extent = shape[dim]
+
+    key = (bi, start, seed_var, dim)
+    walk = ix.walks.get(key)
+    if walk is None:
+        walk = ix.walks[key] = _Walk(ix, bi, i0, seed_var, dim)
+    n = len(bindings)
+    walk.extend(n)
+    if len(walk.lengths) < n:
+        return fail(walk.failed[1], walk.failed[0])
+    nb, nh, ns = walk.lengths[n - 1]
+    spec = dict(walk.spec)  # _sink_sliced edits these: the walk keeps its own
+    body, hoisted, slices = walk.body[:nb], walk.hoisted[:nh], walk.slices[:ns]
+    facts = ix.facts
+
     used_after = _used_after(func, bi, region_vars)
     reads = dict(ix.reads[bi])
     slices = _sink_sliced(bindings, bvars, spec, hoisted, body, slices, used_after, reads, ix.var)

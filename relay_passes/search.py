@@ -2,7 +2,7 @@
 
 Imports nothing from TVM (a test checks it): candidates are plain records and the memory of a
 chunked module comes from the caller's ``evaluate(chunk) -> bytes`` callback (an exact
-re-estimate). Deterministic: explicit tie-breaks by name; every loop is bounded.
+re-estimate; or its static-plan and run-time parts). Deterministic: explicit tie-breaks by name; every loop is bounded.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class SearchOptions:
     window_before: int = 48  # bindings before a hot binding where a region may start
     window_after: int = 64  # bindings after it where a region may end
     evaluate_top: int = 2  # candidates whose chunk size is fitted exactly, per stage
-    max_evals_per_candidate: int = 6
+    max_evals_per_candidate: int = 8
     probe_chunks: int = 32  # the second probe: this many chunks (the first is two)
     chunk_tolerance: float = 0.1  # stop refining when at most 10% fewer chunks could fit
     max_calls: int = 1024  # chunk calls of one stage (all copies) at most
@@ -103,42 +103,63 @@ def rank_candidates(cands: list[Candidate]) -> list[Candidate]:
     )
 
 
-def balanced_chunk(extent: int, chunk: int, gran: int = 1) -> int:
-    """The smallest chunk (a multiple of ``gran``) that needs as few chunks as ``chunk`` (rounded
-    down to a multiple of ``gran``) does.
+def chunk_for_calls(extent: int, n: int, gran: int = 1) -> int:
+    """The chunk (a multiple of ``gran``) that computes ``extent`` rows in ``n`` calls.
 
-    ``n = ceil(extent / chunk)`` calls cost the same whatever the chunk, and a shorter chunk
-    keeps less live per call (and often leaves no shorter last chunk to compile): 4096 rows
-    by 1196 are 4 chunks, as by 1024.
+    ``n`` divides the extent: ``extent / n``, no last, shorter chunk. Otherwise (3 or more
+    calls) the largest chunk that needs ``n`` calls, so that the last chunk is as short as
+    possible: the last chunk runs in a function of its own (its own static shape), and the
+    VM's pool keeps that function's frame beside the full chunk's (another size: no reuse).
+    So n calls of ``c`` rows plus a short tail hold about one frame of ``c`` rows, while
+    balanced chunks (``ceil(extent / n)`` rows each, the last nearly as long) hold two frames
+    of about ``extent / n`` rows: GPT S=4096, 12 calls, estimated peak 171 MiB with 372-row
+    chunks (last 4) against 263 MiB with 342-row ones (last 334). Two calls over an odd
+    extent are balanced (the two frames then weigh about as much as one of ``extent - 1``).
     """
     g = max(1, gran)
-    c = max(g, chunk // g * g)
-    n = -(-extent // c)
-    return -(-(-(-extent // n)) // g) * g
+    top = max(g, extent // g * g)
+    if n <= 1:
+        return top
+    balanced = min(top, -(-(-(-extent // n)) // g) * g)
+    if extent % n == 0 and (extent // n) % g == 0:
+        return extent // n
+    if n > 2:
+        c = (extent - 1) // (n - 1) // g * g  # the largest with (n - 1) * c < extent
+        if c >= g and -(-extent // c) == n:
+            return c
+    return balanced
 
 
 def fit_chunk(
     cand: Candidate,
     budget: int,
-    evaluate: Callable[[int], int],
+    evaluate: Callable[[int], int | tuple[int, int]],
     opts: SearchOptions,
     *,
     beat: Fit | None = None,
+    unchunked: tuple[int, int] | None = None,
 ) -> Fit | None:
-    """The fewest chunks (the largest chunk size, balanced) whose evaluated peak fits ``budget``.
+    """The fewest chunks (the largest chunk size) whose evaluated peak fits ``budget``.
 
-    Only chunk sizes that are the smallest for their number of chunks are tried
-    (``balanced_chunk``). Probes: two chunks; then ``opts.probe_chunks`` chunks; the answer is
-    bracketed between a chunk that fits and one that does not, and the bracket is narrowed by
-    interpolating the peak linearly in the chunk size (memory grows about linearly with it, and
-    the chord of a convex curve never overshoots), until no number of chunks in between would
-    be cheaper by more than ``opts.chunk_tolerance``, or ``opts.max_evals_per_candidate``.
+    ``evaluate(chunk)`` gives the chunked module's peak, or its (static plan, run-time) peaks
+    (the peak is the larger). The search is over the number of calls; each number is tried
+    at one chunk size, ``chunk_for_calls`` (a divisor of the extent, else the largest chunk
+    for that number). Probes: two chunks; then ``opts.probe_chunks`` chunks. The answer is
+    bracketed between a chunk that fits and one that does not, and the bracket is narrowed
+    by predicting the peak between them (the static plan linear in the chunk, the run-time
+    peak linear in the rows of the chunk and the last, shorter chunk; the chord of a convex
+    curve never overshoots) and trying the fewest calls predicted to fit, until no number of
+    chunks in between would be cheaper by more than ``opts.chunk_tolerance``, or
+    ``opts.max_evals_per_candidate``.
 
     If even ``probe_chunks`` chunks do not fit, 8x as many are tried, then the smallest chunk
     (the granularity, or more rows so that the stage makes at most ``opts.max_calls`` calls
     over every copy of the region): if that does not fit either (other parts of the graph set
     a floor), the target becomes "within ``opts.floor_slack`` (max(1 MiB, 3%)) of that floor"
     (best effort: the largest chunk that gets there, not chunk 1).
+
+    ``unchunked``: the (static plan, run-time) peaks before this stage. A budget under half
+    of it skips the two-chunk probe: that point (one call) closes the bracket instead.
 
     ``beat``: the best fit found so far for another candidate. This one is first evaluated at
     that fit's chunk and dropped (None) after that one evaluation when it cannot beat it: it
@@ -151,14 +172,27 @@ def fit_chunk(
     top = (cand.extent // g) * g
     if top < g or cand.extent // g < 2:
         return None
-    seen: dict[int, int] = {}
+    seen: dict[int, int] = {}  # chunk -> evaluated peak
+    parts: dict[int, tuple[int, int]] = {}  # chunk -> (static plan, run-time) peaks
+    virtual: set[int] = set()  # keys of seen that were not evaluated (the unchunked point)
+
+    def tries() -> int:
+        return len(seen) - len(virtual)
 
     def snap(c: int) -> int:
-        return balanced_chunk(cand.extent, max(g, min(top, c)), g)
+        """The chunk tried for as many calls as chunks of ``c`` rows make."""
+        c = max(g, min(top, c // g * g))
+        return chunk_for_calls(cand.extent, -(-cand.extent // c), g)
+
+    def rows(c: int) -> int:
+        """Rows of the frames held at once with chunks of ``c``: a chunk and the last one."""
+        return c + cand.extent % c
 
     def ev(c: int) -> int:
         if c not in seen:
-            seen[c] = evaluate(c)
+            r = evaluate(c)
+            parts[c] = (int(r), int(r)) if isinstance(r, int) else (int(r[0]), int(r[1]))
+            seen[c] = max(parts[c])
         return seen[c]
 
     def n_of(c: int) -> int:
@@ -182,14 +216,23 @@ def fit_chunk(
         elif m >= beat.peak - beat.peak // 100:
             # about the same peak at the same chunk (within 1%): the same memory curve (the
             # region differs by a cheap op or two at its start), so that chunk it is
-            return Fit(c, m, cand.cost(c, opts), len(seen))
+            return Fit(c, m, cand.cost(c, opts), tries())
     mid = snap(-(-cand.extent // 2))
-    if ev(mid) <= target:
-        return Fit(mid, seen[mid], cand.cost(mid, opts), len(seen))  # two chunks: the fewest
     lo = snap(-(-cand.extent // max(2, opts.probe_chunks)))
-    if ev(lo) > target and seen[lo] >= seen[mid]:
+    if unchunked is not None and budget < min(unchunked) // 2 and lo < mid and mid not in seen:
+        # under half the peak before this stage: two chunks keep about half of the region's
+        # memory or more, so they are not probed; the unchunked point (one call) closes the
+        # bracket instead (it is not a try: never taken, not counted)
+        seen[cand.extent] = max(unchunked)
+        parts[cand.extent] = (int(unchunked[0]), int(unchunked[1]))
+        virtual.add(cand.extent)
+        if ev(lo) > target and seen[lo] >= seen[cand.extent]:
+            ev(mid)  # 16x more chunks than two saved nothing: as below
+    elif ev(mid) <= target:
+        return Fit(mid, seen[mid], cand.cost(mid, opts), tries())  # two chunks: the fewest
+    if ev(lo) > target and mid in seen and seen[lo] >= seen[mid]:
         # 16x more chunks saved nothing: the peak is set elsewhere, not by this region's chunk
-        return Fit(mid, seen[mid], cand.cost(mid, opts), len(seen))
+        return Fit(mid, seen[mid], cand.cost(mid, opts), tries())
     # the smallest chunk tried: the granularity, unless that makes more than max_calls calls
     # (over every copy of the region): each call is a binding the estimate walks, and chunks
     # of a few rows are too slow to be worth it anyway
@@ -206,8 +249,8 @@ def fit_chunk(
     elif seen[lo] > target:  # lo is the smallest chunk: it is the floor
         target = seen[lo] + _slack(seen[lo], opts)
 
-    while len(seen) < opts.max_evals_per_candidate:
-        fits = [k for k, v in seen.items() if v <= target]
+    while tries() < opts.max_evals_per_candidate:
+        fits = [k for k, v in seen.items() if v <= target and k not in virtual]
         if not fits:
             break
         ok = max(fits)
@@ -218,17 +261,33 @@ def fit_chunk(
         # stop when no chunk count between them would save more than the tolerance
         if n_of(ok) - n_of(bad) <= max(1, int(opts.chunk_tolerance * n_of(bad))):
             break
-        m_ok, m_bad = seen[ok], seen[bad]
-        guess = ok + (target - m_ok) * (bad - ok) / max(1, m_bad - m_ok)
-        c = snap(int(guess))
-        if c <= ok or c >= bad or c in seen:
+        # the next try: the fewest calls whose predicted peak fits. The static plan holds the
+        # largest frame, about linear in the chunk; the run-time pool holds the chunk's and the
+        # last, shorter chunk's (a function and a frame of its own), linear in both their rows
+        (s_ok, r_ok), (s_bad, r_bad) = parts[ok], parts[bad]
+
+        def predict(k: int) -> float:
+            s = s_ok + (s_bad - s_ok) * (k - ok) / (bad - ok)
+            d = rows(bad) - rows(ok)
+            r = r_ok + (r_bad - r_ok) * (rows(k) - rows(ok)) / d if d else max(r_ok, r_bad)
+            return max(s, r)
+
+        c = next(
+            (
+                k
+                for n in range(n_of(bad) + 1, n_of(ok))
+                if n_of(k := chunk_for_calls(cand.extent, n, g)) == n and predict(k) <= target
+            ),
+            None,
+        )
+        if c is None or c in seen:
             break  # the line puts the crossing at ok: nothing fewer fits
         ev(c)
-    fits = [k for k, v in seen.items() if v <= target]
+    fits = [k for k, v in seen.items() if v <= target and k not in virtual]
     if not fits:
         return None
     best = max(fits)
-    return Fit(best, seen[best], cand.cost(best, opts), len(seen))
+    return Fit(best, seen[best], cand.cost(best, opts), tries())
 
 
 def _slack(floor: int, opts: SearchOptions) -> int:

@@ -19,7 +19,7 @@ from relay_passes.planned_memory import planned_memory
 from relay_passes.search import (
     Candidate,
     SearchOptions,
-    balanced_chunk,
+    chunk_for_calls,
     fit_chunk,
     rank_candidates,
 )
@@ -36,25 +36,49 @@ def _cand(extent=1024, gran=1, ops=10):
     return Candidate("main", "a", "b", "x", 0, extent, gran, ops, 100, 10)
 
 
+def _pool_model(c, extent=1024):
+    """(static plan, run-time) peaks: 1000 + 10 bytes per row of a chunk; at run time also
+    the last, shorter chunk's own frame (the VM pool keeps both: ``chunk_for_calls``)."""
+    return 1000 + 10 * c, 1000 + 10 * c + 10 * (extent % c)
+
+
 def test_fit_takes_the_fewest_chunks_that_fit_not_one():
-    # memory = 1000 + 10 * chunk: a budget of 6000 fits chunks up to 500, so 1024 rows need
-    # 3 chunks; they are balanced (342, 342, 340: as many calls as 500, 500, 24, less memory)
+    # a budget of 6000: 3 calls need chunks of 342 (balanced: 3420 + 3400 for the last one's
+    # frame) or 511 (the last 2 rows: 5110 + 20): neither fits; 4 calls of 256 do
     calls = []
-    fit = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or 1000 + 10 * c, SearchOptions())
+    fit = fit_chunk(
+        _cand(), 6000, lambda c: calls.append(c) or _pool_model(c), SearchOptions()
+    )
     assert fit is not None and fit.peak <= 6000
-    assert -(-1024 // fit.chunk) == 3 and fit.chunk == 342
+    assert max(_pool_model(342)) > 6000 and max(_pool_model(511)) > 6000
+    assert fit.chunk == 256 and -(-1024 // fit.chunk) == 4
     assert fit.evaluations == len(calls) <= SearchOptions().max_evals_per_candidate
+    # 1001 rows in 5000: 4 calls of 333 (the last 2 rows) fit; balanced 4 calls (251, the
+    # last 248) would not, and would need a fifth call
+    fit = fit_chunk(_cand(extent=1001), 5000, lambda c: _pool_model(c, 1001), SearchOptions())
+    assert fit.chunk == 333 and -(-1001 // 333) == 4
+    assert max(_pool_model(251, 1001)) > 5000 and max(_pool_model(201, 1001)) <= 5000
     # two chunks fit: no smaller chunk is tried after that
     fit = fit_chunk(_cand(), 10**6, lambda c: 1000 + 10 * c, SearchOptions())
     assert fit.chunk == 512 and fit.evaluations == 1
 
 
-def test_balanced_chunk_keeps_the_number_of_chunks():
-    for extent, chunk, gran in [(4096, 1196, 1), (1024, 500, 1), (2304, 72, 1), (96, 20, 8)]:
-        b, c = balanced_chunk(extent, chunk, gran), chunk // gran * gran
-        assert b % gran == 0 and b <= c
-        assert -(-extent // b) == -(-extent // c)
-    assert balanced_chunk(4096, 1196) == 1024
+def test_chunk_for_calls_divides_or_leaves_the_shortest_last_chunk():
+    assert chunk_for_calls(4096, 4) == 1024  # a divisor: no last, shorter chunk
+    assert chunk_for_calls(4096, 12) == 372  # 11 x 372 + 4
+    assert chunk_for_calls(4096, 5) == 1023  # 4 x 1023 + 4
+    assert chunk_for_calls(1001, 2) == 501  # two calls over an odd extent: balanced
+    for extent, gran in [(4096, 1), (2304, 1), (1000, 8), (96, 8), (65536, 1)]:
+        for n in range(2, 64):
+            c = chunk_for_calls(extent, n, gran)
+            assert c % gran == 0 and c >= gran
+            m = -(-extent // c)
+            if extent % n == 0 and (extent // n) % gran == 0:
+                assert c == extent // n
+            elif m == n and n > 2:  # no longer chunk makes n calls
+                assert -(-extent // (c + gran)) < n or c + gran > extent
+            elif m != n:  # no chunk makes exactly n calls (e.g. 14 of 128 rows): fewer
+                assert m < n
 
 
 def test_fit_drops_a_candidate_that_cannot_beat_the_best():
