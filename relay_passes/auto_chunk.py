@@ -40,7 +40,7 @@ from .chunk_region import (
     block_layout,
 )
 from .errors import BudgetInfeasibleError, PassContractError
-from .estimate_memory import estimate_memory
+from .estimate_memory import estimate_memory, weight_bytes
 from .plan import ChunkPlan, ChunkRegion, human_bytes
 from .rewrite import apply_chunk_plan
 from .search import Candidate, SearchOptions, fit_chunk, rank_candidates
@@ -204,6 +204,33 @@ def with_copies(mod, cand: Candidate, function: str = "main") -> Candidate:
                     continue
         k += 1
     return dataclasses.replace(cand, copies=tuple(copies)) if copies else cand
+
+
+def _shorter_copy(mod, cand: Candidate, best: Candidate, fit, opts, function: str) -> bool:
+    """Whether ``cand`` is ``best``'s region started later (same end, extent and copies) and
+    would cost less than ``opts.beat_min_saving`` less than ``best`` at its fitted chunk.
+
+    Such a region computes fewer of the same bindings per chunk; the ones it leaves out run
+    whole before the loop, and their full-size result is its seed, live through the loop:
+    it needs at least as much memory, so at least as many chunks, and it saves only those
+    few ops per chunk. The estimate that would tell (a quarter to a third of a one-stage
+    search) is not worth that. Ties of this kind are common: two seeds a LayerNorm apart.
+    """
+    if opts.beat_min_saving <= 0 or cand.function != best.function or cand.end != best.end:
+        return False
+    if (cand.extent, cand.granularity, len(cand.copies)) != (
+        best.extent,
+        best.granularity,
+        len(best.copies),
+    ):
+        return False
+    layout = block_layout(mod[function], best.start)
+    if layout is None or cand.start not in layout[0]:
+        return False
+    names = layout[0]
+    if not names.index(best.start) < names.index(cand.start) <= names.index(best.end):
+        return False
+    return cand.cost(fit.chunk, opts) >= (1 - opts.beat_min_saving) * fit.cost
 
 
 def enumerate_candidates(
@@ -381,7 +408,7 @@ def _auto_chunk(
 
     def evaluate(m) -> tuple[int, object]:
         evals[0] += 1
-        p = estimate_memory(m, target, entry=function)
+        p = estimate_memory(m, target, entry=function, weights=False)
         return need_bytes(p), p
 
     cur = mod
@@ -445,6 +472,9 @@ def _auto_chunk(
             # a later candidate is first tried at the best fit's chunk: dropped after that one
             # evaluation when it cannot beat it (search.fit_chunk)
             beat = best[2] if best is not None else None
+            if beat is not None and beat.peak <= budget_bytes:
+                if _shorter_copy(cur, cand, best[1], beat, opts, function):
+                    continue  # not worth an estimate: it cannot save enough (see there)
             fit = fit_chunk(
                 cand,
                 budget_bytes,
@@ -489,7 +519,12 @@ def _auto_chunk(
         g = max(1, cand.granularity)
         alt = -(-opts.small_rows // g) * g
         if fit.peak <= budget_bytes and fit.chunk < opts.small_rows and alt < cand.extent:
-            if peak_with(cand, alt) < need:
+            # worth later stages only when the peak is then at a plain op: at a chunk call
+            # it is that call's frame and what lives across it, which chunking other
+            # regions (plain ops only) does not lower
+            if peak_with(cand, alt) < need and not tried[(cand, alt)][1].peak_op.startswith(
+                "call "
+            ):
                 out.append(child(alt))
         return out
 
@@ -550,6 +585,9 @@ def _auto_chunk(
         again = search(mod, unchunked, first_prof, [], 0)
         if better(again, (need, prof, cur, stages)):
             need, prof, cur, stages = again
+    if prof is not first_prof or profile is None:
+        # the search's estimates skip the weights scan (peaks do not include weights)
+        prof = dataclasses.replace(prof, weight_bytes=weight_bytes(cur, function))
     res = AutoChunkResult(
         user_budget,
         unchunked,

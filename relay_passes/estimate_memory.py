@@ -186,8 +186,20 @@ def _callee_order(frames: dict[str, FrameAnalysis], entry: str) -> list[str]:
     return order
 
 
-def estimate_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") -> MemoryProfile:
-    """Estimate the memory one call of ``mod[entry]`` allocates when built for ``target``."""
+def weight_bytes(mod: tvm.IRModule, entry: str = "main") -> int:
+    """``MemoryProfile.weight_bytes`` of ``mod`` alone (see ``estimate_memory``)."""
+    func = _check_module(mod, entry)
+    return _weights(mod, func, check_bounds(func, entry))
+
+
+def estimate_memory(
+    mod: tvm.IRModule, target="llvm", *, entry: str = "main", weights: bool = True
+) -> MemoryProfile:
+    """Estimate the memory one call of ``mod[entry]`` allocates when built for ``target``.
+
+    ``weights=False`` leaves ``weight_bytes`` 0 (it scans every call's arguments; the
+    AutoChunk search, which compares peaks only, skips it and fills it in at the end).
+    """
     tgt = as_target(target)
     func = _check_module(mod, entry)
     bounds = check_bounds(func, entry)
@@ -237,7 +249,7 @@ def estimate_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") ->
         peak_op=top.op if top else "",
         live_at_peak=tuple(live_records(main.protos, top.index)) if top else (),
         timeline=tuple(tl),
-        weight_bytes=_weights(mod, func, bounds),
+        weight_bytes=_weights(mod, func, bounds) if weights else 0,
         input_bytes=sum(r.nbytes for r in inputs),
         inputs=inputs,
         outputs=outputs,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+import tvm
 from tvm import relax
 
 from . import _compat as C
@@ -154,7 +155,8 @@ class FrameWalker:
         self.bounds = bounds
         self.op_names = op_names or {}
         self.workspace_of = workspace_of or (lambda gv, bounds: ())
-        self.tokens: dict = {}  # relax.Var -> nested tokens
+        # relax.Var (by handle: hashing a Var wrapper is cheap, comparing two is not) -> tokens
+        self.tokens: dict = {}
         self.protos: list[Proto] = []
         self.events: list[_Event] = []
         self.callees: list[str] = []
@@ -205,7 +207,7 @@ class FrameWalker:
     # ---------------------------------------------------------------- tokens
     def _tokens_of(self, expr):
         if isinstance(expr, relax.Var):
-            return self.tokens.get(expr)
+            return self.tokens.get(expr.__chandle__())
         if isinstance(expr, relax.Tuple):
             return tuple(self._tokens_of(f) for f in expr.fields)
         if isinstance(expr, relax.TupleGetItem):
@@ -254,8 +256,12 @@ class FrameWalker:
             self._discard(self._tokens_of(seq.body))
 
     def _record_uses(self, expr, index: int) -> None:
-        for v in relax.analysis.free_vars(expr) if not isinstance(expr, relax.Var) else [expr]:
-            for p in _nested(self.tokens.get(v)):
+        vs = _call_vars(expr)
+        if vs is None:
+            vs = relax.analysis.free_vars(expr) if not isinstance(expr, relax.Var) else [expr]
+        tokens = self.tokens
+        for v in vs:
+            for p in _nested(tokens.get(v.__chandle__())):
                 p.last_use = max(p.last_use, index)
 
     def _visit_binding(self, b) -> None:
@@ -265,7 +271,7 @@ class FrameWalker:
         self._record_uses(value, idx)
         ev = _Event(idx, name, "")
         if isinstance(b, relax.MatchCast):
-            self.tokens[var] = self._tokens_of(value)
+            self.tokens[var.__chandle__()] = self._tokens_of(value)
             ev.op = "match_cast"
         elif isinstance(value, C.Call):
             self._visit_call(var, value, ev)
@@ -277,12 +283,12 @@ class FrameWalker:
             self._visit_seq(value.false_branch)
             idx = self._index
             ev.index = idx
-            self.tokens[var] = None
+            self.tokens[var.__chandle__()] = None
         elif isinstance(value, (relax.Var, relax.Tuple, relax.TupleGetItem)):
-            self.tokens[var] = self._tokens_of(value)
+            self.tokens[var.__chandle__()] = self._tokens_of(value)
             ev.op = type(value).__name__.lower()
         else:
-            self.tokens[var] = None
+            self.tokens[var.__chandle__()] = None
             ev.op = type(value).__name__
         self.events.append(ev)
         self._index = max(self._index, idx) + 1
@@ -302,7 +308,7 @@ class FrameWalker:
                 ev.allocs.append(p)
                 ev.uses.append(p)
             self._set_workspace(ev, gv)
-            self.tokens[var] = outs
+            self.tokens[var.__chandle__()] = outs
             return
         if isinstance(op, C.Op) and op.same_as(_CALL_TIR_INPLACE):
             gv = call.args[0]
@@ -322,12 +328,13 @@ class FrameWalker:
                     ev.allocs.append(p)
                     ev.uses.append(p)
                     outs.append(p)
-            self.tokens[var] = tuple(outs) if isinstance(var.ty, C.TupleType) else outs[0]
+            tok = tuple(outs) if isinstance(var.ty, C.TupleType) else outs[0]
+            self.tokens[var.__chandle__()] = tok
             self._set_workspace(ev, gv)
             return
         if isinstance(op, C.Op) and any(op.same_as(v) for v in _VIEW_OPS):
             ev.op = self._op_label(name, str(op.name).removeprefix("relax."))
-            self.tokens[var] = self._tokens_of(call.args[0])
+            self.tokens[var.__chandle__()] = self._tokens_of(call.args[0])
             return
         if (isinstance(op, C.Op) and op.same_as(_CALL_PURE_PACKED)) or isinstance(op, C.ExternFunc):
             args = list(call.args[1:]) if isinstance(op, C.Op) else list(call.args)
@@ -337,7 +344,7 @@ class FrameWalker:
                 self._use_in_primfunc(a, ev)
             outs = self._protos_for_type(var.ty, name, ev.op, runtime=True, planned=False)
             ev.allocs.extend(_nested(outs))
-            self.tokens[var] = outs
+            self.tokens[var.__chandle__()] = outs
             return
         # Any other call: a Relax function or an op the planner does not look into. Its
         # arguments escape (the planner discards their tokens) and its tensor results are
@@ -356,13 +363,13 @@ class FrameWalker:
         if shared is not None:
             # the callee returns (views of) its arguments, e.g. a chunk function its in-place
             # buffer: the result is that storage, which stays live while the result is used
-            self.tokens[var] = shared
+            self.tokens[var.__chandle__()] = shared
             return
         outs = self._protos_for_type(
             var.ty, name, ev.op, runtime=True, planned=False, from_callee=ev.callee is not None
         )
         ev.allocs.extend(_nested(outs))
-        self.tokens[var] = outs
+        self.tokens[var.__chandle__()] = outs
 
     def _returned_args(self, gv, call, ty):
         """The tokens of the arguments a Relax callee returns, leaf for leaf, when every leaf
@@ -437,6 +444,37 @@ class FrameWalker:
             n,
             tuple(blocks),
         )
+
+
+# argument kinds that hold no Relax variable (prim values are TIR immediates in TVM 0.27)
+_NO_VARS = (
+    C.GenericConst,
+    relax.ShapeExpr,
+    tvm.tirx.IntImm,
+    tvm.tirx.FloatImm,
+    tvm.ir.StringImm,
+    C.GlobalVar,
+    C.Op,
+    relax.ExternFunc,
+)
+
+
+def _call_vars(expr) -> list | None:
+    """The Relax variables a call in A-normal form reads (its op and arguments, tuples
+    opened); None when it holds anything else (then ``free_vars`` is asked)."""
+    if not isinstance(expr, C.Call):
+        return None
+    out: list = []
+    todo = [expr.op, *expr.args]
+    while todo:
+        a = todo.pop()
+        if isinstance(a, relax.Var):
+            out.append(a)
+        elif isinstance(a, relax.Tuple):
+            todo.extend(a.fields)
+        elif not isinstance(a, _NO_VARS):
+            return None
+    return out
 
 
 def _call_args(call) -> list:

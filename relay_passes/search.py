@@ -21,6 +21,9 @@ class SearchOptions:
     window_before: int = 48  # bindings before a hot binding where a region may start
     window_after: int = 64  # bindings after it where a region may end
     evaluate_top: int = 2  # candidates whose chunk size is fitted exactly, per stage
+    # a later candidate that is the best one's region started later is not estimated when it
+    # would cost less than this share less at the best's chunk (auto_chunk._shorter_copy)
+    beat_min_saving: float = 0.05
     max_evals_per_candidate: int = 8
     probe_chunks: int = 32  # the second probe: this many chunks (the first is two)
     chunk_tolerance: float = 0.1  # stop refining when at most 10% fewer chunks could fit
@@ -219,7 +222,7 @@ def fit_chunk(
             return Fit(c, m, cand.cost(c, opts), tries())
     mid = snap(-(-cand.extent // 2))
     lo = snap(-(-cand.extent // max(2, opts.probe_chunks)))
-    if unchunked is not None and budget < min(unchunked) // 2 and lo < mid and mid not in seen:
+    if unchunked is not None and budget < max(unchunked) // 2 and lo < mid and mid not in seen:
         # under half the peak before this stage: two chunks keep about half of the region's
         # memory or more, so they are not probed; the unchunked point (one call) closes the
         # bracket instead (it is not a try: never taken, not counted)

@@ -204,3 +204,31 @@ def test_a_callees_fresh_result_stays_live_in_the_run_time_model(tmp_path):
     np.testing.assert_allclose(art(x), 3 * np.ones((512, 512), "float32"))
     m = measure_peak(art.export(tmp_path / "callee.so"), [x])
     assert m.peak_bytes <= est.runtime_peak_bytes + mib
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
+def test_write_slice_built_without_the_parser_equals_its_tvmscript(dtype):
+    """make_write_slice uses TVMScript's IR builder (the parser's decorator is slow to call
+    deep inside a build); it must be the very PrimFunc the TVMScript source parses to."""
+    import tvm_ffi
+    from tvm.script import tirx as T
+
+    from relay_passes.rewrite import make_write_slice
+
+    @T.prim_func(private=True, s_tir=True)
+    def write_slice(var_out: T.handle, var_src: T.handle, off: T.int64):
+        T.func_attr({"tirx.noalias": True})
+        a, n, b, c = T.int64(), T.int64(), T.int64(), T.int64()
+        out = T.match_buffer(var_out, (a, n, b), dtype)
+        src = T.match_buffer(var_src, (a, c, b), dtype)
+        for i, j, k in T.grid(a, c, b):
+            with T.sblock("write"):
+                vi, vj, vk = T.axis.remap("SSS", [i, j, k])
+                out[vi, vj + off, vk] = src[vi, vj, vk]
+
+    built = make_write_slice(dtype)
+    assert tvm_ffi.structural_equal(built, write_slice)
+    assert built.script() == write_slice.script()  # names too
+    # and not some other dtype's
+    other = "float64" if dtype != "float64" else "float32"
+    assert not tvm_ffi.structural_equal(make_write_slice(other), write_slice)
