@@ -466,7 +466,7 @@ def analyze_region(
 
     used_after = _used_after(func, bi, region_vars)
     reads = dict(ix.reads[bi])
-    slices = _sink_sliced(bindings, bvars, spec, hoisted, body, slices, used_after, reads, ix.var)
+    slices = _sink_sliced(bindings, bvars, spec, hoisted, body, slices, used_after, reads, facts)
     outputs: list[TensorChunk] = []
     order = {v: i for i, v in enumerate(bvars)}
     for v in sorted(used_after, key=order.__getitem__):
@@ -505,7 +505,7 @@ _ARANGE = "relax.arange"
 
 
 def _sink_sliced(
-    bindings, bvars, spec, hoisted, body, slices, used_after, reads, canon
+    bindings, bvars, spec, hoisted, body, slices, used_after, reads, facts
 ) -> list[ArgSlice]:
     """Compute sliced hoisted tensors per chunk instead of whole before the loop.
 
@@ -515,18 +515,21 @@ def _sink_sliced(
     computes a different slice); the full-size tensor is never materialised. ``spec``,
     ``hoisted`` and ``body`` are updated in place; returns the remaining argument slices.
     ``bvars``: the bindings' vars as canonical objects (``_FuncIndex``); ``reads``: {binding
-    var: the vars its value reads}; ``canon``: variable -> its canonical object.
+    var: the vars its value reads}; ``facts``: {var: its ``_Facts``} (canonical arguments).
     """
     names = [str(v.name) for v in bvars]
     by_var = dict(zip(bvars, bindings))
     name_of = dict(zip(bvars, names))
-    by_name = dict(zip(names, bindings))
+    var_of = dict(zip(names, bvars))
     readers: dict = {}
     for v0, n0 in zip(bvars, names):
         for v in reads[v0]:
             readers.setdefault(v, []).append(n0)
     moved: set[str] = set()
     slices = list(slices)
+
+    def arg_of(s: ArgSlice):
+        return facts[var_of[s.binding]].args[s.arg]
 
     def sliced_only(var, dim, scale) -> bool:
         if var in used_after:
@@ -535,8 +538,7 @@ def _sink_sliced(
             if r in moved:
                 continue
             uses = [s for s in slices if s.binding == r]
-            b = by_name[r]
-            idx = [i for i, a in enumerate(b.value.args) if a.same_as(var)]
+            idx = [i for i, a in enumerate(facts[var_of[r]].args) if a is var]
             if not idx or any(
                 not any(u.arg == i and u.dim == dim and u.scale == scale for u in uses) for i in idx
             ):
@@ -545,19 +547,18 @@ def _sink_sliced(
 
     def sink(var, dim, scale) -> bool:
         b = by_var.get(var)
-        if b is None or name_of[var] not in hoisted or not isinstance(b.value, C.Call):
+        if b is None or name_of[var] not in hoisted:
             return False
-        if not isinstance(b.var.ty, C.TensorType) or not sliced_only(var, dim, scale):
+        fb = facts[var]
+        if fb.kind != "call" or not fb.is_tensor or not sliced_only(var, dim, scale):
             return False
-        value, name = b.value, name_of[var]
-        op = C.op_name(value)
+        name, op, args = name_of[var], fb.op, fb.args
         srcs = ()
         if op != _ARANGE:
             rule = get_dim_rule(op) if op else None
             if rule is None:
                 return False
-            arg_shapes = [C.static_shape(a.ty) if hasattr(a, "ty") else None for a in value.args]
-            flow = rule(value, arg_shapes, [C.static_shape(b.var.ty)])
+            flow = fb.flow(rule, b.value)
             if flow is None or dim >= len(flow.outputs[0]):
                 return False
             srcs = flow.outputs[0][dim]
@@ -570,39 +571,34 @@ def _sink_sliced(
         # arguments that are already computed per chunk must be exactly the slices we need;
         # any other argument is read whole
         want = {src.arg: (src.dim, scale / src.scale) for src in srcs}
-        for i, a in enumerate(value.args):
-            have = spec.get(canon(a)) if isinstance(a, relax.Var) else None
+        for i, a in enumerate(args):
+            have = spec.get(a) if fb.arg_is_var[i] else None
             if have is not None and want.get(i) != have:
                 return False
         moved.add(name)  # from here on this binding is computed per chunk
         new_slices: list[ArgSlice] = []
         for src in srcs:
-            a = canon(value.args[src.arg])
+            a = args[src.arg]
             sub = scale / src.scale
-            if isinstance(a, relax.Var) and spec.get(a) == (src.dim, sub):
+            is_var = fb.arg_is_var[src.arg]
+            if is_var and spec.get(a) == (src.dim, sub):
                 continue  # already a chunk
-            if not (isinstance(a, relax.Var) and sink(a, src.dim, sub)):
+            if not (is_var and sink(a, src.dim, sub)):
                 new_slices.append(ArgSlice(name, src.arg, src.dim, sub))
         hoisted.remove(name)
         body.append(name)
         spec[var] = (dim, scale)
-        slices[:] = [s for s in slices if not _reads(by_name[s.binding], s.arg, var)]
+        slices[:] = [s for s in slices if arg_of(s) is not var]
         slices.extend(new_slices)
         return True
 
     for s in list(slices):
-        b = by_name[s.binding]
-        a = canon(b.value.args[s.arg])
+        a = arg_of(s)
         if isinstance(a, relax.Var) and s in slices:
             sink(a, s.dim, s.scale)
     order = {n: i for i, n in enumerate(names)}
     body.sort(key=order.__getitem__)
     return slices
-
-
-def _reads(binding, arg: int, var) -> bool:
-    a = binding.value.args[arg]
-    return isinstance(a, relax.Var) and a.same_as(var)
 
 
 def legal_dims(mod, start: str, end: str, *, function: str = "main") -> list[RegionAnalysis]:

@@ -2,7 +2,8 @@
 
 Imports nothing from TVM (a test checks it): candidates are plain records and the memory of a
 chunked module comes from the caller's ``evaluate(chunk) -> bytes`` callback (an exact
-re-estimate; or its static-plan and run-time parts). Deterministic: explicit tie-breaks by name; every loop is bounded.
+re-estimate; or its static-plan and run-time parts). Deterministic: explicit tie-breaks by
+name; every loop is bounded.
 """
 
 from __future__ import annotations
