@@ -206,15 +206,20 @@ def with_copies(mod, cand: Candidate, function: str = "main") -> Candidate:
     return dataclasses.replace(cand, copies=tuple(copies)) if copies else cand
 
 
-def _shorter_copy(mod, cand: Candidate, best: Candidate, fit, opts, function: str) -> bool:
+def _shorter_copy(
+    mod, cand: Candidate, best: Candidate, fit, opts, function: str, *, over: bool = False
+) -> bool:
     """Whether ``cand`` is ``best``'s region started later (same end, extent and copies) and
-    would cost less than ``opts.beat_min_saving`` less than ``best`` at its fitted chunk.
+    would cost less than ``opts.beat_min_saving`` less than ``best`` at its fitted chunk; or,
+    ``over`` (the best misses the budget: candidates are compared by peak, not cost), started
+    later at all.
 
     Such a region computes fewer of the same bindings per chunk; the ones it leaves out run
-    whole before the loop, and their full-size result is its seed, live through the loop:
-    it needs at least as much memory, so at least as many chunks, and it saves only those
+    whole before the loop, and their full-size result is its seed, live through the loop: it
+    typically needs as much memory or more (as many chunks or more), and it saves only those
     few ops per chunk. The estimate that would tell (a quarter to a third of a one-stage
-    search) is not worth that. Ties of this kind are common: two seeds a LayerNorm apart.
+    search) is not worth that. Ties of this kind are common: two seeds a LayerNorm apart
+    (GPT-4096: the same peak at every budget of the sweep when both were estimated).
     """
     if opts.beat_min_saving <= 0 or cand.function != best.function or cand.end != best.end:
         return False
@@ -230,7 +235,7 @@ def _shorter_copy(mod, cand: Candidate, best: Candidate, fit, opts, function: st
     names = layout[0]
     if not names.index(best.start) < names.index(cand.start) <= names.index(best.end):
         return False
-    return cand.cost(fit.chunk, opts) >= (1 - opts.beat_min_saving) * fit.cost
+    return over or cand.cost(fit.chunk, opts) >= (1 - opts.beat_min_saving) * fit.cost
 
 
 def enumerate_candidates(
@@ -472,9 +477,10 @@ def _auto_chunk(
             # a later candidate is first tried at the best fit's chunk: dropped after that one
             # evaluation when it cannot beat it (search.fit_chunk)
             beat = best[2] if best is not None else None
-            if beat is not None and beat.peak <= budget_bytes:
-                if _shorter_copy(cur, cand, best[1], beat, opts, function):
-                    continue  # not worth an estimate: it cannot save enough (see there)
+            if beat is not None and _shorter_copy(
+                cur, cand, best[1], beat, opts, function, over=beat.peak > budget_bytes
+            ):
+                continue  # not worth an estimate: it cannot save enough (see there)
             fit = fit_chunk(
                 cand,
                 budget_bytes,
