@@ -81,6 +81,48 @@ def test_chunk_for_calls_divides_or_leaves_the_shortest_last_chunk():
                 assert m < n
 
 
+def test_fit_under_half_the_peak_skips_two_chunks_and_brackets_with_the_unchunked_point():
+    # peak before the stage 20000 (one call); memory ~ 1000 + 10 * rows held
+    calls = []
+    fit = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or _pool_model(c),
+                    SearchOptions(), unchunked=(20000, 20000))
+    assert 512 not in calls  # two chunks are not probed under half of the peak
+    assert fit.chunk == 256 and fit.evaluations == len(calls) <= 2
+    # the unchunked point is a bracket, never a result, and not counted as an estimate
+    assert all(c < 1024 for c in calls)
+    # at or above half of the peak, two chunks are probed first (and fit here)
+    calls = []
+    fit = fit_chunk(_cand(), 12000, lambda c: calls.append(c) or _pool_model(c),
+                    SearchOptions(), unchunked=(20000, 20000))
+    assert calls[0] == 512 and fit.chunk == 512
+    # a region whose chunks save nothing: 2 chunks are evaluated to say so, as without it
+    calls = []
+    fit = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or 19000, SearchOptions(),
+                    unchunked=(20000, 20000))
+    assert 512 in calls and fit.chunk == 512 and fit.peak == 19000
+
+
+def test_fit_predicts_static_and_run_time_peaks_apart():
+    # 4096 rows; the static plan (one frame: linear in the chunk) is the larger peak unless the
+    # last, shorter chunk is long (the run-time pool holds its frame too). Given both parts,
+    # the chords land on the fewest calls that fit; given only their maximum, on 5 calls more.
+    extent, budget = 4096, 1800
+
+    def parts(c):
+        return 1000 + 10 * c, 400 + 10 * (c + extent % c)
+
+    fewest = next(
+        n for n in range(2, extent)
+        if -(-extent // (c := chunk_for_calls(extent, n))) == n and max(parts(c)) <= budget
+    )
+    full = (1000 + 10 * extent,) * 2
+    fit = fit_chunk(_cand(extent=extent), budget, parts, SearchOptions(), unchunked=full)
+    assert -(-extent // fit.chunk) == fewest == 52 and fit.evaluations <= 3
+    fit = fit_chunk(_cand(extent=extent), budget, lambda c: max(parts(c)), SearchOptions(),
+                    unchunked=full)
+    assert -(-extent // fit.chunk) > fewest
+
+
 def test_fit_drops_a_candidate_that_cannot_beat_the_best():
     opts = SearchOptions()
     best = fit_chunk(_cand(), 6000, lambda c: 1000 + 10 * c, opts)
@@ -152,6 +194,38 @@ def test_budget_is_met_or_refused(gpt, frac):
     assert res.final_peak <= budget
     plan = planned_memory(out, "llvm")
     assert plan.peak_bytes <= budget  # the promise holds on TVM's plan, not only our estimate
+
+
+def test_a_later_start_of_the_best_region_is_not_estimated(gpt):
+    import dataclasses
+
+    from relay_passes.auto_chunk import _shorter_copy, enumerate_candidates
+    from relay_passes.chunk_region import block_layout
+    from relay_passes.search import Fit
+
+    mod = gpt[0]
+    prof = estimate_memory(mod, "llvm")
+    cands = enumerate_candidates(mod, [prof.peak_binding], SearchOptions())
+    names = block_layout(mod["main"], cands[0].start)[0]
+    pos = names.index
+    pairs = [
+        (a, b) for a in cands for b in cands
+        if a.end == b.end and (a.extent, a.granularity) == (b.extent, b.granularity)
+        and pos(a.start) < pos(b.start) <= pos(a.end) and not a.copies and not b.copies
+    ]
+    assert pairs  # GPT: the attention region seeded before and after its LayerNorm
+    a, b = pairs[0]
+    opts = SearchOptions()
+    fit = Fit(a.extent // 4, 1, a.cost(a.extent // 4, opts), 1)
+    near = b.cost(fit.chunk, opts) >= 0.95 * fit.cost
+    assert _shorter_copy(mod, b, a, fit, opts, "main") == near
+    assert _shorter_copy(mod, b, a, fit, opts, "main", over=True)  # compared by peak
+    assert not _shorter_copy(mod, a, b, fit, opts, "main", over=True)  # a starts earlier
+    off = dataclasses.replace(opts, beat_min_saving=0.0)
+    assert not _shorter_copy(mod, b, a, fit, off, "main", over=True)
+    other = next((c for c in cands if c.end != a.end), None)
+    if other is not None:
+        assert not _shorter_copy(mod, other, a, fit, opts, "main", over=True)
 
 
 def test_search_result_report(gpt):

@@ -313,3 +313,40 @@ def test_regression_second_region_after_a_chunked_one():
     out = _run(m2, x)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_region_analyses_reuse_one_walk_per_start_and_seed():
+    """analyze_region walks a (start, seed, dim) once and answers shorter and longer regions
+    from that walk (chunk_region._Walk): every answer equals a fresh analysis, in any order
+    (longest first, as _longest_legal asks, and shortest first)."""
+    import random
+
+    from relay_passes import chunk_region as CR
+
+    w = FAMILIES["gpt"](64, layers=2)
+    mod = ac.from_torch(w.module, w.inputs)
+    func = mod["main"]
+    names = [str(b.var.name) for b in func.body.blocks[0].bindings]
+    rng = random.Random(0)
+    queries = []
+    for _ in range(12):
+        i = rng.randrange(1, len(names) - 2)
+        ends = rng.sample(range(i, len(names)), k=min(6, len(names) - i))
+        for d in (0, 1, 2):
+            queries += [(names[i], names[e], names[i - 1], d) for e in ends]
+    legal = 0
+    for order in (queries, sorted(queries, key=lambda q: names.index(q[1]))):
+        kept: dict = {}  # the index (and its walks) that every earlier query of `order` used
+        for q in order:
+            CR._INDEX_CACHE.clear()
+            CR._INDEX_CACHE.update(kept)
+            got = analyze_region(mod, *q)
+            kept = dict(CR._INDEX_CACHE)
+            CR._INDEX_CACHE.clear()  # a fresh index: no walk from any other query
+            fresh = analyze_region(mod, *q)
+            assert got == fresh, q
+            legal += got.legal
+        walks = next(iter(kept.values())).walks
+        assert len(walks) < len(order)  # regions shared walks
+    CR._INDEX_CACHE.clear()
+    assert legal > 0  # some of them are chunkable regions, not only failures
