@@ -35,16 +35,12 @@ bench: venv
 	$(PY) benchmarks/estimator_accuracy.py
 	$(PY) benchmarks/chunk_regions.py
 	$(PY) benchmarks/budget_sweep.py
-	$(PY) benchmarks/budget_sweep.py --case gpt:4096:1 --fractions 0.1 0.05 --no-min \
-		--repeats 5 --out benchmarks/results/budget_sweep_gpt4096.jsonl
+	$(PY) benchmarks/budget_sweep.py --case gpt:4096:1 --repeats 5 \
+		--out benchmarks/results/budget_sweep_target_gpt.jsonl
 	$(PY) benchmarks/budget_sweep.py --case evoformer:256 --case vit:2304:1 --repeats 5 \
 		--out benchmarks/results/budget_sweep_target.jsonl
-	$(PY) benchmarks/budget_sweep.py --case gpt:4096:1 --fractions 0.5 0.2 --repeats 5 \
-		--out benchmarks/results/budget_sweep_target_gpt.jsonl
-	$(PY) benchmarks/budget_sweep.py --case unet:128 --fractions 0.1 --no-min --repeats 3 \
+	$(PY) benchmarks/budget_sweep.py --case unet:128 --fractions 0.5 0.2 0.1 --no-min --repeats 3 \
 		--out benchmarks/results/budget_sweep_target_unet.jsonl
-	$(PY) benchmarks/budget_sweep.py --case unet:128 --fractions 0.5 0.2 0.05 --repeats 5 \
-		--out benchmarks/results/budget_sweep_target_unet_all.jsonl
 	$(PY) benchmarks/search_time.py
 	$(PY) benchmarks/max_length.py
 	$(PY) benchmarks/calibrate_cost.py

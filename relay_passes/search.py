@@ -29,6 +29,10 @@ class SearchOptions:
     probe_chunks: int = 32  # the second probe: this many chunks (the first is two)
     chunk_tolerance: float = 0.1  # stop refining when at most 10% fewer chunks could fit
     max_calls: int = 1024  # chunk calls of one stage (all copies) at most
+    # the chunk for n calls: "short" = the largest (the last chunk as short as possible),
+    # "balanced" = ceil(extent / n) (other kernel shapes: the build's fallback when TVM
+    # cannot compile a kernel of the first plan; see chunk_for_calls)
+    last_chunk: str = "short"
     # a region that cannot reach the budget alone may leave the peak this far (and at least
     # 1 MiB above 32 MiB) above its smallest, for fewer chunks; a search that then misses the
     # budget is repeated with 0 (auto_chunk)
@@ -107,7 +111,7 @@ def rank_candidates(cands: list[Candidate]) -> list[Candidate]:
     )
 
 
-def chunk_for_calls(extent: int, n: int, gran: int = 1) -> int:
+def chunk_for_calls(extent: int, n: int, gran: int = 1, *, balanced: bool = False) -> int:
     """The chunk (a multiple of ``gran``) that computes ``extent`` rows in ``n`` calls.
 
     ``n`` divides the extent: ``extent / n``, no last, shorter chunk. Otherwise (3 or more
@@ -119,19 +123,20 @@ def chunk_for_calls(extent: int, n: int, gran: int = 1) -> int:
     of about ``extent / n`` rows: GPT S=4096, 12 calls, estimated peak 171 MiB with 372-row
     chunks (last 4) against 263 MiB with 342-row ones (last 334). Two calls over an odd
     extent are balanced (the two frames then weigh about as much as one of ``extent - 1``).
+    ``balanced``: always ``ceil(extent / n)`` rounded up to ``gran`` (the previous choice).
     """
     g = max(1, gran)
     top = max(g, extent // g * g)
     if n <= 1:
         return top
-    balanced = min(top, -(-(-(-extent // n)) // g) * g)
+    even = min(top, -(-(-(-extent // n)) // g) * g)  # ceil(extent / n), to a multiple of g
     if extent % n == 0 and (extent // n) % g == 0:
         return extent // n
-    if n > 2:
+    if n > 2 and not balanced:
         c = (extent - 1) // (n - 1) // g * g  # the largest with (n - 1) * c < extent
         if c >= g and -(-extent // c) == n:
             return c
-    return balanced
+    return even
 
 
 def fit_chunk(
@@ -176,6 +181,9 @@ def fit_chunk(
     top = (cand.extent // g) * g
     if top < g or cand.extent // g < 2:
         return None
+    if opts.last_chunk not in ("short", "balanced"):
+        raise ValueError(f"last_chunk must be 'short' or 'balanced', got {opts.last_chunk!r}")
+    balanced = opts.last_chunk == "balanced"
     seen: dict[int, int] = {}  # chunk -> evaluated peak
     parts: dict[int, tuple[int, int]] = {}  # chunk -> (static plan, run-time) peaks
     virtual: set[int] = set()  # keys of seen that were not evaluated (the unchunked point)
@@ -186,7 +194,7 @@ def fit_chunk(
     def snap(c: int) -> int:
         """The chunk tried for as many calls as chunks of ``c`` rows make."""
         c = max(g, min(top, c // g * g))
-        return chunk_for_calls(cand.extent, -(-cand.extent // c), g)
+        return chunk_for_calls(cand.extent, -(-cand.extent // c), g, balanced=balanced)
 
     def rows(c: int) -> int:
         """Rows of the frames held at once with chunks of ``c``: a chunk and the last one."""
@@ -280,7 +288,8 @@ def fit_chunk(
             (
                 k
                 for n in range(n_of(bad) + 1, n_of(ok))
-                if n_of(k := chunk_for_calls(cand.extent, n, g)) == n and predict(k) <= target
+                if n_of(k := chunk_for_calls(cand.extent, n, g, balanced=balanced)) == n
+                and predict(k) <= target
             ),
             None,
         )

@@ -287,6 +287,98 @@ def test_build_tightens_and_retries_when_the_built_plan_is_over(gpt, monkeypatch
     np.testing.assert_allclose(art(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_build_searches_balanced_chunks_when_tvm_cannot_build_a_kernel(gpt, monkeypatch):
+    """A chunked module has kernels at new shapes, and TVM may fail on one (a TVM bug: see
+    the next test). build then searches again with balanced chunks (other shapes) and says so
+    in the report, instead of failing."""
+    import tvm_autochunk.api as api
+    from relay_passes.errors import BuildError
+
+    mod, x, ref = gpt
+    need = need_bytes(estimate_memory(mod, "llvm"))
+    budget = int(need * 0.6)
+    real = api._compile
+    seen = []
+
+    def first_chunked_build_fails(m, tgt, prof, budget_bytes, chunking, progress):
+        seen.append([(r["chunk"], r["n_chunks"]) for r in chunking["regions"]])
+        if len(seen) == 1:
+            raise BuildError("TVM failed to build the module for llvm: (injected)")
+        return real(m, tgt, prof, budget_bytes, chunking, progress)
+
+    monkeypatch.setattr(api, "_compile", first_chunked_build_fails)
+    msgs = []
+    art = ac.build(mod, "llvm", budget=budget, progress=msgs.append)
+    assert len(seen) == 2 and any("balanced chunks" in m for m in msgs)
+    assert "injected" in art.report.chunking["fallback"]
+    for chunk, n in seen[1]:  # balanced: ceil(extent / n) rows per chunk
+        extent = next(r for r in art.report.chunking["regions"] if r["chunk"] == chunk)
+        assert extent["n_chunks"] == n
+    assert art.report.planned_peak_bytes <= budget
+    np.testing.assert_allclose(art(x), ref, rtol=1e-5, atol=1e-5)
+
+    # a second failure is an error that names both
+    def always_fails(m, tgt, prof, budget_bytes, chunking, progress):
+        raise BuildError("TVM failed to build the module for llvm: (injected again)")
+
+    monkeypatch.setattr(api, "_compile", always_fails)
+    with pytest.raises(BuildError, match="first plan failed too"):
+        ac.build(mod, "llvm", budget=budget)
+    # balanced chunks can need more memory near the floor: when they cannot meet the budget,
+    # the error says why the first plan was dropped (not a bare BudgetInfeasibleError)
+    seen.clear()
+    monkeypatch.setattr(api, "_compile", first_chunked_build_fails)
+    real_search = api.search_chunks
+
+    def balanced_refused(m, tgt, budget_bytes, entry="main", profile=None, options=None):
+        if options is not None and options.last_chunk == "balanced":
+            raise BudgetInfeasibleError("cannot fit (injected)", unchunked_peak=need,
+                                        best_peak=budget_bytes + 1, min_budget=need)
+        return real_search(m, tgt, budget_bytes, entry, profile=profile, options=options)
+
+    monkeypatch.setattr(api, "search_chunks", balanced_refused)
+    with pytest.raises(BuildError, match=r"balanced chunks .* cannot be met"):
+        ac.build(mod, "llvm", budget=budget)
+
+
+def test_tvm_kernel_bug_at_a_chunk_shape_is_avoided():
+    """Found by fuzzing (seed 80): chunking 5904 rows in 32 calls of 190 leaves a 14-row last
+    chunk, and TVM 0.27's llvm code for silu on a (4, 14) float32 tensor fails LLVM's
+    verifier ("Instruction does not dominate all uses"). The build falls back to balanced
+    chunks and its output equals the unchunked build's."""
+    from benchmarks.fuzz_graphs import Recipe, from_recipe
+
+    recipe = Recipe.from_json(
+        '{"dtype": "float32", "inputs": [[2, 123, 48], [2, 123, 8]], "outputs": [14], '
+        '"seed": 439130407, "steps": [{"args": [1, 1], "axis": 0, "op": "concat"}, '
+        '{"args": [2], "fn": "add", "ndim": 3, "op": "bias"}, {"args": [3], "fn": "subtract", '
+        '"ndim": 3, "op": "bias"}, {"args": [1], "bias": true, "op": "linear", "out": 32}, '
+        '{"args": [5], "fn": "relu", "op": "unary"}, {"args": [6], "bias": false, "op": '
+        '"linear", "out": 8}, {"args": [4], "op": "reshape", "shape": [4, 984]}, {"args": '
+        '[8, 8], "fn": "add", "op": "binary"}, {"args": [9], "fn": "multiply", "ndim": 2, '
+        '"op": "bias"}, {"args": [10], "bias": true, "op": "linear", "out": 5904}, {"args": '
+        '[11], "fn": "silu", "op": "unary"}, {"args": [12], "bias": false, "op": "linear", '
+        '"out": 984}, {"args": [10, 13], "fn": "add", "op": "binary"}]}'
+    )
+    g = from_recipe(recipe)
+    xs = g.inputs(0)
+    art = ac.build(g.mod, "llvm", budget=215357)
+    assert art.report.planned_peak_bytes <= 215357
+    np.testing.assert_allclose(art(*xs), ac.build(g.mod, "llvm")(*xs), rtol=1e-5, atol=1e-6)
+
+
+def test_balanced_option_makes_ceil_chunks():
+    assert chunk_for_calls(4096, 12, balanced=True) == 342
+    assert chunk_for_calls(4096, 16, balanced=True) == 256  # a divisor either way
+    calls = []
+    opts = SearchOptions(last_chunk="balanced")
+    fit = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or _pool_model(c), opts)
+    assert all(c == -(-1024 // -(-1024 // c)) for c in calls), calls
+    with pytest.raises(ValueError, match="last_chunk"):
+        fit_chunk(_cand(), 6000, _pool_model, SearchOptions(last_chunk="tiny"))
+    assert fit is not None
+
+
 @pytest.fixture(scope="module")
 def vit2():
     """Two identical encoder layers: the peak (attention scores) occurs once in each."""

@@ -131,7 +131,9 @@ def _compile(mod, tgt, prof, budget_bytes, chunking, progress):
 MIN_BUDGET_CHECKS = 2
 
 
-def search_chunks(mod, tgt, budget_bytes: int, entry: str = "main", profile=None):
+def search_chunks(
+    mod, tgt, budget_bytes: int, entry: str = "main", profile=None, options=None
+):
     """``relay_passes.auto_chunk``, whose refusals carry a ``min_budget`` that really works.
 
     The search is greedy and its path depends on the budget: a search aiming at the
@@ -143,7 +145,9 @@ def search_chunks(mod, tgt, budget_bytes: int, entry: str = "main", profile=None
     from relay_passes.auto_chunk import auto_chunk
 
     try:
-        return auto_chunk(mod, tgt, budget_bytes, function=entry, profile=profile)
+        return auto_chunk(
+            mod, tgt, budget_bytes, function=entry, profile=profile, options=options
+        )
     except BudgetInfeasibleError as first:
         suggest, top = first.min_budget, first.unchunked_peak
         if suggest is None or top is None or suggest >= top:
@@ -151,7 +155,7 @@ def search_chunks(mod, tgt, budget_bytes: int, entry: str = "main", profile=None
         reached = None  # what a search aiming at the first suggestion reaches
         for _ in range(MIN_BUDGET_CHECKS):
             try:
-                auto_chunk(mod, tgt, suggest, function=entry, profile=profile)
+                auto_chunk(mod, tgt, suggest, function=entry, profile=profile, options=options)
                 break
             except BudgetInfeasibleError as again:
                 reached = again.best_peak if reached is None else reached
@@ -283,8 +287,11 @@ def build(
     prof = estimate_memory(mod, tgt, entry=entry)
     chunking = chunk_plan.to_dict() if chunk_plan is not None and chunk_plan.regions else None
     base_mod, base_prof, target_bytes = mod, prof, budget_bytes
+    options = None  # the search's defaults; balanced chunks after a kernel TVM cannot build
+    first_failure = None
     for attempt in range(MAX_BUILD_ATTEMPTS):
         mod, prof = base_mod, base_prof
+        searched = False
         if target_bytes is not None and MemoryReport(prof).peak_bytes > target_bytes:
             _progress(
                 progress,
@@ -293,17 +300,52 @@ def build(
             )
             # raises BudgetInfeasibleError (peak, best reached, where, what blocks) if impossible
             try:
-                mod, search = search_chunks(mod, tgt, target_bytes, entry, profile=prof)
+                mod, search = search_chunks(
+                    mod, tgt, target_bytes, entry, profile=prof, options=options
+                )
             except BudgetInfeasibleError as e:
+                if first_failure is not None:
+                    raise BuildError(
+                        f"TVM could not build the chunked module ({first_failure}), and with "
+                        f"balanced chunks (other kernel shapes) the budget cannot be met: {e}"
+                    ) from e
                 raise _explain_floor(e, base_mod, base_prof, budget_bytes, entry) from None
             chunking = search.to_dict()
+            if options is not None:
+                chunking["fallback"] = (
+                    f"balanced chunks: TVM could not build the first plan ({first_failure})"
+                )
             _progress(
                 progress,
                 f"chunked {len(search.stages)} region(s) in {search.search_seconds:.1f}s: "
                 f"estimated peak {format_bytes(search.final_peak)}",
             )
             prof = search.profile or estimate_memory(mod, tgt, entry=entry)
-        ex, report, device_code = _compile(mod, tgt, prof, budget_bytes, chunking, progress)
+            searched = bool(search.stages)
+        try:
+            ex, report, device_code = _compile(mod, tgt, prof, budget_bytes, chunking, progress)
+        except BuildError as e:
+            # TVM could not compile a kernel of the chunked module: a TVM bug at one of the new
+            # shapes (fuzzing found LLVM's verifier rejecting TVM's code for silu on a
+            # (4, 14) tensor, a 14-row last chunk). Balanced chunks make other shapes.
+            if not searched or options is not None or attempt == MAX_BUILD_ATTEMPTS - 1:
+                if first_failure is not None:
+                    raise BuildError(
+                        f"{e} (the first plan failed too: {first_failure})"
+                    ) from e
+                raise
+            from relay_passes.search import SearchOptions
+
+            first_failure = " ".join(str(e).split())[:300]
+            options = SearchOptions(last_chunk="balanced")
+            _progress(
+                progress,
+                "TVM could not build a kernel of the chunked module; searching again with "
+                "balanced chunks (other kernel shapes)",
+            )
+            log.warning("TVM failed to build the chunked module (%s); retrying with "
+                        "balanced chunks", first_failure)
+            continue
         if not _over_budget(report, budget_bytes):
             break
         if chunking is None or attempt == MAX_BUILD_ATTEMPTS - 1:
