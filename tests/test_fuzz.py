@@ -273,7 +273,7 @@ def test_search_chunks_confirms_the_suggested_min_budget(monkeypatch):
 
     calls = []
 
-    def fake(mod, tgt, budget, function="main", profile=None):
+    def fake(mod, tgt, budget, function="main", profile=None, options=None):
         calls.append(budget)
         if budget >= 900:
             return mod, "fit"
