@@ -311,9 +311,11 @@ def test_build_searches_balanced_chunks_when_tvm_cannot_build_a_kernel(gpt, monk
     art = ac.build(mod, "llvm", budget=budget, progress=msgs.append)
     assert len(seen) == 2 and any("balanced chunks" in m for m in msgs)
     assert "injected" in art.report.chunking["fallback"]
-    for chunk, n in seen[1]:  # balanced: ceil(extent / n) rows per chunk
-        extent = next(r for r in art.report.chunking["regions"] if r["chunk"] == chunk)
-        assert extent["n_chunks"] == n
+    from relay_passes.chunk_region import analyze_region
+
+    for r in art.report.chunking["regions"]:  # balanced: ceil(extent / n) rows per chunk
+        extent = analyze_region(mod, r["start"], r["end"], r["seed"], r["dim"]).extent
+        assert r["chunk"] == -(-extent // r["n_chunks"]), r
     assert art.report.planned_peak_bytes <= budget
     np.testing.assert_allclose(art(x), ref, rtol=1e-5, atol=1e-5)
 
