@@ -228,6 +228,25 @@ def test_a_later_start_of_the_best_region_is_not_estimated(gpt):
         assert not _shorter_copy(mod, other, a, fit, opts, "main", over=True)
 
 
+def test_search_leaves_the_callers_gc_freeze_alone(gpt):
+    """auto_chunk freezes the heap out of the cyclic GC while it runs and unfreezes after; a
+    caller's own gc.freeze() (forking servers do it) must survive the call."""
+    import gc
+
+    mod = gpt[0]
+    budget = int(need_bytes(estimate_memory(mod, "llvm")) * 0.6)
+    assert gc.get_freeze_count() == 0
+    auto_chunk(mod, "llvm", budget)
+    assert gc.get_freeze_count() == 0  # unfrozen after the search
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        auto_chunk(mod, "llvm", budget)
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_search_result_report(gpt):
     mod, _, _ = gpt
     need = need_bytes(estimate_memory(mod, "llvm"))
