@@ -176,15 +176,26 @@ def prim_func_workspace(pf, target, bounds: dict[str, int] | None = None) -> tup
     matched by variable name); an extent that stays unbounded raises ``SymbolicShapeError``.
     """
     bounds = bounds or {}
-    key = (tvm_ffi.structural_hash(pf), str(target.kind.name), tuple(sorted(bounds.items())))
-    # structural hashes collide (seen on tensor types): a hit must also be structurally equal
-    bucket = _WS_CACHE.setdefault(key, [])
-    for other, sizes in bucket:
-        if tvm_ffi.structural_equal(other, pf):
-            return sizes
-    out = _workspace(pf, target, bounds)
-    bucket.append((pf, out))
-    return out
+    key = (str(target.kind.name), tuple(sorted(bounds.items())))
+    return structural_memo(_WS_CACHE, key, pf, lambda: _workspace(pf, target, bounds))
+
+
+def structural_memo(cache: dict, key, obj, compute, max_entries: int | None = None):
+    """``compute()``, memoised in ``cache`` by ``key`` and the structure of ``obj``.
+
+    TVM's structural hash collides (``R.Tensor((1, 20, 200))`` and ``R.Tensor((1, 3, 18))``
+    hash alike), so a hit must also be structurally equal; colliding objects share a bucket.
+    ``max_entries``: the cache is cleared when it holds that many keys.
+    """
+    full = (tvm_ffi.structural_hash(obj), key)
+    for other, value in cache.get(full, ()):
+        if tvm_ffi.structural_equal(other, obj):
+            return value
+    value = compute()
+    if max_entries is not None and len(cache) >= max_entries:
+        cache.clear()
+    cache.setdefault(full, []).append((obj, value))
+    return value
 
 
 def _workspace(pf, target, bounds: dict[str, int]) -> tuple[int, ...]:

@@ -193,7 +193,7 @@ def CachedLegalizeOps(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 # ------------------------------------------------------------------ constant folding (GPU)
 
-_BUILDS: dict[tuple, tuple] = {}  # (PrimFunc hash, target) -> (PrimFunc, built module)
+_BUILDS: dict = {}  # C.structural_memo cache: (PrimFunc, target) -> built module
 _MAX_BUILDS = 256
 
 
@@ -201,15 +201,15 @@ def _cached_build(orig):
     """``tirx.build`` memoised by the PrimFunc's structure (checked on a hit) and target."""
 
     def build(func, target):
-        key = (tvm_ffi.structural_hash(func), str(target))
-        hit = _BUILDS.get(key)
-        if hit is not None and tvm_ffi.structural_equal(hit[0], func):
+        built = []
+
+        def compute():
+            built.append(True)
+            return orig(func, target)
+
+        out = C.structural_memo(_BUILDS, str(target), func, compute, _MAX_BUILDS)
+        if not built:
             stats["fold_build_hits"] = stats.get("fold_build_hits", 0) + 1
-            return hit[1]
-        out = orig(func, target)
-        if len(_BUILDS) >= _MAX_BUILDS:
-            _BUILDS.clear()
-        _BUILDS[key] = (func, out)
         return out
 
     return build
