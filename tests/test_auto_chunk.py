@@ -123,6 +123,105 @@ def test_fit_predicts_static_and_run_time_peaks_apart():
     assert -(-extent // fit.chunk) > fewest
 
 
+def _linear(fixed, per_row, extent):
+    """(static plan, run-time) peaks: ``fixed`` + ``per_row`` per row of one frame (static),
+    of the chunk's and the last, shorter chunk's frames (run time); and the unchunked point."""
+
+    def peaks(c):
+        return fixed + per_row * c, fixed + per_row * (c + extent % c)
+
+    return peaks, (fixed + per_row * extent,) * 2
+
+
+def _fewest_calls(extent, gran, budget, peaks):
+    """Brute force: the fewest calls (at chunk_for_calls' chunk) whose peaks fit."""
+    for n in range(2, extent + 1):
+        c = chunk_for_calls(extent, n, gran)
+        if -(-extent // c) == n and max(peaks(c)) <= budget:
+            return n
+    return None
+
+
+def test_fit_guesses_the_first_try_from_the_unchunked_point():
+    # little memory that does not shrink with the chunk: memory proportional to the chunk
+    # puts the first try on 8 calls of 512 (a divisor), which fits; the chord to the
+    # unchunked point says 7 calls would not: one estimate in all
+    peaks, full = _linear(300, 10, 4096)
+    calls = []
+    fit = fit_chunk(_cand(extent=4096), 6000, lambda c: calls.append(c) or peaks(c),
+                    SearchOptions(), unchunked=full)
+    assert calls == [512] and fit.chunk == 512 and fit.evaluations == 1
+    assert _fewest_calls(4096, 1, 6000, peaks) == 8
+    # the first guess is moved to a divisor (no last, shorter chunk: a cheaper estimate) for
+    # at most a third more calls; the chord then tries fewer: 6 calls of 819 fit
+    calls = []
+    fit = fit_chunk(_cand(extent=4096), 10000, lambda c: calls.append(c) or peaks(c),
+                    SearchOptions(), unchunked=full)
+    assert calls == [512, 819] and -(-4096 // fit.chunk) == 6
+    assert _fewest_calls(4096, 1, 10000, peaks) == 6
+    # much memory that does not shrink: the first guess (8 calls of 512) misses; the line
+    # through it and the unchunked point (a secant) lands on the fewest calls that fit (12
+    # of 372), without probing 32 calls (128 rows)
+    peaks, full = _linear(6000, 10, 4096)
+    calls = []
+    fit = fit_chunk(_cand(extent=4096), 10000, lambda c: calls.append(c) or peaks(c),
+                    SearchOptions(), unchunked=full)
+    assert calls == [512, 372] and fit.chunk == 372
+    assert _fewest_calls(4096, 1, 10000, peaks) == 12
+
+
+def test_fit_probes_many_chunks_when_the_unchunked_point_is_off_the_curve():
+    # Evoformer N=256 at 10%, second stage (estimated MiB): the peak before it is set by the
+    # first stage's chunk call; two chunks of this region raise the run-time peak above it, so
+    # the line through them and the unchunked point cannot say where chunks fit: 32 calls
+    # are probed (they fit) and the refinement lands on 4 calls, not on the two that miss
+    pts = {32768: (90.3, 85.5), 16384: (78.3, 73.3), 2048: (68.7, 62.7), 256: (60.0, 55.0)}
+
+    def peaks(c):
+        ks = sorted(pts)
+        lo = max((k for k in ks if k <= c), default=ks[0])
+        hi = min((k for k in ks if k >= c), default=ks[-1])
+        if lo == hi:
+            return pts[lo]
+        w = (c - lo) / (hi - lo)
+        return tuple(a + (b - a) * w for a, b in zip(pts[lo], pts[hi]))
+
+    calls = []
+    fit = fit_chunk(_cand(extent=65536, gran=256), 85.7,
+                    lambda c: calls.append(c) or peaks(c), SearchOptions(),
+                    unchunked=(100.7, 69.2))
+    assert calls[:2] == [32768, 2048] and fit.chunk == 16384 and max(peaks(16384)) <= 85.7
+
+
+def test_fit_finds_the_fewest_calls_on_random_linear_models():
+    # the guesses only choose where to look: on models linear in the rows held, the answer is
+    # the fewest calls that fit (within the 10% tolerance on the number of calls), or the
+    # floor's best effort, and never more estimates than allowed
+    import random
+
+    rng = random.Random(7)
+    opts = SearchOptions()
+    for _ in range(300):
+        extent = rng.choice([96, 1000, 2305, 4096, 65536])
+        gran = rng.choice([1, 1, 8]) if extent % 8 == 0 else 1
+        if extent == 65536:
+            gran = 256
+        peaks, full = _linear(rng.randint(0, 10**6), rng.randint(1, 1000), extent)
+        budget = int(max(full) * rng.uniform(0.03, 0.9))
+        calls = []
+        fit = fit_chunk(_cand(extent=extent, gran=gran), budget,
+                        lambda c: calls.append(c) or peaks(c), opts, unchunked=full)
+        assert fit is not None and fit.evaluations == len(calls)
+        assert len(calls) <= opts.max_evals_per_candidate
+        assert fit.chunk % gran == 0
+        best = _fewest_calls(extent, gran, budget, peaks)
+        n = -(-extent // fit.chunk)
+        if best is None or n > opts.max_calls:
+            continue  # the floor: best effort, checked in test_fit_respects_granularity...
+        assert max(peaks(fit.chunk)) <= budget, (extent, gran, budget, calls)
+        assert best <= n <= best + max(1, int(opts.chunk_tolerance * n)), (extent, budget, calls)
+
+
 def test_fit_drops_a_candidate_that_cannot_beat_the_best():
     opts = SearchOptions()
     best = fit_chunk(_cand(), 6000, lambda c: 1000 + 10 * c, opts)
