@@ -129,17 +129,60 @@ def _leaves(tys) -> list:
     return out
 
 
+# the same Call object (an unchanged binding: the search's chunked modules share most of them)
+# is keyed once per target: (handle, target) -> (the Call, held so that its handle is not
+# reused; its key)
+_KEYS: dict[tuple, tuple] = {}
+# per BlockBuilder (held while a pass runs), each memoised PrimFunc is added once:
+# [the BlockBuilder, {PrimFunc handle: (PrimFunc, GlobalVar)}]
+_ADDED: list = [None, {}]
+
+
+def _call_key(call):
+    h = (call.__chandle__(), _TARGET[0])
+    known = _KEYS.get(h)
+    if known is not None and known[0].same_as(call):
+        return known[1]
+    key = _key(call)
+    if len(_KEYS) >= 4 * _MAX_ENTRIES:
+        _KEYS.clear()
+    _KEYS[h] = (call, key)
+    return key
+
+
+def _add_func(bb, func, name: str):
+    """``bb.add_func(func, name)``, once per PrimFunc object and BlockBuilder: the builder
+    deduplicates by structure (hashing the whole PrimFunc each time), so a second add of the
+    same object returns the GlobalVar of the first either way."""
+    if _ADDED[0] is None or not _ADDED[0].same_as(bb):
+        _ADDED[0], _ADDED[1] = bb, {}
+    h = func.__chandle__()
+    known = _ADDED[1].get(h)
+    if known is not None and known[0].same_as(func):
+        return known[1]
+    gv = bb.add_func(func, name)
+    _ADDED[1][h] = (func, gv)
+    return gv
+
+
+def _legalize_ops(mod, lmap) -> tvm.IRModule:
+    try:
+        return relax.transform.LegalizeOps(lmap)(mod)
+    finally:
+        _ADDED[0], _ADDED[1] = None, {}  # do not hold the builder (and its module)
+
+
 def _wrapper(op_name: str, default):
     def legalize(bb, call):
-        key = _key(call)
+        key = _call_key(call)
         hit = _MEMO.get(key) if key is not None else None
-        if hit is not None and not _same_call(call, hit[4]):
+        if hit is not None and not hit[4].same_as(call) and not _same_call(call, hit[4]):
             hit = None  # a hash collision in attrs or type args: lower it, keep the first
             key = None
         if hit is not None:
             func, name, idx, res, _ = hit
             stats["hits"] += 1
-            gv = bb.add_func(func, name)
+            gv = _add_func(bb, func, name)
             args = relax.Tuple([call.args[i] for i in idx])
             return relax.Call(res.op, [gv, args], res.attrs, res.ty_args)
         res = default(bb, call)
@@ -169,10 +212,11 @@ def _ops_in(mod) -> set[str]:
     return names
 
 
-def legalize_map(mod) -> dict:
-    """{op name: memoising legalization} for the ops of ``mod`` that TVM can legalize."""
+def legalize_map(mod, ops: set[str] | None = None) -> dict:
+    """{op name: memoising legalization} for the ops of ``mod`` (or ``ops``, its op names) that
+    TVM can legalize."""
     out = {}
-    for name in sorted(_ops_in(mod)):
+    for name in sorted(_ops_in(mod) if ops is None else ops):
         w = _WRAPPERS.get(name)
         if w is None:
             default = C.Op.get(name).get_attr("FLegalize")
@@ -188,7 +232,45 @@ def CachedLegalizeOps(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """``relax.transform.LegalizeOps()`` with each op's legalization memoised."""
     tgt = tvm.target.Target.current()
     _TARGET[0] = "" if tgt is None else str(tgt)
-    return relax.transform.LegalizeOps(legalize_map(mod))(mod)
+    return _legalize_ops(mod, legalize_map(mod))
+
+
+# the ops TVM 0.27's dispatch passes rewrite (relax/backend/dispatch_*.py: each visits every
+# call in Python and matches ``call.op.name`` against these; tests/test_legalize_cache.py
+# checks the lists against TVM's source)
+DISPATCHED_OPS = {
+    "DispatchSampling": frozenset({"relax.multinomial_from_uniform"}),
+    "DispatchSortScan": frozenset(
+        {"relax.bucketize", "relax.sort", "relax.argsort", "relax.topk", "relax.cumprod",
+         "relax.cumsum"}
+    ),
+}
+
+
+def cpu_lowering(passes: list) -> tvm.transform.Pass:
+    """TVM's CPU lowering ``passes`` (DispatchSampling, DispatchSortScan, LegalizeOps) for the
+    estimator: LegalizeOps memoised (``CachedLegalizeOps``), and a dispatch pass skipped when
+    the module has none of the ops it rewrites (it would return the module unchanged: on a
+    chunked Evoformer, 5 ms of Python visiting per estimate for nothing). Unknown passes run."""
+
+    @tvm.transform.module_pass(opt_level=0, name="CachedCPULowering")
+    def lowering(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        ops = None  # the op names of mod, when known
+        for p in passes:
+            name = p.info.name
+            ops = _ops_in(mod) if ops is None else ops
+            if name in DISPATCHED_OPS and not ops & DISPATCHED_OPS[name]:
+                continue
+            if name == "LegalizeOps":
+                tgt = tvm.target.Target.current()
+                _TARGET[0] = "" if tgt is None else str(tgt)
+                mod = _legalize_ops(mod, legalize_map(mod, ops))
+            else:
+                mod = p(mod)
+            ops = None
+        return mod
+
+    return lowering
 
 
 # ------------------------------------------------------------------ constant folding (GPU)

@@ -74,16 +74,14 @@ def estimate_passes(target: tvm.target.Target) -> list:
     Same as ``lowering_passes`` but without GPU scheduling (dlight only changes loop structure,
     never which tensors exist), plus ``RewriteDataflowReshape`` which decides which reshapes
     become free views. LegalizeOps and FoldConstant are ``legalize_cache``'s memoised wrappers:
-    the same lowering and folding (the search estimates many near-identical modules).
+    the same lowering and folding (the search estimates many near-identical modules); on CPU
+    a dispatch pass is skipped when the module has none of its ops (``cpu_lowering``).
     """
-    from .legalize_cache import CachedFoldConstant, CachedLegalizeOps
+    from .legalize_cache import CachedFoldConstant, CachedLegalizeOps, cpu_lowering
 
     be = _backend(target)
     if be is None:
-        passes = [
-            CachedLegalizeOps if p.info.name == "LegalizeOps" else p
-            for p in lowering_passes(target)
-        ]
+        passes = [cpu_lowering(lowering_passes(target))]
     else:
         passes = [
             *be.library_dispatch_passes(target),

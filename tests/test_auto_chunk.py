@@ -170,12 +170,8 @@ def test_fit_guesses_the_first_try_from_the_unchunked_point():
     assert _fewest_calls(4096, 1, 10000, peaks) == 12
 
 
-def test_fit_probes_many_chunks_when_the_unchunked_point_is_off_the_curve():
-    # Evoformer N=256 at 10%, second stage (estimated MiB): the peak before it is set by the
-    # first stage's chunk call; two chunks of this region raise the run-time peak above it, so
-    # the line through them and the unchunked point cannot say where chunks fit: 32 calls
-    # are probed (they fit) and the refinement lands on 4 calls, not on the two that miss
-    pts = {32768: (90.3, 85.5), 16384: (78.3, 73.3), 2048: (68.7, 62.7), 256: (60.0, 55.0)}
+def _through(pts):
+    """(static, run-time) peaks interpolated linearly between measured points {chunk: peaks}."""
 
     def peaks(c):
         ks = sorted(pts)
@@ -186,11 +182,44 @@ def test_fit_probes_many_chunks_when_the_unchunked_point_is_off_the_curve():
         w = (c - lo) / (hi - lo)
         return tuple(a + (b - a) * w for a, b in zip(pts[lo], pts[hi]))
 
+    return peaks
+
+
+def test_fit_probes_many_chunks_when_the_unchunked_point_is_off_the_curve():
+    # Evoformer N=256 at 10%, second stage (estimated MiB): the peak before it is set by the
+    # first stage's chunk call; two chunks of this region raise the run-time peak above it, so
+    # the line through them and the unchunked point cannot say where chunks fit: 32 calls
+    # are probed (they fit) and the refinement lands on 4 calls, not on the two that miss
+    peaks = _through({32768: (90.3, 85.5), 16384: (78.3, 73.3), 2048: (68.7, 62.7),
+                      256: (60.0, 55.0)})
+
     calls = []
-    fit = fit_chunk(_cand(extent=65536, gran=256), 85.7,
-                    lambda c: calls.append(c) or peaks(c), SearchOptions(),
-                    unchunked=(100.7, 69.2))
+
+    def kib(c):
+        calls.append(c)
+        return tuple(int(v * 1024) for v in peaks(c))
+
+    fit = fit_chunk(_cand(extent=65536, gran=256), int(85.7 * 1024), kib, SearchOptions(),
+                    unchunked=(int(100.7 * 1024), int(69.2 * 1024)))
     assert calls[:2] == [32768, 2048] and fit.chunk == 16384 and max(peaks(16384)) <= 85.7
+
+
+def test_fit_near_a_floor_probes_small_rows_before_shorter_chunks():
+    # ViT 2304 tokens (2305 rows) at 10% (estimated MiB): the first guess (209 rows) misses
+    # and the line through it says 72 rows cannot fit either; near the region's floor the
+    # next probe is 16 rows (the shortest chunk the cost model does not penalise), which
+    # fits: shorter chunks (9 rows, 256 calls) are not estimated
+    peaks = _through({209: (47.7, 52.7), 16: (28.2, 28.7), 10: (27.6, 28.5), 3: (27.4, 28.4),
+                      2305: (297.3, 287.2)})
+    calls = []
+
+    def kib(c):
+        calls.append(c)
+        return tuple(int(v * 1024) for v in peaks(c))
+
+    fit = fit_chunk(_cand(extent=2305), int(28.8 * 1024), kib, SearchOptions(),
+                    unchunked=(297 * 1024, 287 * 1024))
+    assert fit.chunk == 16 and min(calls) == 16 and len(calls) == 2, calls
 
 
 def test_fit_finds_the_fewest_calls_on_random_linear_models():
@@ -601,3 +630,28 @@ def test_prefers_two_regions_over_tiny_chunks():
     assert res.final_peak <= budget
     opts = SearchOptions()
     assert all(s.region.chunk >= opts.small_rows for s in res.stages), res.to_dict()
+
+
+def test_small_rows_alternative_is_not_estimated_when_the_fit_peaks_at_its_chunk_call(
+    monkeypatch,
+):
+    # UNet at side 64, 10%: 16 chunks of 4 rows fit, with the peak at the chunk call (its
+    # frame). Longer chunks only make that frame larger: the 16-row alternative (worth later
+    # stages only when its peak is at a plain op) is not estimated
+    import relay_passes.auto_chunk as acm
+
+    estimated = []
+    real = acm.estimate_memory
+
+    def recording(m, *a, **kw):
+        estimated.append({gv.name_hint for gv in m.get_global_vars()})
+        return real(m, *a, **kw)
+
+    monkeypatch.setattr(acm, "estimate_memory", recording)
+    w = FAMILIES["unet"](64)
+    mod = ac.from_torch(w.module, w.inputs)
+    budget = need_bytes(estimate_memory(mod, "llvm")) // 10
+    _, res = auto_chunk(mod, "llvm", budget)
+    assert res.final_peak <= budget and res.stages[0].region.chunk < SearchOptions().small_rows
+    assert res.profile.peak_op.startswith("call ")
+    assert not any(n.endswith(f"_chunk{SearchOptions().small_rows}") for s in estimated for n in s)
