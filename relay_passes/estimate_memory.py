@@ -17,7 +17,14 @@ from tvm import relax
 
 from . import _compat as C
 from .errors import PassContractError, SymbolicShapeError
-from .liveness import FrameAnalysis, FrameWalker, live_records, runtime_peak, timeline
+from .liveness import (
+    DataflowReshapeUnknown,
+    FrameAnalysis,
+    FrameWalker,
+    live_records,
+    runtime_peak,
+    timeline,
+)
 from .pipeline import as_target, estimate_passes, is_gpu, run_passes
 from .plan import FrameMemory, MemoryProfile, TensorRecord, fold_callees
 
@@ -137,8 +144,13 @@ def _weights(mod, func: relax.Function, bounds) -> int:
     return sum(seen.values()) + extra
 
 
-def analyze_frames(lowered, entry: str, target, op_names=None) -> dict[str, FrameAnalysis]:
-    """Walk ``entry`` and every Relax function it calls, transitively, on a lowered module."""
+def analyze_frames(
+    lowered, entry: str, target, op_names=None, *, dataflow_reshape: bool = False
+) -> dict[str, FrameAnalysis]:
+    """Walk ``entry`` and every Relax function it calls, transitively, on a lowered module.
+
+    ``dataflow_reshape``: ``lowered`` has not been through ``RewriteDataflowReshape``; the walk
+    treats the calls it would rewrite as the reshapes (views) they would become."""
     gpu = is_gpu(target)
 
     def workspace_of(gv, bounds) -> tuple[int, ...]:
@@ -154,7 +166,15 @@ def analyze_frames(lowered, entry: str, target, op_names=None) -> dict[str, Fram
         if name in out:
             continue
         func = lowered[name]
-        walker = FrameWalker(lowered, func, name, C.upper_bounds_of(func), op_names, workspace_of)
+        walker = FrameWalker(
+            lowered,
+            func,
+            name,
+            C.upper_bounds_of(func),
+            op_names,
+            workspace_of,
+            dataflow_reshape=dataflow_reshape,
+        )
         out[name] = walker.run()
         todo.extend(c for c in out[name].callees if c not in out)
     return out
@@ -186,6 +206,20 @@ def _callee_order(frames: dict[str, FrameAnalysis], entry: str) -> list[str]:
     return order
 
 
+def _lower_and_walk(mod, entry: str, tgt, op_names) -> dict[str, FrameAnalysis]:
+    """The frames of ``mod`` lowered as the target's pipeline would. On CPU the walk makes
+    RewriteDataflowReshape's rewrites itself (with its reshape-pattern test memoised per
+    PrimFunc); should it meet a call it cannot decide as TVM would, TVM's pass is run."""
+    if is_gpu(tgt):
+        return analyze_frames(run_passes(mod, estimate_passes(tgt), tgt), entry, tgt, op_names)
+    lowered = run_passes(mod, estimate_passes(tgt, rewrite_reshape=False), tgt)
+    try:
+        return analyze_frames(lowered, entry, tgt, op_names, dataflow_reshape=True)
+    except DataflowReshapeUnknown:
+        lowered = run_passes(lowered, [relax.transform.RewriteDataflowReshape()], tgt)
+        return analyze_frames(lowered, entry, tgt, op_names)
+
+
 def weight_bytes(mod: tvm.IRModule, entry: str = "main") -> int:
     """``MemoryProfile.weight_bytes`` of ``mod`` alone (see ``estimate_memory``)."""
     func = _check_module(mod, entry)
@@ -204,8 +238,7 @@ def estimate_memory(
     func = _check_module(mod, entry)
     bounds = check_bounds(func, entry)
     op_names = _op_names(mod)
-    lowered = run_passes(mod, estimate_passes(tgt), tgt)
-    frames = analyze_frames(lowered, entry, tgt, op_names)
+    frames = _lower_and_walk(mod, entry, tgt, op_names)
     totals = frame_totals(frames, entry)
     main = frames[entry]
     frame = totals[entry]

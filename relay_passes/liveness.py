@@ -148,8 +148,13 @@ class FrameWalker:
         bounds: dict[str, int],
         op_names: dict[str, str] | None = None,
         workspace_of=None,
+        dataflow_reshape: bool = False,
     ) -> None:
         self.mod = mod
+        # the module has not been through RewriteDataflowReshape: its rewrites are made here
+        # (``_dataflow_reshape_arg``)
+        self.dataflow_reshape = dataflow_reshape
+        self._in_dataflow = False
         self.func = func
         self.fname = fname
         self.bounds = bounds
@@ -247,16 +252,19 @@ class FrameWalker:
         return self._finish(n)
 
     def _visit_seq(self, seq, top: bool = False) -> None:
+        outer = self._in_dataflow
         for block in seq.blocks:
             self._block += 1
+            self._in_dataflow = isinstance(block, relax.DataflowBlock)
             for b in block.bindings:
                 self._visit_binding(b)
+        self._in_dataflow = outer
         if not top:
             self._record_uses(seq.body, self._index - 1)
             self._discard(self._tokens_of(seq.body))
 
-    def _record_uses(self, expr, index: int) -> None:
-        vs = _call_vars(expr)
+    def _record_uses(self, expr, index: int, args=None) -> None:
+        vs = _call_vars(expr, args)
         if vs is None:
             vs = relax.analysis.free_vars(expr) if not isinstance(expr, relax.Var) else [expr]
         tokens = self.tokens
@@ -268,13 +276,16 @@ class FrameWalker:
         var, value = b.var, b.value
         name = str(var.name)
         idx = self._index
-        self._record_uses(value, idx)
+        # a call's arguments, read once through the FFI (each read of ``call.args`` makes a
+        # new Array wrapper; the walk reads them several times per binding)
+        args = tuple(value.args) if isinstance(value, C.Call) else None
+        self._record_uses(value, idx, args)
         ev = _Event(idx, name, "")
         if isinstance(b, relax.MatchCast):
             self.tokens[var.__chandle__()] = self._tokens_of(value)
             ev.op = "match_cast"
         elif isinstance(value, C.Call):
-            self._visit_call(var, value, ev)
+            self._visit_call(var, value, ev, args)
         elif isinstance(value, relax.If):
             ev.op = "if"
             self._discard(self._tokens_of(value.cond))
@@ -293,14 +304,20 @@ class FrameWalker:
         self.events.append(ev)
         self._index = max(self._index, idx) + 1
 
-    def _visit_call(self, var, call, ev: _Event) -> None:
+    def _visit_call(self, var, call, ev: _Event, args: tuple) -> None:
         name = str(var.name)
         op = call.op
+        if self.dataflow_reshape and isinstance(op, C.Op) and op.same_as(_CALL_TIR):
+            src = self._dataflow_reshape_arg(var, call, args)
+            if src is not None:  # RewriteDataflowReshape makes it relax.reshape: a view
+                ev.op = self._op_label(name, "reshape")
+                self.tokens[var.__chandle__()] = self._tokens_of(src)
+                return
         if isinstance(op, C.Op) and (op.same_as(_CALL_TIR) or op.same_as(_CALL_DPS_PACKED)):
-            gv = call.args[0]
+            gv = args[0]
             label = str(gv.name_hint) if isinstance(gv, C.GlobalVar) else str(gv)
             ev.op = self._op_label(name, label)
-            for a in _call_args(call):
+            for a in _call_args(args):
                 self._use_in_primfunc(a, ev)
             outs = self._protos_for_type(var.ty, name, ev.op)
             for p in _nested(outs):
@@ -311,9 +328,9 @@ class FrameWalker:
             self.tokens[var.__chandle__()] = outs
             return
         if isinstance(op, C.Op) and op.same_as(_CALL_TIR_INPLACE):
-            gv = call.args[0]
+            gv = args[0]
             ev.op = self._op_label(name, str(gv.name_hint))
-            args = _call_args(call)
+            args = _call_args(args)
             for a in args:
                 self._use_in_primfunc(a, ev)
             idxs = [int(i) for i in call.attrs.inplace_indices]
@@ -334,11 +351,11 @@ class FrameWalker:
             return
         if isinstance(op, C.Op) and any(op.same_as(v) for v in _VIEW_OPS):
             ev.op = self._op_label(name, str(op.name).removeprefix("relax."))
-            self.tokens[var.__chandle__()] = self._tokens_of(call.args[0])
+            self.tokens[var.__chandle__()] = self._tokens_of(args[0])
             return
         if (isinstance(op, C.Op) and op.same_as(_CALL_PURE_PACKED)) or isinstance(op, C.ExternFunc):
-            args = list(call.args[1:]) if isinstance(op, C.Op) else list(call.args)
-            fn = call.args[0] if isinstance(op, C.Op) else op
+            fn = args[0] if isinstance(op, C.Op) else op
+            args = list(args[1:]) if isinstance(op, C.Op) else list(args)
             ev.op = self._op_label(name, str(getattr(fn, "global_symbol", fn)))
             for a in args:
                 self._use_in_primfunc(a, ev)
@@ -349,7 +366,7 @@ class FrameWalker:
         # Any other call: a Relax function or an op the planner does not look into. Its
         # arguments escape (the planner discards their tokens) and its tensor results are
         # allocated at run time by the callee.
-        for a in call.args:
+        for a in args:
             self._discard(self._tokens_of(a))
         if isinstance(op, C.GlobalVar):
             ev.op = f"call {op.name_hint}"
@@ -359,7 +376,7 @@ class FrameWalker:
                 self.callees.append(ev.callee)
         else:
             ev.op = self._op_label(name, str(getattr(op, "name", op)).removeprefix("relax."))
-        shared = self._returned_args(op, call, var.ty) if ev.callee is not None else None
+        shared = self._returned_args(op, args, var.ty) if ev.callee is not None else None
         if shared is not None:
             # the callee returns (views of) its arguments, e.g. a chunk function its in-place
             # buffer: the result is that storage, which stays live while the result is used
@@ -371,18 +388,56 @@ class FrameWalker:
         ev.allocs.extend(_nested(outs))
         self.tokens[var.__chandle__()] = outs
 
-    def _returned_args(self, gv, call, ty):
+    def _dataflow_reshape_arg(self, var, call, args: tuple):
+        """The argument that TVM's ``RewriteDataflowReshape`` would reshape in place of this
+        ``call_tir`` (rewrite_dataflow_reshape.cc, TVM 0.27), else None: a binding of a
+        DataflowVar in a dataflow block, calling a PrimFunc with a reshape pattern
+        (``has_reshape_pattern``, memoised per PrimFunc) on one tensor of the result's dtype
+        and element count. TVM's pass reshapes the one argument the PrimFunc reads when it
+        has several (fused functions, not made on CPU): met here, ``DataflowReshapeUnknown``
+        makes the estimator run TVM's pass instead."""
+        if not self._in_dataflow or not isinstance(var, relax.DataflowVar):
+            return None
+        gv = args[0]
+        func = self.mod[gv] if isinstance(gv, C.GlobalVar) and gv in self.mod.functions else None
+        if not isinstance(func, C.PrimFunc):
+            return None
+        args = _call_args(args)
+        if len(args) != 1:
+            # TVM reshapes the one argument such a PrimFunc reads
+            if _has_reshape_pattern(func):
+                raise DataflowReshapeUnknown(str(gv.name_hint))
+            return None
+        # TVM tests the pattern first; the cheap tests come first here (the same answer)
+        arg = args[0]
+        src, res = arg.ty, var.ty
+        if not isinstance(src, C.TensorType) or not isinstance(res, C.TensorType):
+            return None
+        s_shape, r_shape = C.tensor_shape(src), C.tensor_shape(res)
+        s_dtype, r_dtype = C.tensor_dtype(src), C.tensor_dtype(res)
+        if s_dtype in ("", "void") or s_dtype != r_dtype or s_shape is None or r_shape is None:
+            return None
+        a, b = _count(s_shape), _count(r_shape)
+        if isinstance(a, int) and isinstance(b, int):
+            same = a == b
+        else:
+            import tvm.sym  # TVM 0.27: tvm.arith moved here
+
+            same = tvm.sym.Analyzer().can_prove_equal(a, b)
+        return arg if same and _has_reshape_pattern(func) else None
+
+    def _returned_args(self, gv, args: tuple, ty):
         """The tokens of the arguments a Relax callee returns, leaf for leaf, when every leaf
         of its result is one argument's storage; else None (the result is the callee's)."""
         from .alias import returned_params
 
         per_leaf = returned_params(self.mod, gv)
         tys = list(ty.fields) if isinstance(ty, C.TupleType) else [ty]
-        if per_leaf is None or len(per_leaf) != len(tys) or len(call.args) == 0:
+        if per_leaf is None or len(per_leaf) != len(tys) or len(args) == 0:
             return None
         leaves = []
         for ps, t in zip(per_leaf, tys):
-            tok = self._tokens_of(call.args[ps[0]]) if len(ps) == 1 else None
+            tok = self._tokens_of(args[ps[0]]) if len(ps) == 1 else None
             if not isinstance(t, C.TensorType) or not isinstance(tok, Proto):
                 return None
             leaves.append(tok)
@@ -459,13 +514,13 @@ _NO_VARS = (
 )
 
 
-def _call_vars(expr) -> list | None:
+def _call_vars(expr, args=None) -> list | None:
     """The Relax variables a call in A-normal form reads (its op and arguments, tuples
     opened); None when it holds anything else (then ``free_vars`` is asked)."""
     if not isinstance(expr, C.Call):
         return None
     out: list = []
-    todo = [expr.op, *expr.args]
+    todo = [expr.op, *(expr.args if args is None else args)]
     while todo:
         a = todo.pop()
         if isinstance(a, relax.Var):
@@ -477,8 +532,41 @@ def _call_vars(expr) -> list | None:
     return out
 
 
-def _call_args(call) -> list:
-    args = call.args[1]
+class DataflowReshapeUnknown(Exception):
+    """A reshape-pattern PrimFunc called with several arguments (see ``_dataflow_reshape_arg``)."""
+
+
+# PrimFunc handle -> (the PrimFunc, held so that its handle is not reused; has_reshape_pattern).
+# The estimator's memoised legalization hands back the same PrimFunc objects estimate after
+# estimate; TVM's pass asked each call again (Evoformer, 120 calls: 11 ms per estimate)
+_RESHAPE: dict[int, tuple] = {}
+
+
+def _has_reshape_pattern(func) -> bool:
+    h = func.__chandle__()
+    known = _RESHAPE.get(h)
+    if known is not None and known[0].same_as(func):
+        return known[1]
+    if len(_RESHAPE) >= 16384:
+        _RESHAPE.clear()
+    r = bool(relax.analysis.has_reshape_pattern(func))
+    _RESHAPE[h] = (func, r)
+    return r
+
+
+def _count(shape):
+    """The element count of a shape: an int when static, else a PrimExpr."""
+    if all(isinstance(d, (int, tvm.tirx.IntImm)) for d in shape):
+        return C.prod(int(d) for d in shape)
+    out = tvm.tirx.const(1, "int64")
+    for d in shape:
+        out = out * d
+    return out
+
+
+def _call_args(call_args: tuple) -> list:
+    """The tensor arguments of a call_tir-like call, from its arguments (callee, tuple)."""
+    args = call_args[1]
     if isinstance(args, relax.Tuple):
         return list(args.fields)
     return [args]

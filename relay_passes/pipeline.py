@@ -68,14 +68,16 @@ def lowering_passes(target: tvm.target.Target) -> list:
     return be.library_dispatch_passes(target) + be.legalize_passes(target)
 
 
-def estimate_passes(target: tvm.target.Target) -> list:
+def estimate_passes(target: tvm.target.Target, *, rewrite_reshape: bool = True) -> list:
     """The part of the pipeline the memory estimator models the module after.
 
     Same as ``lowering_passes`` but without GPU scheduling (dlight only changes loop structure,
     never which tensors exist), plus ``RewriteDataflowReshape`` which decides which reshapes
-    become free views. LegalizeOps and FoldConstant are ``legalize_cache``'s memoised wrappers:
-    the same lowering and folding (the search estimates many near-identical modules); on CPU
-    a dispatch pass is skipped when the module has none of its ops (``cpu_lowering``).
+    become free views (``rewrite_reshape=False`` leaves it out: the CPU estimator makes its
+    rewrites itself while it walks, ``liveness.FrameWalker(dataflow_reshape=True)``).
+    LegalizeOps and FoldConstant are ``legalize_cache``'s memoised wrappers: the same lowering
+    and folding (the search estimates many near-identical modules); on CPU a dispatch pass is
+    skipped when the module has none of its ops (``cpu_lowering``).
     """
     from .legalize_cache import CachedFoldConstant, CachedLegalizeOps, cpu_lowering
 
@@ -91,7 +93,7 @@ def estimate_passes(target: tvm.target.Target) -> list:
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
         ]
-    return [*passes, relax.transform.RewriteDataflowReshape()]
+    return [*passes, relax.transform.RewriteDataflowReshape()] if rewrite_reshape else passes
 
 
 def dataflow_lower_passes(target: tvm.target.Target) -> list:

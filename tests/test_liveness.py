@@ -6,6 +6,8 @@ ground truth read off TVM's StaticPlanBlockMemory (``planned_memory``).
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import tvm
 from tvm.script import ir as I
@@ -14,6 +16,8 @@ from tvm.script import tirx as T
 
 from relay_passes.errors import PassContractError, SymbolicShapeError
 from relay_passes.estimate_memory import estimate_memory
+from relay_passes.liveness import DataflowReshapeUnknown
+from relay_passes.pipeline import as_target, estimate_passes, run_passes
 from relay_passes.planned_memory import planned_memory
 
 KIB = 1024
@@ -228,3 +232,109 @@ def test_not_a_module():
 
 if __name__ == "__main__":
     tvm.testing.main()
+
+
+# ------------------------------------------------- RewriteDataflowReshape, made by the walk
+
+
+# the module (``relay_passes.estimate_memory`` is also the name of the function it exports)
+_em = importlib.import_module("relay_passes.estimate_memory")
+_LLVM = as_target("llvm")
+
+
+def _frames_both_ways(mod, entry="main"):
+    """The frames as the CPU estimator walks them (RewriteDataflowReshape's rewrites made by
+    the walk) and after TVM's own pass."""
+    names = _em._op_names(mod)
+    ours = _em._lower_and_walk(mod, entry, _LLVM, names)
+    lowered = run_passes(mod, estimate_passes(_LLVM), _LLVM)
+    return ours, _em.analyze_frames(lowered, entry, _LLVM, names)
+
+
+def _summary(frames):
+    return {
+        n: (fa.memory, [(e.index, e.name, e.op, e.workspace, e.callee) for e in fa.events],
+            [(p.name, p.shape, p.dtype, p.born, p.last_use, p.planned, p.output) for p in fa.protos])
+        for n, fa in frames.items()
+    }
+
+
+@I.ir_module
+class ReshapesAtEdges:
+    """Reshapes TVM's pass leaves as kernels: a dataflow block's output, and one outside any
+    dataflow block; one inside that it makes a view."""
+
+    @R.function
+    def main(x: R.Tensor((16, 64), "float32")) -> R.Tensor((1024,), "float32"):
+        with R.dataflow():
+            a = R.add(x, x)
+            b = R.reshape(a, (1024,))
+            c = R.add(b, b)
+            d = R.reshape(c, (64, 16))
+            R.output(d)
+        e = R.reshape(d, (1024,))
+        f = R.add(e, e)
+        return f
+
+
+def test_walk_makes_tvms_dataflow_reshape_rewrites():
+    # models, a chunked module (chunk functions), random graphs: the same frames, events and
+    # tensors as after TVM's RewriteDataflowReshape, and reshapes really were rewritten
+    import random
+
+    import tvm_autochunk as ac
+    from benchmarks.fuzz_graphs import RandomDraw, generate
+    from benchmarks.models import FAMILIES
+    from relay_passes.plan import ChunkPlan, ChunkRegion
+    from relay_passes.rewrite import apply_chunk_plan
+
+    mods = []
+    for family, size in [("gpt", 128), ("vit", 196), ("evoformer", 32), ("unet", 16)]:
+        w = FAMILIES[family](size, **({"layers": 1} if family in ("gpt", "vit") else {}))
+        mods.append(ac.from_torch(w.module, w.inputs))
+    mods.append(apply_chunk_plan(mods[0], ChunkPlan((ChunkRegion("lv11", "lv75", "lv10", 1, 48),))))
+    mods.append(ReshapesAtEdges)
+    rng = random.Random(5)
+    mods += [generate(RandomDraw(rng.randrange(10**9))).mod for _ in range(25)]
+    views = 0
+    for m in mods:
+        ours, theirs = _frames_both_ways(m)
+        assert _summary(ours) == _summary(theirs)
+        views += sum(e.op == "reshape" for fa in ours.values() for e in fa.events)
+    assert views > 0
+    ours, _ = _frames_both_ways(ReshapesAtEdges)
+    assert [e.op for e in ours["main"].events if "reshape" in e.op] == ["reshape"] * 3
+    assert sum(e.op == "reshape" and not e.allocs for e in ours["main"].events) == 1
+
+
+@I.ir_module
+class TwoInputReshape:
+    """A reshape-pattern PrimFunc called on two tensors, reading one (what FuseTIR makes): the
+    walk leaves the decision to TVM's pass."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def flat(a: T.Buffer((16, 64), "float32"), b: T.Buffer((16, 64), "float32"),
+             out: T.Buffer((1024,), "float32")):
+        for i in range(1024):
+            with T.sblock("flat"):
+                vi = T.axis.remap("S", [i])
+                out[vi] = a[vi // 64, vi % 64]
+
+    @R.function
+    def main(x: R.Tensor((16, 64), "float32")) -> R.Tensor((1024,), "float32"):
+        cls = TwoInputReshape
+        with R.dataflow():
+            y = R.add(x, x)
+            f = R.call_tir(cls.flat, (y, x), out_ty=R.Tensor((1024,), "float32"))
+            g = R.add(f, f)
+            R.output(g)
+        return g
+
+
+def test_walk_defers_to_tvms_pass_on_a_reshape_of_several_arguments():
+    ours, theirs = _frames_both_ways(TwoInputReshape)
+    assert _summary(ours) == _summary(theirs)
+    assert any(e.op == "reshape" for e in ours["main"].events)  # TVM rewrote it: a view
+    low = run_passes(TwoInputReshape, estimate_passes(_LLVM, rewrite_reshape=False), _LLVM)
+    with pytest.raises(DataflowReshapeUnknown):
+        _em.analyze_frames(low, "main", _LLVM, dataflow_reshape=True)
