@@ -31,7 +31,7 @@ class SearchOptions:
     # come before the probes (memory proportional to the chunk, then the line through the
     # last two tried), at most this many (search.fit_chunk)
     guess_probes: int = 3
-    chunk_tolerance: float = 0.1  # stop refining when at most 10% fewer chunks could fit
+    chunk_tolerance: float = 0.1  # stop refining when at most 10% fewer calls could fit
     max_calls: int = 1024  # chunk calls of one stage (all copies) at most
     # the chunk for n calls: "short" = the largest (the last chunk as short as possible),
     # "balanced" = ceil(extent / n) (other kernel shapes: the build's fallback when TVM
@@ -161,9 +161,9 @@ def fit_chunk(
     bracketed between a chunk that fits and one that does not, and the bracket is narrowed
     by predicting the peak between them (the static plan linear in the chunk, the run-time
     peak linear in the rows of the chunk and the last, shorter chunk; the chord of a convex
-    curve never overshoots) and trying the fewest calls predicted to fit, until no number of
-    chunks in between would be cheaper by more than ``opts.chunk_tolerance``, or
-    ``opts.max_evals_per_candidate``.
+    curve never overshoots) and trying the fewest calls predicted to fit, until those would
+    save at most ``opts.chunk_tolerance`` of the calls of the best fit so far (or the bracket
+    holds no number of chunks that would save more), or ``opts.max_evals_per_candidate``.
 
     If even ``probe_chunks`` chunks do not fit, 8x as many are tried, then the smallest chunk
     (the granularity, or more rows so that the stage makes at most ``opts.max_calls`` calls
@@ -369,6 +369,8 @@ def fit_chunk(
         c = fewest(line(ok, bad, parts), n_of(bad) + 1, n_of(ok))
         if c is None or c in seen:
             break  # the line puts the crossing at ok: nothing fewer fits
+        if n_of(ok) - n_of(c) <= int(opts.chunk_tolerance * n_of(ok)):
+            break  # it would save at most the tolerance of ok's calls: not worth an estimate
         ev(c)
     fits = [k for k, v in seen.items() if v <= target and k not in virtual]
     if not fits:

@@ -204,6 +204,30 @@ def test_fit_probes_many_chunks_when_the_unchunked_point_is_off_the_curve():
     assert calls[:2] == [32768, 2048] and fit.chunk == 16384 and max(peaks(16384)) <= 85.7
 
 
+def test_fit_stops_refining_when_the_predicted_saving_is_within_the_tolerance():
+    # Evoformer N=256 at 20% (estimated MiB): 8 calls miss; the secant lands on 14 calls,
+    # which fit; the chord then predicts 13 would fit too: 1 call of 14 is within the 10%
+    # tolerance, so it is not estimated. With no tolerance it is, and taken
+    peaks = _through({8192: (205.4, 173.9), 5376: (168.3, 150.3), 4864: (161.5, 160.4),
+                      4096: (151.4, 119.9), 65536: (883.0, 867.0)})
+
+    def run(opts):
+        calls = []
+
+        def kib(c):
+            calls.append(c)
+            return tuple(int(v * 1024) for v in peaks(c))
+
+        fit = fit_chunk(_cand(extent=65536, gran=256), int(171.3 * 1024), kib, opts,
+                        unchunked=(883 * 1024, 867 * 1024))
+        return fit, calls
+
+    fit, calls = run(SearchOptions())
+    assert calls == [8192, 4864] and fit.chunk == 4864
+    fit, calls = run(SearchOptions(chunk_tolerance=0.0))
+    assert calls == [8192, 4864, 5376] and fit.chunk == 5376
+
+
 def test_fit_near_a_floor_probes_small_rows_before_shorter_chunks():
     # ViT 2304 tokens (2305 rows) at 10% (estimated MiB): the first guess (209 rows) misses
     # and the line through it says 72 rows cannot fit either; near the region's floor the
