@@ -16,6 +16,8 @@ The key spells out shapes, dtypes and small constants' values; what it hashes (a
 args) is compared structurally on every hit, since TVM's structural hash collides (``_key``).
 
 ``CachedFoldConstant`` does the same for GPU estimates' FoldConstant (its CPU builds).
+``cpu_lowering`` is the estimator's CPU lowering: TVM's dispatch passes, each skipped when the
+module has none of the ops it rewrites, then ``CachedLegalizeOps``.
 
 Used by ``pipeline.estimate_passes`` only; builds use TVM's own ``LegalizeOps`` and
 ``FoldConstant``.

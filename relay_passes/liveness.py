@@ -4,7 +4,9 @@ Input: a Relax function at call_tir level (after legalization; see ``pipeline.es
 The walk mirrors how TVM will execute the frame:
 
 * every tensor output of ``call_tir`` / ``call_dps_packed`` is one allocation (a *prototype*);
-  ``reshape``/``memory.view`` and tuple projections alias, never allocate;
+  ``reshape``/``memory.view`` and tuple projections alias, never allocate; so does a
+  ``call_tir`` that TVM's ``RewriteDataflowReshape`` would turn into a reshape, when the walk
+  is asked to make that pass's rewrites (``dataflow_reshape``: the CPU estimator skips the pass);
   ``call_tir_inplace`` writes into its argument;
 * a prototype is *planned* by ``StaticPlanBlockMemory`` unless it escapes: returned, passed to a
   Relax function or any other non-PrimFunc call, used in another binding block or by an ``If``.
