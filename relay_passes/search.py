@@ -26,7 +26,9 @@ class SearchOptions:
     # would cost less than this share less at the best's chunk (auto_chunk._shorter_copy)
     beat_min_saving: float = 0.05
     max_evals_per_candidate: int = 8
-    probe_chunks: int = 32  # the second probe: this many chunks (the first is two)
+    # the many-chunks probe: after the guesses below (or, with the peak before the stage
+    # unknown, after two chunks)
+    probe_chunks: int = 32
     # with the peak before the stage known, estimates at the fewest calls predicted to fit
     # come before the probes (memory proportional to the chunk, then the line through the
     # last two tried), at most this many (search.fit_chunk)

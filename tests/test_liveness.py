@@ -253,8 +253,12 @@ def _frames_both_ways(mod, entry="main"):
 
 def _summary(frames):
     return {
-        n: (fa.memory, [(e.index, e.name, e.op, e.workspace, e.callee) for e in fa.events],
-            [(p.name, p.shape, p.dtype, p.born, p.last_use, p.planned, p.output) for p in fa.protos])
+        n: (
+            fa.memory,
+            [(e.index, e.name, e.op, e.workspace, e.callee) for e in fa.events],
+            [(p.name, p.shape, p.dtype, p.born, p.last_use, p.planned, p.output)
+             for p in fa.protos],
+        )
         for n, fa in frames.items()
     }
 
