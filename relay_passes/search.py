@@ -263,8 +263,8 @@ def fit_chunk(
         def even(c: int) -> int:
             """``c``, or a chunk that divides the extent for at most a third more calls (the
             first guess only: it is crude): an estimate with a last, shorter chunk legalizes
-            and walks a second function (GPT S=4096: 70 ms, against 45 ms). The refinement
-            below may still try fewer calls."""
+            and walks a second function (GPT S=4096: 80-120 ms, against 60-65 ms). The
+            refinement below may still try fewer calls."""
             n = n_of(c)
             if cand.extent % c == 0:
                 return c
