@@ -230,7 +230,7 @@ def test_fit_stops_refining_when_the_predicted_saving_is_within_the_tolerance():
 
 def test_fit_near_a_floor_probes_small_rows_before_shorter_chunks():
     # ViT 2304 tokens (2305 rows) at 10% (estimated MiB): the first guess (209 rows) misses
-    # and the line through it says 72 rows cannot fit either; near the region's floor the
+    # and the line through it says 74 rows (32 calls) cannot fit either; near the floor the
     # next probe is 16 rows (the shortest chunk the cost model does not penalise), which
     # fits: shorter chunks (9 rows, 256 calls) are not estimated
     peaks = _through({209: (47.7, 52.7), 16: (28.2, 28.7), 10: (27.6, 28.5), 3: (27.4, 28.4),
