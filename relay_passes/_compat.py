@@ -164,7 +164,7 @@ def _lower_for_workspace(pf, target):
 
 
 _WS_CACHE: dict = {}
-_WS_BY_OBJECT: dict = {}  # (PrimFunc handle, key) -> (PrimFunc, workspace)
+_WS_BY_OBJECT: dict = {}  # identity_memo cache: (PrimFunc handle, key) -> workspace
 
 
 def prim_func_workspace(pf, target, bounds: dict[str, int] | None = None) -> tuple[int, ...]:
@@ -181,15 +181,30 @@ def prim_func_workspace(pf, target, bounds: dict[str, int] | None = None) -> tup
     # the same PrimFunc object (the estimator's memoised legalization hands the same ones back
     # estimate after estimate) is answered without hashing it: the structural hash and the
     # equality check cost 45 us per call (Evoformer: 5 of an 11 ms walk)
-    ident = (pf.__chandle__(), key)
-    known = _WS_BY_OBJECT.get(ident)
-    if known is not None and known[0].same_as(pf):
+    return identity_memo(
+        _WS_BY_OBJECT,
+        key,
+        pf,
+        lambda: structural_memo(_WS_CACHE, key, pf, lambda: _workspace(pf, target, bounds)),
+        16384,
+    )
+
+
+def identity_memo(cache: dict, key, obj, compute, max_entries: int | None = None):
+    """``compute()``, memoised in ``cache`` by ``key`` and the identity of the TVM object
+    ``obj`` (its handle, checked with ``same_as``; the entry holds ``obj``, so its handle is not
+    reused meanwhile): no structural hash, for objects handed back again and again (the
+    estimator's memoised legalization returns the same PrimFuncs estimate after estimate).
+    ``max_entries``: the cache is cleared when it holds that many keys."""
+    ident = (obj.__chandle__(), key)
+    known = cache.get(ident)
+    if known is not None and known[0].same_as(obj):
         return known[1]
-    ws = structural_memo(_WS_CACHE, key, pf, lambda: _workspace(pf, target, bounds))
-    if len(_WS_BY_OBJECT) >= 16384:
-        _WS_BY_OBJECT.clear()
-    _WS_BY_OBJECT[ident] = (pf, ws)  # holds pf: its handle is not reused meanwhile
-    return ws
+    value = compute()
+    if max_entries is not None and len(cache) >= max_entries:
+        cache.clear()
+    cache[ident] = (obj, value)
+    return value
 
 
 def structural_memo(cache: dict, key, obj, compute, max_entries: int | None = None):

@@ -131,25 +131,16 @@ def _leaves(tys) -> list:
     return out
 
 
-# the same Call object (an unchanged binding: the search's chunked modules share most of them)
-# is keyed once per target: (handle, target) -> (the Call, held so that its handle is not
-# reused; its key)
-_KEYS: dict[tuple, tuple] = {}
+# C.identity_memo cache: the same Call object (an unchanged binding: the search's chunked
+# modules share most of them) is keyed once per target
+_KEYS: dict = {}
 # per BlockBuilder (held while a pass runs), each memoised PrimFunc is added once:
-# [the BlockBuilder, {PrimFunc handle: (PrimFunc, GlobalVar)}]
+# [the BlockBuilder, its C.identity_memo cache of PrimFunc -> GlobalVar]
 _ADDED: list = [None, {}]
 
 
 def _call_key(call):
-    h = (call.__chandle__(), _TARGET[0])
-    known = _KEYS.get(h)
-    if known is not None and known[0].same_as(call):
-        return known[1]
-    key = _key(call)
-    if len(_KEYS) >= 4 * _MAX_ENTRIES:
-        _KEYS.clear()
-    _KEYS[h] = (call, key)
-    return key
+    return C.identity_memo(_KEYS, _TARGET[0], call, lambda: _key(call), 4 * _MAX_ENTRIES)
 
 
 def _add_func(bb, func, name: str):
@@ -158,13 +149,7 @@ def _add_func(bb, func, name: str):
     same object returns the GlobalVar of the first either way."""
     if _ADDED[0] is None or not _ADDED[0].same_as(bb):
         _ADDED[0], _ADDED[1] = bb, {}
-    h = func.__chandle__()
-    known = _ADDED[1].get(h)
-    if known is not None and known[0].same_as(func):
-        return known[1]
-    gv = bb.add_func(func, name)
-    _ADDED[1][h] = (func, gv)
-    return gv
+    return C.identity_memo(_ADDED[1], None, func, lambda: bb.add_func(func, name))
 
 
 def _legalize_ops(mod, lmap) -> tvm.IRModule:

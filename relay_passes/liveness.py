@@ -538,22 +538,16 @@ class DataflowReshapeUnknown(Exception):
     """A reshape-pattern PrimFunc called with several arguments (see ``_dataflow_reshape_arg``)."""
 
 
-# PrimFunc handle -> (the PrimFunc, held so that its handle is not reused; has_reshape_pattern).
-# The estimator's memoised legalization hands back the same PrimFunc objects estimate after
-# estimate; TVM's pass asked each call again (Evoformer, 120 calls: 11 ms per estimate)
-_RESHAPE: dict[int, tuple] = {}
+# C.identity_memo cache of has_reshape_pattern per PrimFunc: the estimator's memoised
+# legalization hands back the same PrimFunc objects estimate after estimate; TVM's pass asked
+# each call again (Evoformer, 120 calls: 11 ms per estimate)
+_RESHAPE: dict = {}
 
 
 def _has_reshape_pattern(func) -> bool:
-    h = func.__chandle__()
-    known = _RESHAPE.get(h)
-    if known is not None and known[0].same_as(func):
-        return known[1]
-    if len(_RESHAPE) >= 16384:
-        _RESHAPE.clear()
-    r = bool(relax.analysis.has_reshape_pattern(func))
-    _RESHAPE[h] = (func, r)
-    return r
+    return C.identity_memo(
+        _RESHAPE, None, func, lambda: bool(relax.analysis.has_reshape_pattern(func)), 16384
+    )
 
 
 def _count(shape):

@@ -199,6 +199,14 @@ def fit_chunk(
     def tries() -> int:
         return len(seen) - len(virtual)
 
+    def tried() -> list[int]:
+        """The chunks evaluated (the unchunked point is not), smallest first."""
+        return sorted(k for k in seen if k not in virtual)
+
+    def fitting() -> list[int]:
+        """The chunks evaluated that fit the target."""
+        return [k for k in tried() if seen[k] <= target]
+
     def snap(c: int) -> int:
         """The chunk tried for as many calls as chunks of ``c`` rows make."""
         c = max(g, min(top, c // g * g))
@@ -255,10 +263,10 @@ def fit_chunk(
         take one estimate, where the fixed probe took two; when it misses, the secant puts the
         next try about where the probe's chord would have."""
         def last_line() -> Callable[[int], float]:
-            tried = sorted(k for k in seen if k not in virtual)  # none fits
-            if not tried:
+            ks = tried()  # none fits
+            if not ks:
                 return line(0, cand.extent, {0: (0, 0), **parts})
-            return line(tried[0], tried[1] if len(tried) > 1 else cand.extent, parts)
+            return line(ks[0], ks[1] if len(ks) > 1 else cand.extent, parts)
 
         def even(c: int) -> int:
             """``c``, or a chunk that divides the extent for at most a third more calls (the
@@ -279,22 +287,22 @@ def fit_chunk(
             smallest and the unchunked point): the line can be trusted to say ``lo`` does not
             fit. Not so when the unchunked peak is set elsewhere (a later stage: a chunk call's
             frame can make the run-time peak rise above the one before chunking)."""
-            tried = sorted(k for k in seen if k not in virtual)
-            q = tried[1] if len(tried) > 1 else cand.extent
-            return all(a < b for a, b in zip(parts[tried[0]], parts[q]))
+            ks = tried()
+            q = ks[1] if len(ks) > 1 else cand.extent
+            return all(a < b for a, b in zip(parts[ks[0]], parts[q]))
 
         for _ in range(opts.guess_probes):
-            if any(v <= target for k, v in seen.items() if k not in virtual):
+            if fitting():
                 break
-            low = min((k for k in seen if k not in virtual), default=cand.extent)
+            low = min(tried(), default=cand.extent)
             c = fewest(last_line(), n_of(low) + 1, max(2, opts.probe_chunks))
             if c is None or c in seen:
                 break
             ev(even(c) if low == cand.extent else c)  # a secant's guess is taken as it is
-        fits = [k for k, v in seen.items() if v <= target and k not in virtual]
+        fits = fitting()
         if fits:
             return max(fits)
-        low = min((k for k in seen if k not in virtual), default=None)
+        low = min(tried(), default=None)
         if low is not None and lo < low < mid and shrinks() and last_line()(lo) > target:
             return low
         return lo
@@ -354,7 +362,7 @@ def fit_chunk(
         target = seen[lo] + _slack(seen[lo], opts)
 
     while tries() < opts.max_evals_per_candidate:
-        fits = [k for k, v in seen.items() if v <= target and k not in virtual]
+        fits = fitting()
         if not fits:
             break
         ok = max(fits)
@@ -374,7 +382,7 @@ def fit_chunk(
         if n_of(ok) - n_of(c) <= int(opts.chunk_tolerance * n_of(ok)):
             break  # it would save at most the tolerance of ok's calls: not worth an estimate
         ev(c)
-    fits = [k for k, v in seen.items() if v <= target and k not in virtual]
+    fits = fitting()
     if not fits:
         return None
     best = max(fits)
