@@ -1,24 +1,39 @@
-"""Calibrate AutoChunk's cost model on this machine: what one more chunk costs in run time.
+"""Calibrate AutoChunk's cost model on this machine: the run time one more chunk adds.
 
-The search's cost of a candidate is ``n_chunks x (call_overhead + body_ops x op_overhead)``
-(x ``small_penalty`` below ``small_rows`` rows), in microseconds. This measures it: the
-attention region of a model (``benchmarks.regions``) is chunked into n = 1, 2, 4, ... chunks,
-each variant is built and timed (interleaved rounds, median), and a least-squares line
-``t(n) = t0 + n * per_chunk`` is fitted over the chunk sizes >= ``small_rows``. Then
-``per_chunk = call_overhead + body_ops * op_overhead`` is split by fitting two regions with
-different op counts (the attention region and the region extended by the output projection),
-and the small-chunk penalty is the measured time at the smallest chunk over the line's
-prediction. Writes ``benchmarks/results/cost_calibration.jsonl`` and prints the constants.
+The search predicts the time chunking adds to a region as ``n_chunks x (call_overhead +
+body_ops x op_overhead + reread_KiB x reread_overhead)`` microseconds (x ``small_penalty`` below
+``small_rows`` rows; ``relay_passes.search.Candidate.cost``). This measures the constants on
+small synthetic regions whose compute does not change with the number of chunks, so that the
+time added per chunk is not lost in the noise of a long run (a GPT attention region at
+S=1024 runs 3 s, and its per-chunk cost is a few microseconds):
 
-    python benchmarks/calibrate_cost.py                       # GPT S=1024, ~5 min on 2 cores
-    python benchmarks/calibrate_cost.py --quick               # tiny, for the smoke test
+* two elementwise chains of 3 and 17 ops on a (1024, 4) tensor: the call and the per-op cost;
+* a (1024, w) @ (w, w) matmul for w = 128 and 256: the cost of reading the weight whole in
+  every chunk.
+
+Each region is chunked into n = 1, 2, 4, ..., 1024 calls (1024 rows: down to 1-row chunks),
+every variant is built for llvm and timed in interleaved rounds (median), and a line
+``t(n) = t0 + n * per_chunk`` is fitted per region over all n (many calls are where the
+per-chunk cost shows: at 64 calls of a 256-wide matmul it is under 1% of the run, inside the
+noise). The constants are the least-squares solution of ``per_chunk = call + ops x op + KiB x
+reread`` over the four regions, with ops and KiB counted by the search's own ``_candidate``.
+``small_penalty`` is the time 1-row chunks add over the line fitted to chunks of at least 4
+rows (median over the regions; 1 when short chunks cost no more than their calls).
+Writes ``benchmarks/results/cost_calibration.jsonl``;
+``SearchOptions``' defaults are the summary row's constants (``tests/test_auto_chunk.py``
+checks that they agree).
+
+    python benchmarks/calibrate_cost.py            # about 2 min on 2 cores
+    python benchmarks/calibrate_cost.py --quick    # tiny, for the smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,111 +43,148 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# (label, ops in the chain or None for one matmul, width)
+EXPERIMENTS = (("chain3", 2, 4), ("chain17", 16, 4), ("matmul128", None, 128),
+               ("matmul256", None, 256))
 
-def _variants(family: str, size: int, chunks: list[int], kw: dict, extend: int):
+
+def _model(k: int | None, width: int):
+    import torch
+    from torch import nn
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(width, width, bias=False) if k is None else None
+
+        def forward(self, x):
+            y = x + 1.0  # outside the region: the seed is a binding
+            if self.lin is not None:
+                y = self.lin(y)
+            else:
+                for i in range(k):
+                    y = y * 0.5 if i % 2 else y + 0.25
+            return y - 1.0  # outside the region
+
+    torch.manual_seed(0)
+    return Chain().eval()
+
+
+def _variants(k, width: int, rows: int, ns: list[int]):
+    """The region's candidate (as the search sees it) and one llvm build per number of
+    calls in ``ns`` (1 = unchunked)."""
+    import torch
+
     import tvm_autochunk as ac
-    from benchmarks.models import FAMILIES
-    from benchmarks.regions import attention_regions
-    from relay_passes.chunk_region import analyze_region, bindings_by_name
+    from relay_passes.auto_chunk import _candidate
+    from relay_passes.chunk_region import bindings_by_name, legal_dims
     from relay_passes.plan import ChunkPlan
     from relay_passes.rewrite import apply_chunk_plan
 
-    w = FAMILIES[family](size, **kw)
-    mod = ac.from_torch(w.module, w.inputs)
-    x = [t.numpy() for t in w.inputs]
-    r = attention_regions(mod)[0]
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(1))
+    mod = ac.from_torch(_model(k, width), [x])
     names = list(bindings_by_name(mod["main"]))
-    end = r.end
-    if extend:
-        # the longest legal extension by up to ``extend`` bindings: more ops per chunk
-        for k in range(extend, 0, -1):
-            j = names.index(r.end) + k
-            if j < len(names) and analyze_region(mod, r.start, names[j], r.seed, r.dim).legal:
-                end = names[j]
-                break
-    ra = analyze_region(mod, r.start, end, r.seed, r.dim)
+    start, end = names[1], names[-2]
+    ra = next(r for r in legal_dims(mod, start, end) if r.legal and r.extent == rows)
+    cand = _candidate(ra, mod["main"])
     out = []
-    for c in chunks:
-        if c > ra.extent:
-            continue
-        if c == ra.extent:
+    for n in ns:
+        if n == 1:
             m = mod
         else:
-            plan = ChunkPlan.region(mod, start=r.start, end=end, dim={r.seed: r.dim}, chunk=c)
+            plan = ChunkPlan.region(mod, start=start, end=end,
+                                    dim={ra.seed.name: ra.seed.dim}, chunk=rows // n)
             m = apply_chunk_plan(mod, plan)
-        art = ac.build(m, "llvm")
-        out.append({"chunk": c, "n_chunks": -(-ra.extent // c), "art": art})
-    return out, x, len(ra.body), ra.extent, end
+        out.append({"n_chunks": n, "chunk": rows // n, "art": ac.build(m, "llvm")})
+    return cand, out, [x.numpy()]
 
 
-def _time_all(variants, x, repeats: int) -> None:
+def _time_all(variants, x, rounds: int) -> None:
     for v in variants:
         v["art"](*x)  # warm-up: first-call costs are not per-chunk costs
         v["times"] = []
-    for _ in range(repeats):
+    for _ in range(rounds):
         for v in variants:
             t = time.perf_counter()
             v["art"](*x)
             v["times"].append(time.perf_counter() - t)
     for v in variants:
-        v["median_s"] = statistics.median(v["times"])
+        v["median_us"] = statistics.median(v["times"]) * 1e6
 
 
-def _line(ns, ts):
+def _line(ns, ts) -> tuple[float, float]:
     a = np.vstack([np.ones(len(ns)), np.asarray(ns, float)]).T
     (t0, per), *_ = np.linalg.lstsq(a, np.asarray(ts, float), rcond=None)
     return float(t0), float(per)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except Exception:
+        return ""
 
 
 def main(argv=None) -> int:
     from relay_passes.search import SearchOptions
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", default="gpt")
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="timed rounds per variant (default: 40 for the chains, 15 for matmuls)")
+    ap.add_argument("--quick", action="store_true", help="64 rows, 2 rounds: a smoke test")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                          "cost_calibration.jsonl"))
     args = ap.parse_args(argv)
-    size, repeats = (128, 1) if args.quick else (args.size, args.repeats)
     small = SearchOptions().small_rows
-    ks = (1, 4, 16) if args.quick else (1, 2, 4, 8, 16, 32, 64, 128)
-    chunks = [size // k for k in ks if size // k >= 1]
-    rows, fits = [], {}
-    for label, extend in (("attention", 0), ("attention+proj", 6)):
-        variants, x, ops, extent, end = _variants(args.family, size, chunks, {"layers": 1},
-                                                  extend)
-        _time_all(variants, x, repeats)
-        big = [v for v in variants if v["chunk"] >= small]
-        t0, per = _line([v["n_chunks"] for v in big], [v["median_s"] for v in big])
-        tiny = min(variants, key=lambda v: v["chunk"])
-        pred = t0 + per * tiny["n_chunks"]
-        fits[label] = (ops, per, tiny["median_s"] / pred if pred > 0 else 1.0, tiny["chunk"])
+    rows = 64 if args.quick else 1024
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if rows // n >= 4]
+    gc.freeze()  # as in the search and the benchmarks: no cyclic-GC pauses in the timings
+    out_rows, fits = [], []
+    for label, k, width in EXPERIMENTS:
+        rounds = args.rounds or (2 if args.quick else (40 if k is not None else 15))
+        cand, variants, x = _variants(k, width, rows, [*ns, rows])
+        _time_all(variants, x, rounds)
+        t0, per = _line([v["n_chunks"] for v in variants], [v["median_us"] for v in variants])
+        # 1-row chunks against the line through chunks of >= 4 rows
+        rest = [v for v in variants if v["chunk"] >= 4]
+        r0, rper = _line([v["n_chunks"] for v in rest], [v["median_us"] for v in rest])
+        one = variants[-1]
+        ratio = (one["median_us"] - r0) / (rper * one["n_chunks"]) if rper > 0 else None
+        reread_kib = cand.reread_bytes / 1024
+        fits.append({"label": label, "ops": cand.body_ops, "reread_kib": reread_kib,
+                     "t0": t0, "per": per, "one_row_ratio": ratio})
         for v in variants:
-            rows.append({"region": label, "end": end, "body_ops": ops, "extent": extent,
-                         "chunk": v["chunk"], "n_chunks": v["n_chunks"],
-                         "median_s": round(v["median_s"], 5), "family": args.family,
-                         "size": size})
-        print(f"{label}: {ops} ops, t(n) = {t0 * 1e3:.2f} ms + n x {per * 1e6:.1f} us "
-              f"(chunk >= {small}); chunk {tiny['chunk']}: {fits[label][2]:.2f}x the line",
-              flush=True)
-    (o1, p1, pen1, _), (o2, p2, pen2, tiny_chunk) = fits["attention"], fits["attention+proj"]
-    if o2 != o1:
-        op_us = max(0.0, (p2 - p1) / (o2 - o1) * 1e6)
-    else:
-        op_us = 0.0
-    call_us = max(0.0, p1 * 1e6 - o1 * op_us)
-    summary = {"kind": "summary", "family": args.family, "size": size,
-               "call_overhead_us": round(call_us, 1), "op_overhead_us": round(op_us, 2),
-               "small_chunk_penalty": round(max(pen1, pen2), 2), "smallest_chunk": tiny_chunk,
-               "defaults": {"call_overhead": SearchOptions().call_overhead,
-                            "op_overhead": SearchOptions().op_overhead,
-                            "small_penalty": SearchOptions().small_penalty}}
+            out_rows.append({"region": label, "body_ops": cand.body_ops,
+                             "reread_bytes": cand.reread_bytes, "rows": rows,
+                             "chunk": v["chunk"], "n_chunks": v["n_chunks"],
+                             "median_us": round(v["median_us"], 1), "rounds": rounds})
+        print(f"{label}: {cand.body_ops} ops, reads {reread_kib:.0f} KiB whole per chunk; "
+              f"t(n) = {t0:.0f} us + n x {per:.2f} us", flush=True)
+    # per_chunk = call + ops * op + KiB * reread, least squares over the regions (>= 0)
+    a = np.array([[1.0, f["ops"], f["reread_kib"]] for f in fits])
+    b = np.array([f["per"] for f in fits])
+    sol, *_ = np.linalg.lstsq(a, b, rcond=None)
+    call, op, reread = (max(0.0, float(s)) for s in sol)
+    ratios = [f["one_row_ratio"] for f in fits if f["one_row_ratio"] is not None]
+    penalty = max(1.0, statistics.median(ratios)) if ratios else 1.0
+    summary = {
+        "kind": "summary", "target": "llvm", "commit": _commit(), "rows": rows,
+        "call_overhead": round(call, 2), "op_overhead": round(op, 3),
+        "reread_overhead": round(reread, 4), "small_penalty": round(penalty, 2),
+        "small_rows": small, "one_row_ratios": [round(r, 2) for r in ratios],
+        "per_chunk_us": {f["label"]: round(f["per"], 2) for f in fits},
+        "predicted_per_chunk_us": {
+            f["label"]: round(call + f["ops"] * op + f["reread_kib"] * reread, 2) for f in fits
+        },
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        for r in [*rows, summary]:
-            f.write(json.dumps(r) + "\n")
+    with open(args.out, "w") as fh:
+        for r in [*out_rows, summary]:
+            fh.write(json.dumps(r) + "\n")
+    print(f"call_overhead {call:.2f} us, op_overhead {op:.3f} us, reread_overhead "
+          f"{reread:.4f} us/KiB, small_penalty {penalty:.2f} (1-row chunks: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)} x the prediction)")
     print(json.dumps(summary))
     return 0
 

@@ -35,6 +35,7 @@ from tvm import relax
 from . import _compat as C
 from .chunk_region import (
     RegionAnalysis,
+    _index,
     _reads_by_block,
     analyze_region,
     bindings_by_name,
@@ -42,9 +43,10 @@ from .chunk_region import (
 )
 from .errors import BudgetInfeasibleError, PassContractError
 from .estimate_memory import estimate_memory, weight_bytes
+from .pipeline import as_target
 from .plan import ChunkPlan, ChunkRegion, human_bytes
 from .rewrite import apply_chunk_plan
-from .search import Candidate, SearchOptions, fit_chunk, rank_candidates
+from .search import GPU_KINDS, Candidate, SearchOptions, fit_chunk, rank_candidates
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,8 @@ class AutoChunkResult:
     search_seconds: float = 0.0
     evaluations: int = 0
     notes: tuple[str, ...] = field(default=())
+    # whose constants priced the stages: "llvm (measured)" or "<kind> (documented)"
+    cost_model: str = ""
     # estimate_memory of the returned module (the search made it; no need to estimate again)
     profile: object = field(default=None, repr=False, compare=False)
 
@@ -117,11 +121,14 @@ class AutoChunkResult:
                     "regions_in_stage": len(s.regions),
                     "peak_before_bytes": s.peak_before,
                     "peak_after_bytes": s.peak_after,
-                    "predicted_cost": round(s.cost, 4),
+                    # the stage's predicted added run time (all its regions), microseconds
+                    "predicted_overhead_us": round(s.cost, 1),
                 }
                 for i, s in enumerate(self.stages)
                 for r in s.regions
             ],
+            "predicted_overhead_us": round(sum(s.cost for s in self.stages), 1),
+            "cost_model": self.cost_model,
         }
 
 
@@ -347,7 +354,44 @@ def _candidate(ra: RegionAnalysis, func: relax.Function) -> Candidate:
         body_ops=len(ra.body),
         body_bytes=sum(nbytes(s.name) for s in ra.specs[1:]),
         out_bytes=sum(nbytes(o.name) for o in ra.outputs),
+        reread_bytes=reread_bytes(ra, func),
     )
+
+
+def reread_bytes(ra: RegionAnalysis, func: relax.Function) -> int:
+    """Bytes of the tensors that every chunk of ``ra`` reads whole: arguments of its body
+    defined outside the body (hoisted bindings, earlier bindings, parameters, constants) that
+    are neither the seed nor sliced per chunk. Each counted once."""
+    ix = _index(func)
+    body = set(ra.body)
+    sliced = {(s.binding, s.arg) for s in ra.slices}
+    seen: set = set()
+    total = 0
+
+    def leaves(a):
+        if isinstance(a, relax.Tuple):
+            for f in a.fields:
+                yield from leaves(f)
+        else:
+            yield a
+
+    for name in ra.body:
+        for i, arg in enumerate(ix.facts[ix.var_by_name[name]].args):
+            if (name, i) in sliced:
+                continue
+            for a in leaves(arg):
+                if isinstance(a, relax.Var):
+                    key = str(a.name)
+                    if key in body or key == ra.seed.name:
+                        continue
+                elif isinstance(a, C.GenericConst):
+                    key = a.__chandle__()
+                else:
+                    continue
+                if key not in seen:
+                    seen.add(key)
+                    total += C.static_nbytes(a.ty)
+    return total
 
 
 def _longest_legal(mod, names, j, ip, hi, seed, d, function, reasons=None) -> RegionAnalysis | None:
@@ -407,7 +451,15 @@ def auto_chunk(
     already (it is not checked; it saves one estimate). Python's cyclic GC skips the objects
     that exist before the call while it runs (``_gc_frozen``).
     """
-    opts = options or SearchOptions()
+    kind = as_target(target).kind.name
+    opts = options or SearchOptions.for_target(kind)
+    if options is not None:
+        cost_model = "the caller's SearchOptions"
+    else:
+        cost_model = f"{kind}: " + (
+            "GPU constants, documented, not measured" if kind in GPU_KINDS
+            else "constants measured on llvm (benchmarks/calibrate_cost.py)"
+        )
     t0 = time.perf_counter()
     evals = [0]
 
@@ -609,7 +661,8 @@ def auto_chunk(
         time.perf_counter() - t0,
         evals[0],
         tuple(blockers),
-        prof,
+        cost_model=cost_model,
+        profile=prof,
     )
     if need > budget_bytes:
         # the smallest budget whose margin-reduced target still admits the peak reached (never

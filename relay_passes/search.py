@@ -48,11 +48,39 @@ class SearchOptions:
     # the search aims this far under the budget: the run-time model has been seen up to ~3%
     # under the measured peak on chunked modules (GPT S=4096 at 5% of its peak)
     safety_margin: float = 0.03
-    # cost model (relative units; see README "AutoChunk cost model")
-    call_overhead: float = 20.0  # per chunk: the Relax call, slicing, the in-place write
-    op_overhead: float = 1.0  # per op per chunk: one more kernel launch
+    # cost model: microseconds added per chunk (README "AutoChunk cost model"). The defaults
+    # are this machine's llvm build, measured by benchmarks/calibrate_cost.py (its summary
+    # row in benchmarks/results/cost_calibration.jsonl; a test keeps the two equal); CUDA's
+    # are documented, not measured (CUDA_COSTS, for_target)
+    call_overhead: float = 1.97  # per chunk: the Relax call, slicing, the in-place write
+    op_overhead: float = 0.222  # per op per chunk: one more kernel call
+    # per KiB per chunk of the tensors each chunk reads whole (weights, keys and values, ...)
+    reread_overhead: float = 0.0128
     small_rows: int = 16  # chunk extents below this lose matmul efficiency
-    small_penalty: float = 4.0
+    small_penalty: float = 1.0  # x the per-chunk cost below small_rows rows
+
+    @classmethod
+    def for_target(cls, kind: str, **kw) -> SearchOptions:
+        """The defaults with the cost constants of target kind ``kind`` ("llvm", "cuda", ...):
+        ``CUDA_COSTS`` for GPU kinds, the measured llvm defaults otherwise."""
+        costs = CUDA_COSTS if kind in GPU_KINDS else {}
+        return cls(**{**costs, **kw})
+
+
+GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl", "webgpu")
+# Not measured (no GPU here): documented assumptions for a data-centre GPU (H100/H200 class).
+# A chunk call is the VM's call plus two kernel launches (the seed's slice, the in-place
+# write): ~10 us; every further kernel ~4 us of launch latency (a fused group of Relax ops
+# launches once, so this over-counts after FuseOps); a tensor read whole per chunk streams
+# from HBM at ~3 TB/s (0.0003 us per KiB); under 16 rows (the M of the tensor-core mma
+# tiles) a matmul leaves most of each tile idle: 4x per-chunk cost.
+CUDA_COSTS = {
+    "call_overhead": 10.0,
+    "op_overhead": 4.0,
+    "reread_overhead": 0.0003,
+    "small_rows": 16,
+    "small_penalty": 4.0,
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +95,9 @@ class Candidate:
     body_ops: int
     body_bytes: int  # full-size bytes of the tensors the region computes per chunk
     out_bytes: int  # full-size bytes of the region outputs (written whole)
+    # bytes of the tensors defined outside the chunk that every chunk reads whole (not
+    # sliced): weights, the keys and values of attention chunked by query rows
+    reread_bytes: int = 0
     # (start, end, seed) of identical regions elsewhere (repeated layers), chunked jointly
     # with this one by the same chunk size; bytes and ops above are per copy
     copies: tuple[tuple[str, str, str], ...] = ()
@@ -88,8 +119,13 @@ class Candidate:
         return 1 + len(self.copies)
 
     def cost(self, chunk: int, opts: SearchOptions) -> float:
+        """Predicted run time added by chunking, in microseconds (all copies)."""
         n = math.ceil(self.extent / chunk)
-        per = opts.call_overhead + self.body_ops * opts.op_overhead
+        per = (
+            opts.call_overhead
+            + self.body_ops * opts.op_overhead
+            + self.reread_bytes / 1024 * opts.reread_overhead
+        )
         penalty = opts.small_penalty if chunk < opts.small_rows else 1.0
         return n * per * penalty * self.n_regions
 
@@ -349,8 +385,8 @@ def fit_chunk(
     smallest = snap(-(-cand.extent * cand.n_regions // max(1, opts.max_calls)))
     if seen[lo] > target and lo > smallest:
         # 8x more chunks before the smallest chunk (on long dims that one is costly to
-        # evaluate: one call per row), but not under small_rows rows (the cost model makes
-        # shorter chunks 4x as costly: the fit stops there when it can; ViT-2304 at 10%:
+        # evaluate: one call per row), but not under small_rows rows (where matmuls lose
+        # efficiency on GPUs, CUDA_COSTS: the fit stops there when it can; ViT-2304 at 10%:
         # 16 rows fit, and 9 rows were an estimate for nothing)
         lo2 = snap(max(-(-cand.extent // (8 * max(2, opts.probe_chunks))), opts.small_rows))
         floor = ev(lo2) if smallest < lo2 < lo and ev(lo2) <= target else ev(smallest)

@@ -408,6 +408,85 @@ def test_search_result_report(gpt):
     assert d["final_peak_bytes"] <= int(need * 0.7)
     assert d["regions"][0]["n_chunks"] >= 2
     assert d["search_seconds"] > 0
+    # the predicted added time is the stages' cost model in microseconds, llvm's constants
+    assert d["predicted_overhead_us"] == pytest.approx(sum(s.cost for s in res.stages), abs=0.1)
+    assert d["predicted_overhead_us"] > 0 and d["cost_model"].startswith("llvm: ")
+
+
+def test_report_prints_the_plan_one_line_per_stage(gpt):
+    mod, _, _ = gpt
+    need = need_bytes(estimate_memory(mod, "llvm"))
+    art = ac.build(mod, "llvm", budget=int(need * 0.5))
+    text = str(art.report)
+    ch = art.report.chunking
+    stages = {r["stage"] for r in ch["regions"]}
+    lines = [ln.strip() for ln in text.splitlines()]
+    assert sum(ln.startswith("stage ") for ln in lines) == len(stages) >= 1
+    r = ch["regions"][0]
+    assert f"{r['n_chunks']} chunks of {r['chunk']} rows" in text
+    assert any(ln.startswith("predicted added run time ") for ln in lines)
+    assert "{" not in text  # no JSON dumped into the readable report
+
+
+def test_cost_model_defaults_are_the_recorded_llvm_calibration():
+    """SearchOptions' cost constants are benchmarks/calibrate_cost.py's last summary: a new
+    calibration must update them (and the other way round)."""
+    import json
+
+    rows = (ROOT / "benchmarks/results/cost_calibration.jsonl").read_text().splitlines()
+    summary = json.loads(rows[-1])
+    assert summary["kind"] == "summary" and summary["target"] == "llvm"
+    o = SearchOptions()
+    for k in ("call_overhead", "op_overhead", "reread_overhead", "small_penalty", "small_rows"):
+        assert getattr(o, k) == summary[k], k
+    # the constants reproduce the measured per-chunk times of the calibration regions
+    for label, per in summary["per_chunk_us"].items():
+        assert summary["predicted_per_chunk_us"][label] == pytest.approx(per, rel=0.35, abs=0.5)
+
+
+def test_cost_constants_follow_the_target():
+    from relay_passes.search import CUDA_COSTS
+
+    cpu, gpu = SearchOptions.for_target("llvm"), SearchOptions.for_target("cuda")
+    assert cpu == SearchOptions()
+    assert {k: getattr(gpu, k) for k in CUDA_COSTS} == CUDA_COSTS and gpu != cpu
+    assert SearchOptions.for_target("cuda", max_stages=3).max_stages == 3
+    c = Candidate("main", "a", "z", "x", 0, 1000, 1, 10, 0, 0, reread_bytes=64 * 1024)
+    # 1000 rows in 4 calls; 10 ops; 64 KiB read whole by every chunk
+    assert c.cost(250, cpu) == pytest.approx(4 * (cpu.call_overhead + 10 * cpu.op_overhead
+                                                  + 64 * cpu.reread_overhead))
+    assert c.cost(8, gpu) == pytest.approx(
+        125 * gpu.small_penalty * (gpu.call_overhead + 10 * gpu.op_overhead
+                                   + 64 * gpu.reread_overhead))
+
+
+def test_reread_bytes_counts_what_every_chunk_reads_whole():
+    """Attention chunked by query rows: every chunk reads k^T (a hoisted binding) and v whole;
+    the chunk's rows of q (the seed) and of the mask (sliced per chunk) are not re-read."""
+    from tvm import relax
+
+    from relay_passes.auto_chunk import _candidate
+    from relay_passes.chunk_region import analyze_region
+
+    s, d = 64, 16
+    bb = relax.BlockBuilder()
+    q, k, v = (relax.Var(n, relax.TensorType((s, d), "float32")) for n in "qkv")
+    mask = relax.Var("mask", relax.TensorType((s, s), "float32"))
+    with bb.function("main", [q, k, v, mask]):
+        with bb.dataflow():
+            q1 = bb.emit(relax.op.multiply(q, relax.const(0.25, "float32")), name_hint="q1")
+            kt = bb.emit(relax.op.permute_dims(k), name_hint="kt")
+            sc = bb.emit(relax.op.matmul(q1, kt), name_hint="sc")
+            sm = bb.emit(relax.op.add(sc, mask), name_hint="sm")
+            p = bb.emit(relax.op.nn.softmax(sm), name_hint="p")
+            o = bb.emit_output(relax.op.matmul(p, v), name_hint="o")
+        bb.emit_func_output(o)
+    mod = bb.get()
+    ra = analyze_region(mod, "kt", "o", "q1", 0)
+    assert ra.legal and "kt" in ra.hoisted, ra.reason
+    assert any(sl.binding == "sm" for sl in ra.slices)  # the mask is sliced per chunk
+    c = _candidate(ra, mod["main"])
+    assert c.reread_bytes == 2 * s * d * 4  # k^T and v; not q1, not the mask
 
 
 def test_registered_pipeline_with_tvm_compile(gpt):

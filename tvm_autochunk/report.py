@@ -156,7 +156,44 @@ class MemoryReport:
                 size = format_bytes(t.live_bytes)
                 lines.append(f"    {t.index:>4} {t.name:<12} {t.op:<22} {size:>12} {bar}")
         if self.chunking:
-            lines.append(f"  chunking: {json.dumps(self.chunking)}")
+            lines.extend(format_chunking(self.chunking))
         for n in e.notes:
             lines.append(f"  note: {n}")
         return "\n".join(lines)
+
+
+def format_chunking(ch: dict) -> list[str]:
+    """The chunk plan of a report, one line per stage: the search's record
+    (``AutoChunkResult.to_dict``) or a caller's plan (``ChunkPlan.to_dict``)."""
+    regions = ch.get("regions") or []
+    if "budget_bytes" not in ch:  # a caller's plan
+        lines = [f"  chunking (the caller's plan): {len(regions)} region(s)"]
+        lines += [
+            f"    {r['start']}..{r['end']} along {r['seed']} dim {r['dim']}: chunks of "
+            f"{r['chunk']} rows" for r in regions
+        ]
+        return lines
+    stages: dict[int, list[dict]] = {}
+    for r in regions:
+        stages.setdefault(r["stage"], []).append(r)
+    lines = [
+        f"  chunking (AutoChunk): {len(stages)} stage(s), {ch.get('evaluations', 0)} "
+        f"estimates, search {ch.get('search_seconds', 0):.2f} s"
+    ]
+    for i, rs in sorted(stages.items()):
+        r = rs[0]
+        copies = f" x {len(rs)} regions (repeated layers)" if len(rs) > 1 else ""
+        lines.append(
+            f"    stage {i}: {r['start']}..{r['end']} along {r['seed']} dim {r['dim']}: "
+            f"{r['n_chunks']} chunks of {r['chunk']} rows, {r['body_ops']} ops{copies}; "
+            f"estimate {format_bytes(r['peak_before_bytes'])} -> "
+            f"{format_bytes(r['peak_after_bytes'])}"
+        )
+    if "predicted_overhead_us" in ch:
+        lines.append(
+            f"    predicted added run time {ch['predicted_overhead_us'] / 1e3:.2f} ms "
+            f"(cost model: {ch.get('cost_model') or 'default'})"
+        )
+    if ch.get("fallback"):
+        lines.append(f"    fallback: {ch['fallback']}")
+    return lines
