@@ -46,7 +46,14 @@ from .estimate_memory import estimate_memory, weight_bytes
 from .pipeline import as_target
 from .plan import ChunkPlan, ChunkRegion, human_bytes
 from .rewrite import apply_chunk_plan
-from .search import GPU_KINDS, Candidate, SearchOptions, fit_chunk, rank_candidates
+from .search import (
+    GPU_KINDS,
+    Candidate,
+    SearchOptions,
+    fit_chunk,
+    rank_candidates,
+    refit_calls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,10 @@ class StageRecord:
     cost: float
     # every region this stage applied, in application order (the region and its copies)
     applied: tuple[ChunkRegion, ...] = ()
+    # the stage's calls before ``refit`` (0: not re-fitted); ``peak_before``/``peak_after``
+    # are on the search path, with that many calls
+    refit_from: int = 0
+    candidate: Candidate | None = field(default=None, repr=False, compare=False)
 
     @property
     def regions(self) -> tuple[ChunkRegion, ...]:
@@ -121,6 +132,7 @@ class AutoChunkResult:
                     "regions_in_stage": len(s.regions),
                     "peak_before_bytes": s.peak_before,
                     "peak_after_bytes": s.peak_after,
+                    **({"refit_from_n_chunks": s.refit_from} if s.refit_from else {}),
                     # the stage's predicted added run time (all its regions), microseconds
                     "predicted_overhead_us": round(s.cost, 1),
                 }
@@ -563,6 +575,7 @@ def auto_chunk(
                 n,
                 cand.cost(chunk, opts),
                 cand.regions(chunk),
+                candidate=cand,
             )
             return rec, n, p, m
 
@@ -638,6 +651,48 @@ def auto_chunk(
                 best = found
         return best
 
+    def refit(need, prof, cur, stages):
+        """Fewer calls per stage with the other stages in place (``search.refit_calls``),
+        the costliest stage first; each change is kept only when the whole plan still fits.
+        The last stage was fitted with every other one in place already (and giving another
+        stage fewer calls only adds memory): it is not re-fitted."""
+        stages = list(stages)
+        for i in sorted(range(len(stages) - 1), key=lambda i: -stages[i].cost):
+            st = stages[i]
+            if st.candidate is None or st.n_chunks <= 2:
+                continue
+            if time.perf_counter() - t0 > opts.time_limit_s:
+                break
+            found: dict = {}
+
+            def plan_peak(chunk, i=i, st=st, found=found):
+                regions = []
+                for j, other in enumerate(stages):
+                    regions += st.candidate.regions(chunk) if j == i else other.regions
+                try:
+                    m = apply_chunk_plan(mod, ChunkPlan(tuple(regions)))
+                except (PassContractError, KeyError, ValueError):
+                    return None  # a later stage names a binding of this one's rewrite
+                n, p = evaluate(m)
+                found[chunk] = (n, p, m)
+                return n
+
+            fit = refit_calls(st.candidate, st.n_chunks, budget_bytes, plan_peak, opts)
+            if fit is None:
+                continue
+            need, prof, cur = found[fit.chunk]
+            log.info("re-fit stage %d with the others in place: %d -> %d calls",
+                     i + 1, st.n_chunks, -(-st.candidate.extent // fit.chunk))
+            stages[i] = dataclasses.replace(
+                st,
+                region=st.candidate.region(fit.chunk),
+                n_chunks=-(-st.candidate.extent // fit.chunk),
+                cost=fit.cost,
+                applied=st.candidate.regions(fit.chunk),
+                refit_from=st.refit_from or st.n_chunks,
+            )
+        return need, prof, cur, stages
+
     need, prof, cur, stages = search(mod, need, prof, [], 0)
     if need > budget_bytes and opts.floor_slack > 0:
         # the slack that regions unable to reach the budget alone may leave (for fewer
@@ -650,6 +705,8 @@ def auto_chunk(
         again = search(mod, unchunked, first_prof, [], 0)
         if better(again, (need, prof, cur, stages)):
             need, prof, cur, stages = again
+    if need <= budget_bytes and len(stages) >= 2:
+        need, prof, cur, stages = refit(need, prof, cur, stages)
     if prof is not first_prof or profile is None:
         # the search's estimates skip the weights scan (peaks do not include weights)
         prof = dataclasses.replace(prof, weight_bytes=weight_bytes(cur, function))

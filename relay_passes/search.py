@@ -8,6 +8,7 @@ name; every loop is bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class SearchOptions:
     floor_slack: float = 0.03
     min_extent: int = 8  # do not chunk dims shorter than this
     time_limit_s: float = 300.0
+    # joint re-fit of a plan of several stages (refit_calls): estimates per stage at most
+    refit_evals: int = 3
     # the search aims this far under the budget: the run-time model has been seen up to ~3%
     # under the measured peak on chunked modules (GPT S=4096 at 5% of its peak)
     safety_margin: float = 0.03
@@ -430,3 +433,37 @@ def _slack(floor: int, opts: SearchOptions) -> int:
     if opts.floor_slack <= 0:
         return 0
     return max(2**20 if floor > 2**25 else 0, int(floor * opts.floor_slack))
+
+
+def refit_calls(
+    cand: Candidate,
+    n_now: int,
+    target: int,
+    evaluate: Callable[[int], int | None],
+    opts: SearchOptions,
+) -> Fit | None:
+    """Fewer calls for one stage of a plan that fits, the other stages in place.
+
+    A greedy stage is fitted before the later stages exist: a region that cannot reach the
+    budget alone is driven to its floor (Evoformer N=256 at 10%: the triangle attention in
+    256 calls, at 100.7 MiB, over the 85.7 MiB target), and the next stage then chunks the
+    region whose tensors set that floor. With that second region chunked, the first one
+    meets the budget in 64 calls. This halves the calls of the stage while the whole plan
+    still fits (256 -> 128 -> 64; 32 does not), at most ``opts.refit_evals`` estimates: a
+    stage that cannot do with half its calls costs one estimate. ``evaluate(chunk)`` is the
+    whole plan's peak with this stage at ``chunk`` (None: the plan cannot be applied so, e.g.
+    a later stage names a binding this one's rewrite made). Returns the fewest calls found
+    that fit (the fit's ``evaluations``: all estimates made), or None when half did not fit.
+    """
+    g = max(1, cand.granularity)
+    balanced = opts.last_chunk == "balanced"
+    best, evals, n = None, 0, n_now
+    while evals < opts.refit_evals and n // 2 >= 2:
+        c = chunk_for_calls(cand.extent, n // 2, g, balanced=balanced)
+        n = -(-cand.extent // c)
+        peak = evaluate(c)
+        evals += 1
+        if peak is None or peak > target:
+            break
+        best = Fit(c, int(peak), cand.cost(c, opts), evals)
+    return dataclasses.replace(best, evaluations=evals) if best is not None else None

@@ -22,6 +22,7 @@ from relay_passes.search import (
     chunk_for_calls,
     fit_chunk,
     rank_candidates,
+    refit_calls,
 )
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -299,6 +300,53 @@ def test_fit_respects_granularity_and_floor():
     # a floor above the budget: best effort near the floor, not chunk 1
     fit = fit_chunk(_cand(), 500, lambda c: 5000 + c, SearchOptions())
     assert fit.peak > 500 and fit.chunk > 1
+
+
+def test_refit_halves_the_calls_while_the_plan_fits():
+    cand, opts = _cand(extent=4096), SearchOptions()
+    calls = []
+
+    def plan_peak(c):  # the whole plan: 5000 bytes elsewhere + 10 per row of this stage
+        calls.append(-(-4096 // c))
+        return 5000 + 10 * c
+
+    # 256 calls fit; so do 128 and 64 (chunks of 64: 5640); 32 calls (128 rows: 6280) do not
+    fit = refit_calls(cand, 256, 6000, plan_peak, opts)
+    assert (fit.chunk, fit.peak, fit.evaluations) == (64, 5640, 3) and calls == [128, 64, 32]
+    assert fit.cost < cand.cost(16, opts)
+    calls.clear()
+    fit = refit_calls(cand, 256, 6000, plan_peak, SearchOptions(refit_evals=1))
+    assert fit.chunk == 32 and calls == [128]  # the estimate limit
+    calls.clear()
+    # half the calls do not fit: one estimate, nothing found
+    assert refit_calls(cand, 256, 5300, plan_peak, opts) is None and calls == [128]
+    # a plan that cannot be applied at that chunk counts as not fitting
+    assert refit_calls(cand, 256, 6000, lambda c: None, opts) is None
+    assert refit_calls(cand, 3, 10**9, plan_peak, opts) is None  # 1 call is no chunking
+
+
+def test_a_stage_driven_to_its_floor_is_refitted_with_the_later_stage_in_place():
+    """Evoformer N=128 at 20%: the first stage cannot reach the budget alone and takes 128
+    calls; the second stage chunks what set that floor, and then 64 calls of the first
+    region fit. The re-fitted plan keeps the budget (estimate and TVM's plan) and the
+    outputs; without the re-fit (refit_evals=0) the plan keeps 128 calls."""
+    w = FAMILIES["evoformer"](128)
+    mod = ac.from_torch(w.module, w.inputs)
+    x = [t.numpy() for t in w.inputs]
+    need = need_bytes(estimate_memory(mod, "llvm"))
+    budget = int(need * 0.2)
+    _, greedy = auto_chunk(mod, "llvm", budget, options=SearchOptions(refit_evals=0))
+    art = ac.build(mod, "llvm", budget=budget)
+    regions = art.report.chunking["regions"]
+    first = regions[0]
+    assert greedy.stages[0].n_chunks == first["refit_from_n_chunks"] > first["n_chunks"] >= 2
+    assert sum(r["predicted_overhead_us"] for r in regions) < sum(s.cost for s in greedy.stages)
+    assert "refit_from_n_chunks" not in regions[-1]  # the last stage is never re-fitted
+    assert art.report.planned_peak_bytes <= budget and art.report.peak_bytes <= budget
+    assert "re-fitted" in str(art.report)
+    ref = ac.build(mod, "llvm")(*x)
+    out = art(*x)
+    assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-5
 
 
 def test_ranking_is_deterministic():

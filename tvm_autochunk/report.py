@@ -183,11 +183,17 @@ def format_chunking(ch: dict) -> list[str]:
     for i, rs in sorted(stages.items()):
         r = rs[0]
         copies = f" x {len(rs)} regions (repeated layers)" if len(rs) > 1 else ""
+        was = r.get("refit_from_n_chunks")
+        path = (
+            f"re-fitted with the later stages in place; on the search path {was} chunks, "
+            "estimate "
+            if was
+            else "estimate "
+        )
         lines.append(
             f"    stage {i}: {r['start']}..{r['end']} along {r['seed']} dim {r['dim']}: "
-            f"{r['n_chunks']} chunks of {r['chunk']} rows, {r['body_ops']} ops{copies}; "
-            f"estimate {format_bytes(r['peak_before_bytes'])} -> "
-            f"{format_bytes(r['peak_after_bytes'])}"
+            f"{r['n_chunks']} chunks of {r['chunk']} rows, {r['body_ops']} ops{copies}; {path}"
+            f"{format_bytes(r['peak_before_bytes'])} -> {format_bytes(r['peak_after_bytes'])}"
         )
     if "predicted_overhead_us" in ch:
         lines.append(
