@@ -19,7 +19,10 @@ noise). The constants are the least-squares solution of ``per_chunk = call + ops
 reread`` over the four regions, with ops and KiB counted by the search's own ``_candidate``.
 ``small_penalty`` is the time 1-row chunks add over the line fitted to chunks of at least 4
 rows (median over the regions; 1 when short chunks cost no more than their calls).
-Writes ``benchmarks/results/cost_calibration.jsonl``;
+A last experiment is recorded, not modelled: an 8-op elementwise chain on (8192, 1024) tensors
+(32 MiB each) chunked into 1 to 1024 calls, to show what cache locality does to the run time
+(``cache`` in the summary: the time relative to unchunked, by the MiB one chunk's tensors
+take). Writes ``benchmarks/results/cost_calibration.jsonl``;
 ``SearchOptions``' defaults are the summary row's constants (``tests/test_auto_chunk.py``
 checks that they agree).
 
@@ -166,6 +169,20 @@ def main(argv=None) -> int:
     b = np.array([f["per"] for f in fits])
     sol, *_ = np.linalg.lstsq(a, b, rcond=None)
     call, op, reread = (max(0.0, float(s)) for s in sol)
+    # cache locality (recorded, not modelled): a memory-bound chain with large tensors
+    crow, cwidth = (256, 64) if args.quick else (8192, 1024)
+    cns = [1, 4, 16] if args.quick else [1, 4, 16, 64, 256, 1024]
+    _, cvars, cx = _variants(8, cwidth, crow, cns)
+    _time_all(cvars, cx, 2 if args.quick else 7)
+    cbase = cvars[0]["median_us"]
+    cache = {}
+    for v in cvars:
+        mib = v["chunk"] * cwidth * 4 / 2**20  # one tensor of one chunk
+        cache[f"{mib:g}"] = round(v["median_us"] / cbase, 3)
+        out_rows.append({"region": "cache", "body_ops": 9, "rows": crow, "width": cwidth,
+                         "chunk": v["chunk"], "n_chunks": v["n_chunks"],
+                         "median_us": round(v["median_us"], 1), "tensor_mib": mib})
+    print("cache: time / unchunked by MiB per tensor of a chunk:", cache, flush=True)
     ratios = [f["one_row_ratio"] for f in fits if f["one_row_ratio"] is not None]
     penalty = max(1.0, statistics.median(ratios)) if ratios else 1.0
     summary = {
@@ -174,6 +191,7 @@ def main(argv=None) -> int:
         "reread_overhead": round(reread, 4), "small_penalty": round(penalty, 2),
         "small_rows": small, "one_row_ratios": [round(r, 2) for r in ratios],
         "per_chunk_us": {f["label"]: round(f["per"], 2) for f in fits},
+        "cache": cache,
         "predicted_per_chunk_us": {
             f["label"]: round(call + f["ops"] * op + f["reread_kib"] * reread, 2) for f in fits
         },

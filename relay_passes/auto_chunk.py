@@ -15,8 +15,12 @@ shorter than ``small_rows`` also branches into that region at ``small_rows`` plu
 (at most two such branches); the cheapest plan that fits wins, else the lowest peak seen.
 If the budget is missed, the search runs once more with ``floor_slack`` 0 (every region that
 cannot reach the budget alone takes its lowest peak), reusing the states it has evaluated.
+On GPU targets (``SearchOptions.refit_evals``), a plan of several stages that fits is then
+re-fitted jointly (``refit``: each stage but the last, the costliest first, halves its calls
+while the whole plan still fits).
 
-Not handled yet: regions inside callees; a full dynamic programme over stages.
+Not handled yet: regions inside callees; a full dynamic programme over stages (a beam that
+also explored each stage's runner-up found no better plan on the benchmark models).
 """
 
 from __future__ import annotations

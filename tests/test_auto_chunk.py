@@ -303,7 +303,7 @@ def test_fit_respects_granularity_and_floor():
 
 
 def test_refit_halves_the_calls_while_the_plan_fits():
-    cand, opts = _cand(extent=4096), SearchOptions()
+    cand, opts = _cand(extent=4096), SearchOptions(refit_evals=3)
     calls = []
 
     def plan_peak(c):  # the whole plan: 5000 bytes elsewhere + 10 per row of this stage
@@ -323,30 +323,61 @@ def test_refit_halves_the_calls_while_the_plan_fits():
     # a plan that cannot be applied at that chunk counts as not fitting
     assert refit_calls(cand, 256, 6000, lambda c: None, opts) is None
     assert refit_calls(cand, 3, 10**9, plan_peak, opts) is None  # 1 call is no chunking
+    calls.clear()
+    # off by default on CPUs, on for GPUs (where every call is kernel launches)
+    assert refit_calls(cand, 256, 6000, plan_peak, SearchOptions()) is None and not calls
+    assert SearchOptions.for_target("cuda").refit_evals == 3
 
 
-def test_a_stage_driven_to_its_floor_is_refitted_with_the_later_stage_in_place():
+@pytest.fixture(scope="module")
+def evo128():
+    w = FAMILIES["evoformer"](128)
+    mod = ac.from_torch(w.module, w.inputs)
+    return mod, [t.numpy() for t in w.inputs], need_bytes(estimate_memory(mod, "llvm"))
+
+
+def test_a_stage_driven_to_its_floor_is_refitted_with_the_later_stage_in_place(evo128):
     """Evoformer N=128 at 20%: the first stage cannot reach the budget alone and takes 128
     calls; the second stage chunks what set that floor, and then 64 calls of the first
     region fit. The re-fitted plan keeps the budget (estimate and TVM's plan) and the
-    outputs; without the re-fit (refit_evals=0) the plan keeps 128 calls."""
-    w = FAMILIES["evoformer"](128)
-    mod = ac.from_torch(w.module, w.inputs)
-    x = [t.numpy() for t in w.inputs]
-    need = need_bytes(estimate_memory(mod, "llvm"))
+    outputs; without the re-fit (the llvm default) the plan keeps 128 calls."""
+    mod, x, need = evo128
     budget = int(need * 0.2)
-    _, greedy = auto_chunk(mod, "llvm", budget, options=SearchOptions(refit_evals=0))
-    art = ac.build(mod, "llvm", budget=budget)
-    regions = art.report.chunking["regions"]
-    first = regions[0]
-    assert greedy.stages[0].n_chunks == first["refit_from_n_chunks"] > first["n_chunks"] >= 2
-    assert sum(r["predicted_overhead_us"] for r in regions) < sum(s.cost for s in greedy.stages)
-    assert "refit_from_n_chunks" not in regions[-1]  # the last stage is never re-fitted
+    _, greedy = auto_chunk(mod, "llvm", budget)
+    m, res = auto_chunk(mod, "llvm", budget, options=SearchOptions(refit_evals=3))
+    first = res.stages[0]
+    assert greedy.stages[0].n_chunks == first.refit_from > first.n_chunks >= 2
+    assert [s.refit_from for s in greedy.stages] == [0, 0]
+    assert res.stages[-1].refit_from == 0  # the last stage is never re-fitted
+    assert sum(s.cost for s in res.stages) < sum(s.cost for s in greedy.stages)
+    assert res.final_peak <= budget and res.evaluations > greedy.evaluations
+    d = res.to_dict()
+    assert d["regions"][0]["refit_from_n_chunks"] == greedy.stages[0].n_chunks
+    art = ac.build(m, "llvm", budget=budget)  # the chunked module: fits without a search
+    assert art.report.chunking is None
     assert art.report.planned_peak_bytes <= budget and art.report.peak_bytes <= budget
-    assert "re-fitted" in str(art.report)
     ref = ac.build(mod, "llvm")(*x)
     out = art(*x)
     assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-5
+    # the report line of a re-fitted stage
+    from tvm_autochunk.report import format_chunking
+
+    text = "\n".join(format_chunking(d))
+    assert f"on the search path {first.refit_from} chunks" in text
+
+
+@pytest.mark.cuda_build
+def test_gpu_targets_take_the_gpu_options(evo128):
+    """A CUDA search prices stages with the CUDA constants (and re-fits: GPU_OPTIONS);
+    estimates only, nothing is built or run."""
+    mod, _, _ = evo128
+    need = need_bytes(estimate_memory(mod, "cuda"))
+    _, res = auto_chunk(mod, "cuda", int(need * 0.5))
+    gpu = SearchOptions.for_target("cuda")
+    assert res.cost_model.startswith("cuda: ") and gpu.refit_evals > 0
+    st = res.stages[0]
+    assert st.cost == pytest.approx(st.candidate.cost(st.region.chunk, gpu))
+    assert st.cost != pytest.approx(st.candidate.cost(st.region.chunk, SearchOptions()))
 
 
 def test_ranking_is_deterministic():

@@ -75,8 +75,10 @@ def test_calibrate_cost_smoke(tmp_path):
     assert summary["small_penalty"] >= 1.0 and summary["op_overhead"] >= 0
     timed = [r for r in rows if r.get("median_us")]
     # one row per (region, chunk size); the unchunked variant is n_chunks == 1; 1-row chunks
-    assert {r["region"] for r in timed} == {"chain3", "chain17", "matmul128", "matmul256"}
+    assert {r["region"] for r in timed} == {"chain3", "chain17", "matmul128", "matmul256",
+                                            "cache"}
+    assert len(summary["cache"]) == 3 and summary["cache"]["0.0625"] == 1.0  # unchunked
     assert {r["n_chunks"] for r in timed} >= {1, 16, 64}
     # the regions as the search sees them: ops per chunk, bytes every chunk reads whole
-    mm = {r["region"]: r["reread_bytes"] for r in timed}
+    mm = {r["region"]: r["reread_bytes"] for r in timed if r["region"] != "cache"}
     assert mm["chain3"] == 0 and mm["matmul128"] == 128 * 128 * 4
