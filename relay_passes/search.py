@@ -59,10 +59,10 @@ class SearchOptions:
     # are this machine's llvm build, measured by benchmarks/calibrate_cost.py (its summary
     # row in benchmarks/results/cost_calibration.jsonl; a test keeps the two equal); CUDA's
     # are documented, not measured (CUDA_COSTS, for_target)
-    call_overhead: float = 2.33  # per chunk: the Relax call, slicing, the in-place write
-    op_overhead: float = 0.203  # per op per chunk: one more kernel call
+    call_overhead: float = 2.46  # per chunk: the Relax call, slicing, the in-place write
+    op_overhead: float = 0.227  # per op per chunk: one more kernel call
     # per KiB per chunk of the tensors each chunk reads whole (weights, keys and values, ...)
-    reread_overhead: float = 0.0092
+    reread_overhead: float = 0.0118
     small_rows: int = 16  # chunk extents below this lose matmul efficiency
     small_penalty: float = 1.0  # x the per-chunk cost below small_rows rows
 
