@@ -107,7 +107,7 @@ class AutoChunkResult:
     search_seconds: float = 0.0
     evaluations: int = 0
     notes: tuple[str, ...] = field(default=())
-    # whose constants priced the stages: "llvm (measured)" or "<kind> (documented)"
+    # whose constants priced the stages (``cost``): the target kind and where they come from
     cost_model: str = ""
     # estimate_memory of the returned module (the search made it; no need to estimate again)
     profile: object = field(default=None, repr=False, compare=False)

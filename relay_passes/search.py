@@ -57,7 +57,7 @@ class SearchOptions:
     safety_margin: float = 0.03
     # cost model: microseconds added per chunk (README "AutoChunk cost model"). The defaults
     # are this machine's llvm build, measured by benchmarks/calibrate_cost.py (its summary
-    # row in benchmarks/results/cost_calibration.jsonl; a test keeps the two equal); CUDA's
+    # row in benchmarks/results/cost_calibration.jsonl; a test keeps them together); CUDA's
     # are documented, not measured (CUDA_COSTS, for_target)
     call_overhead: float = 2.46  # per chunk: the Relax call, slicing, the in-place write
     op_overhead: float = 0.227  # per op per chunk: one more kernel call

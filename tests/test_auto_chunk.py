@@ -508,16 +508,21 @@ def test_report_prints_the_plan_one_line_per_stage(gpt):
 
 
 def test_cost_model_defaults_are_the_recorded_llvm_calibration():
-    """SearchOptions' cost constants are benchmarks/calibrate_cost.py's last summary: a new
-    calibration must update them (and the other way round)."""
+    """SearchOptions' cost constants are benchmarks/calibrate_cost.py's summary (committed:
+    equal; after a new run of ``make bench`` on this kind of machine, within run-to-run
+    spread, 30%): a calibration that moves them further must update them."""
     import json
 
     rows = (ROOT / "benchmarks/results/cost_calibration.jsonl").read_text().splitlines()
     summary = json.loads(rows[-1])
     assert summary["kind"] == "summary" and summary["target"] == "llvm"
     o = SearchOptions()
-    for k in ("call_overhead", "op_overhead", "reread_overhead", "small_penalty", "small_rows"):
-        assert getattr(o, k) == summary[k], k
+    assert o.small_rows == summary["small_rows"]
+    for k in ("call_overhead", "op_overhead", "reread_overhead", "small_penalty"):
+        assert getattr(o, k) == pytest.approx(summary[k], rel=0.3), (
+            f"SearchOptions.{k} = {getattr(o, k)}, the calibration measured {summary[k]}: "
+            "update relay_passes/search.py (and README 'AutoChunk cost model')"
+        )
     # the constants reproduce the measured per-chunk times of the calibration regions
     for label, per in summary["per_chunk_us"].items():
         assert summary["predicted_per_chunk_us"][label] == pytest.approx(per, rel=0.35, abs=0.5)

@@ -234,6 +234,9 @@ def test_chunked_module_builds_for_cuda(families):
     art = ac.build(mod, target="cuda", arch="sm_80", chunk_plan=plan)
     assert art.report.planned_peak_bytes == art.report.estimated_peak_bytes
     assert art.report.chunking["regions"][0]["chunk"] == 32
+    text = str(art.report)  # a caller's plan, printed as such
+    assert "chunking (the caller's plan): 1 region(s)" in text
+    assert f"{r.start}..{r.end} along {r.seed} dim {r.dim}: chunks of 32 rows" in text
 
 
 def test_chunking_cuts_attention_memory():

@@ -185,7 +185,7 @@ def format_chunking(ch: dict) -> list[str]:
         copies = f" x {len(rs)} regions (repeated layers)" if len(rs) > 1 else ""
         was = r.get("refit_from_n_chunks")
         path = (
-            f"re-fitted with the later stages in place; on the search path {was} chunks, "
+            f"re-fitted with the other stages in place; on the search path {was} chunks, "
             "estimate "
             if was
             else "estimate "
@@ -197,8 +197,8 @@ def format_chunking(ch: dict) -> list[str]:
         )
     if "predicted_overhead_us" in ch:
         lines.append(
-            f"    predicted added run time {ch['predicted_overhead_us'] / 1e3:.2f} ms "
-            f"(cost model: {ch.get('cost_model') or 'default'})"
+            f"    predicted added run time {ch['predicted_overhead_us'] / 1e3:.2f} ms: calls and "
+            f"re-reads, not cache effects (cost model: {ch.get('cost_model') or 'default'})"
         )
     if ch.get("fallback"):
         lines.append(f"    fallback: {ch['fallback']}")
