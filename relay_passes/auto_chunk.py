@@ -42,7 +42,6 @@ from .chunk_region import (
     _index,
     _reads_by_block,
     analyze_region,
-    bindings_by_name,
     block_layout,
 )
 from .errors import BudgetInfeasibleError, PassContractError
@@ -351,10 +350,11 @@ def _min_output_end(bs: list, last: list[int], j: int, lo: int, hi: int) -> int:
 
 
 def _candidate(ra: RegionAnalysis, func: relax.Function) -> Candidate:
-    types = {n: b.var.ty for n, b in bindings_by_name(func).items()}
+    named = _index(func).var_by_name  # read once per function (not a type per binding here)
 
     def nbytes(name: str) -> int:
-        return C.static_nbytes(types.get(name))
+        v = named.get(name)
+        return C.static_nbytes(v.ty if v is not None else None)
 
     gran = 1
     for s in ra.specs:
