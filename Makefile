@@ -44,6 +44,7 @@ bench: venv
 	$(PY) benchmarks/search_time.py
 	$(PY) benchmarks/max_length.py
 	$(PY) benchmarks/calibrate_cost.py
+	$(PY) benchmarks/refit.py
 	$(PY) benchmarks/report.py
 
 # Only the report: plots, benchmarks/README.md tables and the README headline, from the

@@ -82,3 +82,17 @@ def test_calibrate_cost_smoke(tmp_path):
     # the regions as the search sees them: ops per chunk, bytes every chunk reads whole
     mm = {r["region"]: r["reread_bytes"] for r in timed if r["region"] != "cache"}
     assert mm["chain3"] == 0 and mm["matmul128"] == 128 * 128 * 4
+
+
+def test_refit_benchmark_smoke(tmp_path):
+    from benchmarks import refit
+
+    out = tmp_path / "refit.jsonl"
+    assert refit.main(["--quick", "--out", str(out)]) == 0
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    g, f = row["plans"]["greedy"], row["plans"]["refit"]
+    # Evoformer N=128 at 20%: the re-fit gives the first stage fewer calls, within the budget
+    assert f["refit_from"][0] == g["regions"][0][1] > f["regions"][0][1]
+    assert max(g["planned_bytes"], f["planned_bytes"]) <= row["budget_bytes"]
+    assert f["predicted_overhead_us"] < g["predicted_overhead_us"]
+    assert g["vs_unchunked"] > 0 and f["vs_unchunked"] > 0
