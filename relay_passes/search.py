@@ -48,8 +48,9 @@ class SearchOptions:
     time_limit_s: float = 300.0
     # joint re-fit of a plan of several stages (refit_calls): estimates per stage at most.
     # 0 (off) on CPUs: fewer, longer chunks save a few microseconds of calls there but lose
-    # cache locality; measured on llvm here, Evoformer N=256 at 10% ran 0.836x the unchunked
-    # time with 256 calls and 0.906x with the re-fitted 64 (N=128 at 20%: 0.897x, 0.929x).
+    # cache locality; measured on llvm here (benchmarks/refit.py), Evoformer N=256 at 10% ran
+    # 0.723x the unchunked time with 256 calls, 0.798x with the re-fitted 64 (N=128 at 20%:
+    # 0.775x with 128, 0.804x with 64).
     # GPU_OPTIONS turns it on, where every call is kernel launches.
     refit_evals: int = 0
     # the search aims this far under the budget: the run-time model has been seen up to ~3%
