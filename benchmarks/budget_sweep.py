@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -27,24 +26,12 @@ MIB = 2**20
 FRACTIONS = (0.5, 0.2, 0.1, 0.05)
 
 
-def _timed(art, x, repeats, base):
-    """Interleaved medians (seconds) of the chunked and the unchunked artifact."""
-    ta, tb = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        base(*x)
-        tb.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        art(*x)
-        ta.append(time.perf_counter() - t)
-    return statistics.median(ta), statistics.median(tb)
-
-
 def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
           fractions=FRACTIONS, with_min: bool = True) -> list[dict]:
     import tvm_autochunk as ac
     from benchmarks.env import env_info
     from benchmarks.models import FAMILIES
+    from benchmarks.timing import interleaved_medians
     from tvm_autochunk.measure import measure_peak
 
     w = FAMILIES[family](size, **kw)
@@ -100,7 +87,9 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
             tol = max(MIB, budget // 100)
             row.update(measured_bytes=m.peak_bytes, measured_within=m.peak_bytes <= budget + tol)
         if repeats:
-            tc, tu = _timed(art, x, repeats, base)
+            med = interleaved_medians({"unchunked": base, "chunked": art}, x, repeats,
+                                      warm_up=False)
+            tc, tu = med["chunked"], med["unchunked"]
             row.update(
                 time_chunked_s=round(tc, 3),
                 time_unchunked_s=round(tu, 3),

@@ -24,9 +24,9 @@ A last experiment is recorded, not modelled: an 8-op elementwise chain on (8192,
 (``cache`` in the summary: the time relative to unchunked, by the MiB one chunk's tensors
 take). Writes ``benchmarks/results/cost_calibration.jsonl``;
 ``SearchOptions``' defaults are the summary row's constants (``tests/test_auto_chunk.py``
-checks that they agree).
+keeps them within run-to-run spread of it).
 
-    python benchmarks/calibrate_cost.py            # about 2 min on 2 cores
+    python benchmarks/calibrate_cost.py            # under a minute on 2 cores
     python benchmarks/calibrate_cost.py --quick    # tiny, for the smoke test
 """
 
@@ -36,9 +36,7 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -103,16 +101,12 @@ def _variants(k, width: int, rows: int, ns: list[int]):
 
 
 def _time_all(variants, x, rounds: int) -> None:
-    for v in variants:
-        v["art"](*x)  # warm-up: first-call costs are not per-chunk costs
-        v["times"] = []
-    for _ in range(rounds):
-        for v in variants:
-            t = time.perf_counter()
-            v["art"](*x)
-            v["times"].append(time.perf_counter() - t)
-    for v in variants:
-        v["median_us"] = statistics.median(v["times"]) * 1e6
+    """Each variant's ``median_us``: interleaved rounds after a warm-up call."""
+    from benchmarks.timing import interleaved_medians
+
+    med = interleaved_medians({i: v["art"] for i, v in enumerate(variants)}, x, rounds)
+    for i, v in enumerate(variants):
+        v["median_us"] = med[i] * 1e6
 
 
 def _line(ns, ts) -> tuple[float, float]:
@@ -121,15 +115,8 @@ def _line(ns, ts) -> tuple[float, float]:
     return float(t0), float(per)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return ""
-
-
 def main(argv=None) -> int:
+    from benchmarks.env import env_info
     from relay_passes.search import SearchOptions
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -186,7 +173,8 @@ def main(argv=None) -> int:
     ratios = [f["one_row_ratio"] for f in fits if f["one_row_ratio"] is not None]
     penalty = max(1.0, statistics.median(ratios)) if ratios else 1.0
     summary = {
-        "kind": "summary", "target": "llvm", "commit": _commit(), "rows": rows,
+        "kind": "summary", "target": "llvm", "commit": env_info()["commit"], "env": env_info(),
+        "rows": rows,
         "call_overhead": round(call, 2), "op_overhead": round(op, 3),
         "reread_overhead": round(reread, 4), "small_penalty": round(penalty, 2),
         "small_rows": small, "one_row_ratios": [round(r, 2) for r in ratios],

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +29,7 @@ def run_case(family: str, size: int, fraction: float, rounds: int) -> dict:
     import tvm_autochunk as ac
     from benchmarks.env import env_info
     from benchmarks.models import FAMILIES
+    from benchmarks.timing import interleaved_medians
     from relay_passes.auto_chunk import auto_chunk
     from relay_passes.search import SearchOptions
 
@@ -54,15 +53,7 @@ def run_case(family: str, size: int, fraction: float, rounds: int) -> dict:
             "search_s": round(res.search_seconds, 3),
         }
     gc.freeze()
-    times = {k: [] for k in arts}
-    for a in arts.values():
-        a(*x)  # warm-up
-    for _ in range(rounds):
-        for k, a in arts.items():
-            t = time.perf_counter()
-            a(*x)
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(arts, x, rounds)
     row["unchunked_s"] = round(med["unchunked"], 4)
     for k in ("greedy", "refit"):
         row["plans"][k]["time_s"] = round(med[k], 4)
