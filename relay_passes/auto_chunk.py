@@ -46,11 +46,10 @@ from .chunk_region import (
 )
 from .errors import BudgetInfeasibleError, PassContractError
 from .estimate_memory import estimate_memory, weight_bytes
-from .pipeline import as_target
+from .pipeline import as_target, is_gpu
 from .plan import ChunkPlan, ChunkRegion, human_bytes
 from .rewrite import apply_chunk_plan
 from .search import (
-    GPU_KINDS,
     Candidate,
     SearchOptions,
     fit_chunk,
@@ -467,13 +466,14 @@ def auto_chunk(
     already (it is not checked; it saves one estimate). Python's cyclic GC skips the objects
     that exist before the call while it runs (``_gc_frozen``).
     """
-    kind = as_target(target).kind.name
-    opts = options or SearchOptions.for_target(kind)
+    tgt = as_target(target)
+    gpu = is_gpu(tgt)
+    opts = options or SearchOptions.for_target(gpu)
     if options is not None:
         cost_model = "the caller's SearchOptions"
     else:
-        cost_model = f"{kind}: " + (
-            "GPU constants, documented, not measured" if kind in GPU_KINDS
+        cost_model = f"{tgt.kind.name}: " + (
+            "GPU constants, documented, not measured" if gpu
             else "constants measured on llvm (benchmarks/calibrate_cost.py)"
         )
     t0 = time.perf_counter()
@@ -709,7 +709,7 @@ def auto_chunk(
         again = search(mod, unchunked, first_prof, [], 0)
         if better(again, (need, prof, cur, stages)):
             need, prof, cur, stages = again
-    if need <= budget_bytes and len(stages) >= 2:
+    if opts.refit_evals > 0 and need <= budget_bytes and len(stages) >= 2:
         need, prof, cur, stages = refit(need, prof, cur, stages)
     if prof is not first_prof or profile is None:
         # the search's estimates skip the weights scan (peaks do not include weights)

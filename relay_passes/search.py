@@ -68,15 +68,13 @@ class SearchOptions:
     small_penalty: float = 1.0  # x the per-chunk cost below small_rows rows
 
     @classmethod
-    def for_target(cls, kind: str, **kw) -> SearchOptions:
-        """The defaults for target kind ``kind`` ("llvm", "cuda", ...): ``GPU_OPTIONS`` (the
-        CUDA cost constants, joint re-fit on) for GPU kinds, the measured llvm defaults
-        otherwise; ``kw`` overrides either."""
-        base = GPU_OPTIONS if kind in GPU_KINDS else {}
-        return cls(**{**base, **kw})
+    def for_target(cls, gpu: bool, **kw) -> SearchOptions:
+        """The defaults for a GPU target (``GPU_OPTIONS``: the CUDA cost constants, joint
+        re-fit on) or a CPU one (the measured llvm defaults); ``kw`` overrides either.
+        ``pipeline.is_gpu(target)`` tells which (this module imports nothing from TVM)."""
+        return cls(**{**(GPU_OPTIONS if gpu else {}), **kw})
 
 
-GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl", "webgpu")
 # Not measured (no GPU here): documented assumptions for a data-centre GPU (H100/H200 class).
 # A chunk call is the VM's call plus two kernel launches (the seed's slice, the in-place
 # write): ~10 us; every further kernel ~4 us of launch latency (a fused group of Relax ops

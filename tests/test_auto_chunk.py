@@ -326,7 +326,7 @@ def test_refit_halves_the_calls_while_the_plan_fits():
     calls.clear()
     # off by default on CPUs, on for GPUs (where every call is kernel launches)
     assert refit_calls(cand, 256, 6000, plan_peak, SearchOptions()) is None and not calls
-    assert SearchOptions.for_target("cuda").refit_evals == 3
+    assert SearchOptions.for_target(gpu=True).refit_evals == 3
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +373,7 @@ def test_gpu_targets_take_the_gpu_options(evo128):
     mod, _, _ = evo128
     need = need_bytes(estimate_memory(mod, "cuda"))
     _, res = auto_chunk(mod, "cuda", int(need * 0.5))
-    gpu = SearchOptions.for_target("cuda")
+    gpu = SearchOptions.for_target(gpu=True)
     assert res.cost_model.startswith("cuda: ") and gpu.refit_evals > 0
     st = res.stages[0]
     assert st.cost == pytest.approx(st.candidate.cost(st.region.chunk, gpu))
@@ -531,10 +531,10 @@ def test_cost_model_defaults_are_the_recorded_llvm_calibration():
 def test_cost_constants_follow_the_target():
     from relay_passes.search import CUDA_COSTS
 
-    cpu, gpu = SearchOptions.for_target("llvm"), SearchOptions.for_target("cuda")
+    cpu, gpu = SearchOptions.for_target(gpu=False), SearchOptions.for_target(gpu=True)
     assert cpu == SearchOptions()
     assert {k: getattr(gpu, k) for k in CUDA_COSTS} == CUDA_COSTS and gpu != cpu
-    assert SearchOptions.for_target("cuda", max_stages=3).max_stages == 3
+    assert SearchOptions.for_target(True, max_stages=3).max_stages == 3
     c = Candidate("main", "a", "z", "x", 0, 1000, 1, 10, 0, 0, reread_bytes=64 * 1024)
     # 1000 rows in 4 calls; 10 ops; 64 KiB read whole by every chunk
     assert c.cost(250, cpu) == pytest.approx(4 * (cpu.call_overhead + 10 * cpu.op_overhead
