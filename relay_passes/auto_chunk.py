@@ -37,6 +37,7 @@ import tvm
 from tvm import relax
 
 from . import _compat as C
+from .alias import _tensor_leaves
 from .chunk_region import (
     RegionAnalysis,
     _index,
@@ -382,27 +383,17 @@ def reread_bytes(ra: RegionAnalysis, func: relax.Function) -> int:
     sliced = {(s.binding, s.arg) for s in ra.slices}
     seen: set = set()
     total = 0
-
-    def leaves(a):
-        if isinstance(a, relax.Tuple):
-            for f in a.fields:
-                yield from leaves(f)
-        else:
-            yield a
-
     for name in ra.body:
         for i, arg in enumerate(ix.facts[ix.var_by_name[name]].args):
             if (name, i) in sliced:
                 continue
-            for a in leaves(arg):
+            for a in _tensor_leaves(arg):  # vars and constants, tuples flattened
                 if isinstance(a, relax.Var):
                     key = str(a.name)
                     if key in body or key == ra.seed.name:
                         continue
-                elif isinstance(a, C.GenericConst):
-                    key = a.__chandle__()
                 else:
-                    continue
+                    key = a.__chandle__()
                 if key not in seen:
                     seen.add(key)
                     total += C.static_nbytes(a.ty)
