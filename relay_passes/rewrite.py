@@ -132,7 +132,13 @@ class _ChunkFunctionBuilder:
                 results = []
                 for o, buf, v in zip(ra.outputs, bufs, out_vars):
                     results.append(self._write(o, buf, env[v], v.ty, chunk, off))
-                gv = bb.emit_output(relax.Tuple(results) if len(results) > 1 else results[0])
+                # always a tuple, also of one: a function's result that is a reshape of the
+                # buffer written in place must stay a dataflow var for RewriteDataflowReshape
+                # to make it a view. Returned bare, the CUDA pipeline's FuseOps binds the
+                # block's output to the reshape itself, and it stays a kernel that copies the
+                # whole buffer in every chunk (seen on an H200: 290 us per chunk of a 128 MiB
+                # output)
+                gv = bb.emit_output(relax.Tuple(results))
             # the builder hands back an existing GlobalVar when a structurally equal function
             # is already in the module (another region with the same body), not one of ``name``
             return bb.emit_func_output(gv)
@@ -260,13 +266,10 @@ class _RegionReplacer(PyExprMutator):
             r = bb.emit(
                 relax.Call(gv, [*ins, *bufs, tvm.tirx.IntImm("int64", offset)]), fresh("chunk_res")
             )
-            if len(outs) == 1:
-                bufs = [r]
-            else:
-                bufs = [
-                    bb.emit(relax.TupleGetItem(r, k), fresh(f"{o.name}_part"))
-                    for k, o in enumerate(self.ra.outputs)
-                ]
+            bufs = [
+                bb.emit(relax.TupleGetItem(r, k), fresh(f"{o.name}_part"))
+                for k, o in enumerate(self.ra.outputs)
+            ]
         for v, buf in zip(outs, bufs):
             bb.emit_normalized(relax.VarBinding(v, buf))
 
