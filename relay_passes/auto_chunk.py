@@ -464,7 +464,7 @@ def auto_chunk(
         cost_model = "the caller's SearchOptions"
     else:
         cost_model = f"{tgt.kind.name}: " + (
-            "GPU constants, documented, not measured" if gpu
+            "constants measured on an H200 (benchmarks/calibrate_cost.py --export-cuda)" if gpu
             else "constants measured on llvm (benchmarks/calibrate_cost.py)"
         )
     t0 = time.perf_counter()
@@ -726,7 +726,8 @@ def auto_chunk(
             f"is {human_bytes(need)} ({need} bytes) after {len(stages)} chunk region(s); the "
             f"peak is now after binding '{prof.peak_binding}' ({prof.peak_op}). Blocked by: "
             f"{'; '.join(blockers) or 'nothing left to chunk'}. Remedy: raise the budget to at "
-            f"least {suggest} bytes, or shorten the input.",
+            f"least {suggest} bytes, or shorten the input."
+            + (" (On a GPU each device allocation counts in whole 2 MiB pages.)" if gpu else ""),
             unchunked_peak=unchunked,
             best_peak=need,
             min_budget=suggest,

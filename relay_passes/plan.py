@@ -70,7 +70,9 @@ class MemoryProfile:
     frame: FrameMemory
     workspace_bytes: int
     workspace_func: str | None
-    runtime_peak_bytes: int  # simulated run-time high-water mark (VM pools; <= peak_bytes)
+    # simulated run-time high-water mark (VM pools; <= peak_bytes on CPUs; on GPUs each block
+    # takes whole 2 MiB pages, liveness.GPU_ALLOC_GRANULARITY, and it can exceed peak_bytes)
+    runtime_peak_bytes: int
     live_peak_bytes: int  # peak of the liveness timeline (ideal reuse; <= peak_bytes)
     peak_index: int
     peak_binding: str
