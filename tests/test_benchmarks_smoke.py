@@ -96,3 +96,42 @@ def test_refit_benchmark_smoke(tmp_path):
     assert max(g["planned_bytes"], f["planned_bytes"]) <= row["budget_bytes"]
     assert f["predicted_overhead_us"] < g["predicted_overhead_us"]
     assert g["vs_unchunked"] > 0 and f["vs_unchunked"] > 0
+
+
+def test_gpu_scripts_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu end to end on the CPU: prepare.py bundles llvm artifacts, calibration
+    variants and a runtime-only TVM (self-tested), packs them; run_gpu.py --device cpu unpacks
+    the pack, times the calibration variants (outputs equal to unchunked) and runs each model
+    artifact in a fresh runtime-only process; calibrate_cost.py fits the timings. On an H200
+    the same scripts made benchmarks/results/gpu.jsonl (benchmarks/gpu/README.md)."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks import calibrate_cost
+    from benchmarks.gpu import prepare
+
+    bundle, pack = tmp_path / "bundle", tmp_path / "b.tar.gz"
+    assert prepare.main(["--quick", "--target", "llvm", "--calibration", "--out", str(bundle),
+                         "--pack", str(pack)]) == 0
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert [e["label"] for e in man["entries"]] == ["unchunked", "50%"]
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"} | {"TMPDIR": str(tmp_path)}
+    out, cal = tmp_path / "gpu.jsonl", tmp_path / "cal.jsonl"
+    p = subprocess.run(
+        [sys.executable, "benchmarks/gpu/run_gpu.py", "--bundle", str(pack), "--device", "cpu",
+         "--rounds", "2", "--repeats", "1", "--out", str(out), "--calibration-out", str(cal)],
+        capture_output=True, text=True, env=env, cwd=prepare.ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "unpacked" in p.stdout and "OUTPUTS DIFFER" not in p.stdout
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["unchunked", "50%"] and all(r["ok"] for r in rows)
+    assert max(r["max_rel_err"] for r in rows) <= 1e-5
+    timed = [json.loads(x) for x in cal.read_text().splitlines()]
+    assert {r["region"] for r in timed} == {"chain3", "chain17", "matmul128", "matmul256",
+                                            "matmul1024", "cache"}
+    assert max(r["max_rel_err"] for r in timed) <= 1e-5
+    fit = tmp_path / "fit.jsonl"
+    assert calibrate_cost.main(["--fit-timings", str(cal), "--out", str(fit)]) == 0
+    summary = json.loads(fit.read_text().splitlines()[-1])
+    assert summary["target"] == "llvm" and summary["call_overhead"] >= 0

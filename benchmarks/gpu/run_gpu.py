@@ -33,13 +33,47 @@ MIB = 2**20
 
 
 def _inputs(entry):
-    """The same torch model and inputs as prepare.py built from (same seeds)."""
+    """The same torch model and inputs as prepare.py built from (same seeds). TF32 is off in
+    torch (cuDNN convolutions use it by default): TVM's kernels compute in plain fp32, so the
+    reference and the torch baselines do too."""
+    import torch
+
     from benchmarks.models import FAMILIES
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
     return FAMILIES[entry["family"]](entry["size"], **entry["kw"])
 
 
-def _worker_tvm(bundle: Path, entry: dict, repeats: int) -> dict:
+def _device(kind: str):
+    """TVM's device; for CUDA, first the runtime-only TVM's CUDA library (a runtime-only TVM
+    loads no backend at import: the artifact loader's own helper loads it)."""
+    import tvm
+
+    if kind != "cuda":
+        return tvm.cpu(0)
+    from tvm_autochunk.artifact import _cuda_runtime_problem
+
+    why = _cuda_runtime_problem()
+    if why is not None:
+        raise SystemExit(f"TVM's CUDA runtime does not load here: {why}")
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        raise SystemExit("TVM sees no CUDA device")
+    return dev
+
+
+def _free_bytes(kind: str) -> tuple[int, int] | None:
+    """(free, total) device memory; None on the CPU (a dry run of the script)."""
+    if kind != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.mem_get_info()
+
+
+def _worker_tvm(bundle: Path, entry: dict, repeats: int, kind: str = "cuda") -> dict:
     import numpy as np
     import torch  # for the reference output and cudaMemGetInfo
     import tvm
@@ -47,21 +81,23 @@ def _worker_tvm(bundle: Path, entry: dict, repeats: int) -> dict:
 
     w = _inputs(entry)
     xs = [t.numpy() for t in w.inputs]
+    tdev = "cuda" if kind == "cuda" else "cpu"
     with torch.no_grad():
-        ref = w.module.cuda()(*[t.cuda() for t in w.inputs]).float().cpu().numpy()
+        ref = w.module.to(tdev)(*[t.to(tdev) for t in w.inputs]).float().cpu().numpy()
     del w
-    torch.cuda.empty_cache()
-    dev = tvm.cuda(0)
+    if kind == "cuda":
+        torch.cuda.empty_cache()
+    dev = _device(kind)
     t0 = time.perf_counter()
     lib = tvm.runtime.load_module(str(bundle / entry["file"]))
     vm = VirtualMachine(lib, dev)
     args = [tvm.runtime.tensor(x, dev) for x in xs]
     dev.sync()
     load_s = time.perf_counter() - t0
-    free0, total = torch.cuda.mem_get_info()
+    before = _free_bytes(kind)
     out = vm["main"](*args)
     dev.sync()
-    free1, _ = torch.cuda.mem_get_info()
+    after = _free_bytes(kind)
     res = out if hasattr(out, "numpy") else out[0]
     got = res.numpy()
     err = float(np.max(np.abs(got - ref)) / (np.max(np.abs(ref)) + 1e-30))
@@ -71,15 +107,92 @@ def _worker_tvm(bundle: Path, entry: dict, repeats: int) -> dict:
         vm["main"](*args)
         dev.sync()
         times.append(time.perf_counter() - t)
-    return {"device_bytes": int(free0 - free1), "time_s": statistics.median(times),
-            "load_s": round(load_s, 3), "max_rel_err": err, "gpu": torch.cuda.get_device_name(),
-            "total_bytes": int(total)}
+    r = {"device_bytes": int(before[0] - after[0]) if before else None,
+         "time_s": statistics.median(times), "load_s": round(load_s, 3), "max_rel_err": err}
+    # the first call also pays one-time costs outside any plan (the CUDA modules load at the
+    # first launch, with the driver's local-memory reservation for kernels that spill): empty
+    # TVM's pooled allocator and measure one more call, which allocates only what it plans
+    clear = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
+    if before and clear is not None:
+        del out, res
+        dev.sync()
+        clear()
+        again = _free_bytes(kind)
+        vm["main"](*args)
+        dev.sync()
+        r["steady_device_bytes"] = int(again[0] - _free_bytes(kind)[0])
+    if kind == "cuda":
+        r.update(gpu=torch.cuda.get_device_name(), total_bytes=int(before[1]))
+    return r
 
 
-def _worker_torch(entry: dict, repeats: int, backend: str) -> dict:
+def calibration(bundle: Path, rounds: int, kind: str, out: Path) -> list[dict]:
+    """Time the cost-model calibration variants (``bundle/calib``, made by
+    ``benchmarks/calibrate_cost.py --export-cuda``) in one process, interleaved, median of
+    ``rounds``; every variant's output must equal the unchunked one's. Writes one row per
+    variant to ``out`` for ``calibrate_cost.py --fit-timings``."""
+    import numpy as np
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from benchmarks.timing import interleaved_medians
+
+    man = json.loads((bundle / "calib" / "manifest.json").read_text())
+    dev = _device(kind)
+    gpu = None
+    if kind == "cuda":
+        import torch
+
+        gpu = torch.cuda.get_device_name()
+    rows = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as fh:
+        for region in dict.fromkeys(e["region"] for e in man["entries"]):
+            es = sorted((e for e in man["entries"] if e["region"] == region),
+                        key=lambda e: e["n_chunks"])
+            rng = np.random.default_rng(1)
+            xs = [rng.standard_normal(tuple(s), dtype=np.float32) for s in es[0]["inputs"]]
+            if len(xs) > 1:  # the weight input: keep the values O(1)
+                xs[1] /= np.float32(np.sqrt(xs[1].shape[0]))
+            args = [tvm.runtime.tensor(x, dev) for x in xs]
+            fns, errs, ref = {}, {}, None
+            for e in es:
+                f = VirtualMachine(tvm.runtime.load_module(str(bundle / "calib" / e["file"])),
+                                   dev)["main"]
+
+                def call(*a, f=f):
+                    r = f(*a)
+                    dev.sync()
+                    return r
+
+                got = call(*args)
+                got = (got if hasattr(got, "numpy") else got[0]).numpy()
+                ref = got if ref is None else ref
+                errs[e["file"]] = float(np.max(np.abs(got - ref)) / (np.max(np.abs(ref)) + 1e-30))
+                fns[e["file"]] = call
+            med = interleaved_medians(fns, args, rounds)
+            for e in es:
+                row = {**{k: v for k, v in e.items() if k != "inputs"},
+                       "median_us": round(med[e["file"]] * 1e6, 2), "rounds": rounds,
+                       "max_rel_err": errs[e["file"]], "arch": man["arch"], "device": kind}
+                if gpu:
+                    row["gpu"] = gpu
+                rows.append(row)
+                fh.write(json.dumps(row) + "\n")
+            print(f"calibration {region}: " + ", ".join(
+                f"n={e['n_chunks']} {med[e['file']] * 1e6:.0f} us" for e in es), flush=True)
+            bad = {k: v for k, v in errs.items() if v > 1e-5}
+            if bad:
+                print(f"  OUTPUTS DIFFER from unchunked: {bad}", flush=True)
+    return rows
+
+
+def _worker_torch(entry: dict, repeats: int, backend: str, kind: str = "cuda") -> dict:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if kind != "cuda":
+        raise SystemExit("the torch baselines run on CUDA only")
     w = _inputs(entry)
     m = w.module.cuda().eval()
     xs = [t.cuda() for t in w.inputs]
@@ -104,18 +217,47 @@ def _worker_torch(entry: dict, repeats: int, backend: str) -> dict:
             "gpu": torch.cuda.get_device_name()}
 
 
-def _spawn(args: list[str], bundle: Path, timeout: float) -> dict:
+def _spawn(args: list[str], bundle: Path, timeout: float, extra=()) -> dict:
+    """One measurement in a fresh process with the bundle's runtime-only TVM."""
     env = dict(os.environ)
     env["TVM_USE_RUNTIME_LIB"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
     py = bundle / "py"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(py), env.get("PYTHONPATH", "")])
     env["LD_LIBRARY_PATH"] = os.pathsep.join([str(py / "tvm" / "lib"),
                                               env.get("LD_LIBRARY_PATH", "")])
-    p = subprocess.run([sys.executable, __file__, "--worker", *args, "--bundle", str(bundle)],
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    cmd = [sys.executable, __file__, "--worker", *args, "--bundle", str(bundle), *extra]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                           cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s\n{err[-1000:]}"}
     if p.returncode != 0:
         return {"ok": False, "error": (p.stderr or p.stdout)[-1500:]}
+    if args[0] == "calib":
+        print(p.stdout, end="", flush=True)
+        return {"ok": True}
     return {"ok": True, **json.loads(p.stdout.strip().splitlines()[-1])}
+
+
+def _table(rows: list[dict]) -> None:
+    print("\n| model | size | who | device MiB (first call) | device MiB (after clearing "
+          "the pool) | planned MiB | budget MiB | time ms | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def mib(b):
+        return f"{b / MIB:.1f}" if b else ""
+
+    for r in rows:
+        if not r["ok"]:
+            print(f"| {r['family']} | {r['size']} | {r['who']} | failed | | | | | |")
+            continue
+        err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else ""
+        print(f"| {r['family']} | {r['size']} | {r['who']} | {mib(r['device_bytes'])} | "
+              f"{mib(r.get('steady_device_bytes'))} | "
+              f"{mib(r['planned_peak_bytes'])} | {mib(r['budget_bytes'])} | "
+              f"{r['time_s'] * 1e3:.2f} | {err} |")
 
 
 def main(argv=None) -> int:
@@ -125,21 +267,54 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.jsonl"))
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per measurement")
     ap.add_argument("--families", nargs="*")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: a dry run of the script with llvm artifacts (no torch baselines, "
+                         "no device memory)")
+    ap.add_argument("--calibration", choices=("first", "only", "no"), default="first",
+                    help="time the cost-model calibration variants (bundle/calib) first, only "
+                         "them, or not")
+    ap.add_argument("--calibration-out", default=str(
+        ROOT / "benchmarks" / "results" / "gpu_calibration_timings.jsonl"))
+    ap.add_argument("--rounds", type=int, default=30, help="calibration: timed rounds")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     bundle = Path(args.bundle).resolve()
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    entries = [e for e in manifest["entries"]
-               if not args.families or e["family"] in args.families]
+    if bundle.suffixes[-2:] == [".tar", ".gz"]:  # prepare.py --pack: unpack next to /tmp
+        import tarfile
+
+        dest = Path(os.environ.get("TMPDIR", "/tmp")) / f"autochunk_{bundle.stem[:-4]}"
+        if not (dest / "bundle" / "manifest.json").exists():
+            t = time.perf_counter()
+            with tarfile.open(bundle) as tar:
+                tar.extractall(dest, filter="data")
+            print(f"unpacked {bundle} in {time.perf_counter() - t:.1f} s", flush=True)
+        bundle = dest / "bundle"
     if args.worker:
         kind, idx = args.worker
         sys.path.insert(0, str(ROOT))
-        e = manifest["entries"][int(idx)]
-        r = (_worker_tvm(bundle, e, args.repeats) if kind == "tvm"
-             else _worker_torch(e, args.repeats, kind))
+        if kind == "calib":
+            calibration(bundle, args.rounds, args.device, Path(args.calibration_out))
+            return 0
+        e = json.loads((bundle / "manifest.json").read_text())["entries"][int(idx)]
+        r = (_worker_tvm(bundle, e, args.repeats, args.device) if kind == "tvm"
+             else _worker_torch(e, args.repeats, kind, args.device))
         print(json.dumps(r))
         return 0
     t_start = time.perf_counter()
+    ok = True
+    if args.calibration != "no" and (bundle / "calib" / "manifest.json").exists():
+        r = _spawn(["calib", "0"], bundle, 4 * args.timeout,
+                   ["--device", args.device, "--rounds", str(args.rounds),
+                    "--calibration-out", str(Path(args.calibration_out).resolve())])
+        if not r["ok"]:
+            ok = False
+            print(f"calibration failed: {r['error'][-1500:]}", flush=True)
+        print(f"calibration done at {time.perf_counter() - t_start:.0f} s", flush=True)
+    if args.calibration == "only":
+        return 0 if ok else 1
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entries = [e for e in manifest["entries"]
+               if not args.families or e["family"] in args.families]
     rows = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     seen_torch = set()
@@ -148,33 +323,34 @@ def main(argv=None) -> int:
             idx = manifest["entries"].index(e)
             jobs = [("tvm", f"tvm {e['label']}")]
             key = (e["family"], e["size"])
-            if key not in seen_torch:
+            if key not in seen_torch and args.device == "cuda":
                 seen_torch.add(key)
                 jobs += [("eager_math", "torch eager (math)"), ("sdpa", "torch SDPA")]
             for kind, who in jobs:
-                r = _spawn([kind, str(idx)], bundle, args.timeout)
+                r = _spawn([kind, str(idx)], bundle, args.timeout,
+                           ["--device", args.device, "--repeats", str(args.repeats)])
+                tvm_row = kind == "tvm"
                 row = {"family": e["family"], "size": e["size"], "who": who,
-                       "label": e["label"] if kind == "tvm" else None,
-                       "budget_bytes": e["budget_bytes"] if kind == "tvm" else None,
-                       "planned_peak_bytes": e["planned_peak_bytes"] if kind == "tvm" else None,
-                       "arch": manifest["arch"], "tvm": manifest["tvm"], **r}
+                       "label": e["label"] if tvm_row else None,
+                       "budget_bytes": e["budget_bytes"] if tvm_row else None,
+                       "planned_peak_bytes": e["planned_peak_bytes"] if tvm_row else None,
+                       "regions": e.get("regions") if tvm_row else None,
+                       "arch": manifest["arch"], "tvm": manifest["tvm"],
+                       "device": args.device, **r}
+                if tvm_row and r["ok"] and r.get("device_bytes") is not None and e["budget_bytes"]:
+                    slack = max(MIB, 0.01 * e["budget_bytes"])
+                    row["within_budget"] = r["device_bytes"] <= e["budget_bytes"] + slack
+                    if r.get("steady_device_bytes") is not None:
+                        row["steady_within_budget"] = (
+                            r["steady_device_bytes"] <= e["budget_bytes"] + slack)
                 rows.append(row)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 print(json.dumps({k: v for k, v in row.items() if k != "error"})
-                      + (f"\n  error: {r['error'][-300:]}" if not r["ok"] else ""), flush=True)
-    print("\n| model | size | who | device MiB | planned MiB | time ms | max rel err |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if not r["ok"]:
-            print(f"| {r['family']} | {r['size']} | {r['who']} | failed | | | |")
-            continue
-        plan = f"{r['planned_peak_bytes'] / MIB:.1f}" if r["planned_peak_bytes"] else ""
-        err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else ""
-        print(f"| {r['family']} | {r['size']} | {r['who']} | {r['device_bytes'] / MIB:.1f} | "
-              f"{plan} | {r['time_s'] * 1e3:.2f} | {err} |")
+                      + (f"\n  error: {r['error'][-600:]}" if not r["ok"] else ""), flush=True)
+    _table(rows)
     print(f"total {time.perf_counter() - t_start:.0f} s")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if ok and all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":
