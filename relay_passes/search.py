@@ -59,7 +59,7 @@ class SearchOptions:
     # cost model: microseconds added per chunk (README "AutoChunk cost model"). The defaults
     # are this machine's llvm build, measured by benchmarks/calibrate_cost.py (its summary
     # row in benchmarks/results/cost_calibration.jsonl; a test keeps them together); CUDA's
-    # are documented, not measured (CUDA_COSTS, for_target)
+    # were measured on an H200 (CUDA_COSTS, for_target)
     call_overhead: float = 2.46  # per chunk: the Relax call, slicing, the in-place write
     op_overhead: float = 0.227  # per op per chunk: one more kernel call
     # per KiB per chunk of the tensors each chunk reads whole (weights, keys and values, ...)
@@ -75,18 +75,22 @@ class SearchOptions:
         return cls(**{**(GPU_OPTIONS if gpu else {}), **kw})
 
 
-# Not measured (no GPU here): documented assumptions for a data-centre GPU (H100/H200 class).
-# A chunk call is the VM's call plus two kernel launches (the seed's slice, the in-place
-# write): ~10 us; every further kernel ~4 us of launch latency (a fused group of Relax ops
-# launches once, so this over-counts after FuseOps); a tensor read whole per chunk streams
-# from HBM at ~3 TB/s (0.0003 us per KiB); under 16 rows (the M of the tensor-core mma
-# tiles) a matmul leaves most of each tile idle: 4x per-chunk cost.
+# Measured on an NVIDIA H200 (sm_90, TVM's default dlight schedules) by
+# benchmarks/calibrate_cost.py --export-cuda + benchmarks/gpu/run_gpu.py --calibration
+# (benchmarks/results/cost_calibration_cuda.jsonl; a test keeps these equal to its summary):
+# a chunk costs ~22 us whatever its ops (the VM call plus the slice, one fused kernel and the
+# in-place write: FuseOps merges a chunk's elementwise ops, so more Relax ops add no launches);
+# a tensor read whole per chunk streams at ~2.5 TB/s (0.0004 us per KiB); 1-row chunks cost
+# no more per chunk than long ones (even a 1024-wide matmul's: 0.47x the line, GEMV kernels).
+# Not captured: kernels TVM schedules with dlight's Fallback rule (a reduction it has no rule
+# for, one thread per row) take their full latency in every chunk; GPT S=16384 at 10% runs
+# 4.6x its unchunked time on the H200 for that reason (README "GPU").
 CUDA_COSTS = {
-    "call_overhead": 10.0,
-    "op_overhead": 4.0,
-    "reread_overhead": 0.0003,
+    "call_overhead": 22.0,
+    "op_overhead": 0.0,
+    "reread_overhead": 0.0004,
     "small_rows": 16,
-    "small_penalty": 4.0,
+    "small_penalty": 1.0,
 }
 GPU_OPTIONS = {**CUDA_COSTS, "refit_evals": 3}
 

@@ -528,6 +528,27 @@ def test_cost_model_defaults_are_the_recorded_llvm_calibration():
         assert summary["predicted_per_chunk_us"][label] == pytest.approx(per, rel=0.35, abs=0.5)
 
 
+def test_cuda_cost_constants_are_the_recorded_gpu_calibration():
+    """CUDA_COSTS are the summary of the H200 calibration (benchmarks/results/
+    cost_calibration_cuda.jsonl, fitted by calibrate_cost.py --fit-timings from what
+    run_gpu.py --calibration timed): a new GPU calibration must update them."""
+    import json
+
+    from relay_passes.search import CUDA_COSTS
+
+    rows = (ROOT / "benchmarks/results/cost_calibration_cuda.jsonl").read_text().splitlines()
+    summary = json.loads(rows[-1])
+    assert summary["kind"] == "summary" and summary["target"] == "cuda"
+    assert summary["gpu"].startswith("NVIDIA")
+    for k, v in CUDA_COSTS.items():
+        assert v == pytest.approx(summary[k], rel=0.05, abs=1e-4), (k, v, summary[k])
+    timed = [json.loads(r) for r in rows[:-1]]
+    # every chunked variant computed what the unchunked one did, on the GPU
+    assert timed and max(r["max_rel_err"] for r in timed) <= 1e-5
+    for label, per in summary["per_chunk_us"].items():
+        assert summary["predicted_per_chunk_us"][label] == pytest.approx(per, rel=0.15)
+
+
 def test_cost_constants_follow_the_target():
     from relay_passes.search import CUDA_COSTS
 
