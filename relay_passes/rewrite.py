@@ -5,7 +5,8 @@ For each region (``plan.ChunkRegion``), re-derived with ``chunk_region.analyze_r
 * a private Relax function ``<fn>_chunk<C>`` computes the region for one chunk: it slices the seed
   (``strided_slice`` with a symbolic ``off`` and ``assume_inbound``, so shapes stay static), replays
   the region's bindings on the slice, and writes each output's slice **in place** into a
-  full-size buffer (``call_tir_inplace`` of one symbolic ``write_slice`` PrimFunc per dtype), so
+  full-size buffer (``call_tir_inplace`` of one symbolic ``write_slice`` PrimFunc per dtype, rank
+  and dim; the buffer keeps its shape, no reshape), so
   no chunk outputs pile up for a concat;
 * the region in the caller becomes: hoisted bindings, one buffer per output, and a chain of
   calls ``r_i = chunk(inputs..., buffers of r_{i-1}, i*C)``; a last, shorter chunk uses a
@@ -35,9 +36,14 @@ from .errors import PassContractError
 from .plan import ChunkPlan, ChunkRegion
 
 
-@functools.cache  # the PrimFunc is immutable: one per dtype, shared
-def make_write_slice(dtype: str):
-    """``out[a, off + i, b] = src[a, i, b]`` in place, all extents symbolic.
+@functools.cache  # the PrimFunc is immutable: one per (dtype, rank, dim), shared
+def make_write_slice(dtype: str, rank: int, dim: int):
+    """``out[..., off + i, ...] = src[..., i, ...]`` in place along ``dim`` of a rank-``rank``
+    buffer, all extents symbolic (``n0``.. the buffer's, ``c`` the chunk's along ``dim``).
+
+    The buffer keeps its own shape: no reshape in the chunk function, whose result is the
+    buffer written in place. (A reshape back from a flattened view was a whole-buffer copy in
+    every chunk on CUDA, where FuseOps bound the function's result to it.)
 
     Built with TVMScript's IR builder, statement for statement what the TVMScript source in
     ``tests/test_inplace.py`` parses to (its test
@@ -48,6 +54,9 @@ def make_write_slice(dtype: str):
     """
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as B
+
+    if not 0 <= dim < rank:
+        raise PassContractError(f"write_slice: dim {dim} out of range for rank {rank}")
 
     def named(names, values):
         for n, v in zip(names, values):
@@ -61,15 +70,21 @@ def make_write_slice(dtype: str):
             var_src = B.arg("var_src", B.handle())
             off = B.arg("off", B.int64())
             B.func_attr({"tirx.noalias": True})
-            a, n, b, c = named("anbc", (B.int64(), B.int64(), B.int64(), B.int64()))
+            ext = named([f"n{k}" for k in range(rank)], [B.int64() for _ in range(rank)])
+            (c,) = named(["c"], [B.int64()])
+            chunk = [c if k == dim else e for k, e in enumerate(ext)]
             # layout=None: what the parser fills in for s_tir buffers
-            (out,) = named(["out"], (B.match_buffer(var_out, (a, n, b), dtype, layout=None),))
-            (src,) = named(["src"], (B.match_buffer(var_src, (a, c, b), dtype, layout=None),))
-            with B.grid(a, c, b) as (i, j, k):
-                named("ijk", (i, j, k))
+            (out,) = named(["out"], (B.match_buffer(var_out, ext, dtype, layout=None),))
+            (src,) = named(["src"], (B.match_buffer(var_src, chunk, dtype, layout=None),))
+            with B.grid(*chunk) as loops:
+                loops = list(loops) if hasattr(loops, "__len__") else [loops]
+                named([f"i{k}" for k in range(rank)], loops)
                 with B.sblock("write"):
-                    vi, vj, vk = named(("vi", "vj", "vk"), B.axis.remap("SSS", [i, j, k]))
-                    B.buffer_store(out, src[vi, vj, vk], [vi, vj + off, vk])
+                    vs = B.axis.remap("S" * rank, loops)
+                    vs = list(vs) if hasattr(vs, "__len__") else [vs]
+                    named([f"v{k}" for k in range(rank)], vs)
+                    at = [v + off if k == dim else v for k, v in enumerate(vs)]
+                    B.buffer_store(out, src[tuple(vs)], at)
     return ib.get()
 
 
@@ -78,13 +93,6 @@ def _frac_mul(x, frac):
     if frac.denominator == 1:
         return x * int(frac.numerator) if frac.numerator != 1 else x
     return tvm.tirx.floordiv(x * int(frac.numerator), int(frac.denominator))
-
-
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
 
 
 class _ChunkFunctionBuilder:
@@ -132,13 +140,7 @@ class _ChunkFunctionBuilder:
                 results = []
                 for o, buf, v in zip(ra.outputs, bufs, out_vars):
                     results.append(self._write(o, buf, env[v], v.ty, chunk, off))
-                # always a tuple, also of one: a function's result that is a reshape of the
-                # buffer written in place must stay a dataflow var for RewriteDataflowReshape
-                # to make it a view. Returned bare, the CUDA pipeline's FuseOps binds the
-                # block's output to the reshape itself, and it stays a kernel that copies the
-                # whole buffer in every chunk (seen on an H200: 290 us per chunk of a 128 MiB
-                # output)
-                gv = bb.emit_output(relax.Tuple(results))
+                gv = bb.emit_output(relax.Tuple(results) if len(results) > 1 else results[0])
             # the builder hands back an existing GlobalVar when a structurally equal function
             # is already in the module (another region with the same body), not one of ``name``
             return bb.emit_func_output(gv)
@@ -184,23 +186,12 @@ class _ChunkFunctionBuilder:
         return relax.Call(value.op, args, value.attrs, value.ty_args)
 
     def _write(self, o, buf, src, ty, chunk, off):
-        bb = self.bb
         shape = [int(d) for d in C.tensor_shape(ty)]
-        dtype = C.tensor_dtype(ty)
-        a, n, b3 = _prod(shape[: o.dim]), shape[o.dim], _prod(shape[o.dim + 1 :])
-        ext = int(chunk * o.scale)
-        buf3 = bb.emit(relax.op.reshape(buf, [a, n, b3]))
-        src3 = bb.emit(relax.op.reshape(src, [a, ext, b3]))
-        gw = self.write_gvs[dtype]
-        w = bb.emit(
-            relax.call_tir_inplace(
-                gw,
-                relax.Tuple([buf3, src3, _frac_mul(off, o.scale)]),
-                [0],
-                relax.TensorType([a, n, b3], dtype),
-            )
+        gw = self.write_gvs[(C.tensor_dtype(ty), len(shape), o.dim)]
+        w = relax.call_tir_inplace(
+            gw, relax.Tuple([buf, src, _frac_mul(off, o.scale)]), [0], ty
         )
-        return bb.emit(relax.op.reshape(w, shape), f"{o.name}_w")
+        return self.bb.emit(w, f"{o.name}_w")
 
 
 @mutator
@@ -266,10 +257,13 @@ class _RegionReplacer(PyExprMutator):
             r = bb.emit(
                 relax.Call(gv, [*ins, *bufs, tvm.tirx.IntImm("int64", offset)]), fresh("chunk_res")
             )
-            bufs = [
-                bb.emit(relax.TupleGetItem(r, k), fresh(f"{o.name}_part"))
-                for k, o in enumerate(self.ra.outputs)
-            ]
+            if len(outs) == 1:
+                bufs = [r]
+            else:
+                bufs = [
+                    bb.emit(relax.TupleGetItem(r, k), fresh(f"{o.name}_part"))
+                    for k, o in enumerate(self.ra.outputs)
+                ]
         for v, buf in zip(outs, bufs):
             bb.emit_normalized(relax.VarBinding(v, buf))
 
@@ -314,11 +308,12 @@ def apply_region(mod: tvm.IRModule, region: ChunkRegion, *, reuse_inputs: bool =
     write_gvs = {}
     bindings = bindings_by_name(func)
     for o in ra.outputs:
-        dt = C.tensor_dtype(bindings[o.name].var.ty)
-        if dt not in write_gvs:
-            name = f"autochunk_write_slice_{dt}"
+        ty = bindings[o.name].var.ty
+        key = (C.tensor_dtype(ty), len(C.tensor_shape(ty)), o.dim)
+        if key not in write_gvs:
+            name = "autochunk_write_slice_{}_r{}d{}".format(*key)
             existing = [g for g in bb.get().functions if g.name_hint == name]
-            write_gvs[dt] = existing[0] if existing else bb.add_func(make_write_slice(dt), name)
+            write_gvs[key] = existing[0] if existing else bb.add_func(make_write_slice(*key), name)
     reuse = reusable_inputs(mod, ra, inputs) if reuse_inputs else {}
     fb = _ChunkFunctionBuilder(bb, func, ra, inputs, write_gvs)
     n_full, rem = divmod(ra.extent, c)

@@ -209,29 +209,46 @@ def test_a_callees_fresh_result_stays_live_in_the_run_time_model(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
 def test_write_slice_built_without_the_parser_equals_its_tvmscript(dtype):
     """make_write_slice uses TVMScript's IR builder (the parser's decorator is slow to call
-    deep inside a build); it must be the very PrimFunc the TVMScript source parses to."""
+    deep inside a build); it must be the very PrimFunc the TVMScript source parses to, for
+    each rank and dim (here rank 3 along dim 1, and rank 2 along dim 0)."""
     import tvm_ffi
     from tvm.script import tirx as T
 
     from relay_passes.rewrite import make_write_slice
 
     @T.prim_func(private=True, s_tir=True)
-    def write_slice(var_out: T.handle, var_src: T.handle, off: T.int64):
+    def r3d1(var_out: T.handle, var_src: T.handle, off: T.int64):
         T.func_attr({"tirx.noalias": True})
-        a, n, b, c = T.int64(), T.int64(), T.int64(), T.int64()
-        out = T.match_buffer(var_out, (a, n, b), dtype)
-        src = T.match_buffer(var_src, (a, c, b), dtype)
-        for i, j, k in T.grid(a, c, b):
+        n0, n1, n2, c = T.int64(), T.int64(), T.int64(), T.int64()
+        out = T.match_buffer(var_out, (n0, n1, n2), dtype)
+        src = T.match_buffer(var_src, (n0, c, n2), dtype)
+        for i0, i1, i2 in T.grid(n0, c, n2):
             with T.sblock("write"):
-                vi, vj, vk = T.axis.remap("SSS", [i, j, k])
-                out[vi, vj + off, vk] = src[vi, vj, vk]
+                v0, v1, v2 = T.axis.remap("SSS", [i0, i1, i2])
+                out[v0, v1 + off, v2] = src[v0, v1, v2]
 
-    built = make_write_slice(dtype)
-    assert tvm_ffi.structural_equal(built, write_slice)
-    assert built.script() == write_slice.script()  # names too
-    # and not some other dtype's
-    other = "float64" if dtype != "float64" else "float32"
-    assert not tvm_ffi.structural_equal(make_write_slice(other), write_slice)
+    @T.prim_func(private=True, s_tir=True)
+    def r2d0(var_out: T.handle, var_src: T.handle, off: T.int64):
+        T.func_attr({"tirx.noalias": True})
+        n0, n1, c = T.int64(), T.int64(), T.int64()
+        out = T.match_buffer(var_out, (n0, n1), dtype)
+        src = T.match_buffer(var_src, (c, n1), dtype)
+        for i0, i1 in T.grid(c, n1):
+            with T.sblock("write"):
+                v0, v1 = T.axis.remap("SS", [i0, i1])
+                out[v0 + off, v1] = src[v0, v1]
+
+    for (rank, dim), want in {(3, 1): r3d1, (2, 0): r2d0}.items():
+        built = make_write_slice(dtype, rank, dim)
+        assert tvm_ffi.structural_equal(built, want)
+        assert built.script() == want.script()  # names too
+        # and not some other dtype's, rank's or dim's
+        other = "float64" if dtype != "float64" else "float32"
+        assert not tvm_ffi.structural_equal(make_write_slice(other, rank, dim), want)
+    assert not tvm_ffi.structural_equal(make_write_slice(dtype, 3, 0), r3d1)
+    assert not tvm_ffi.structural_equal(make_write_slice(dtype, 2, 1), r2d0)
+    # rank 1 (a loop of one variable) builds too
+    assert "out[v0 + off] = src[v0]" in make_write_slice(dtype, 1, 0).script()
 
 
 def _chunk_function_traffic(mod, target):
@@ -264,12 +281,12 @@ def _chunk_function_traffic(mod, target):
 @pytest.mark.parametrize("target", ["llvm", "cuda"])
 @pytest.mark.parametrize("case", ["residual", "used_after"])
 def test_each_chunk_returns_the_written_buffer_as_a_view(case, target):
-    """A chunk writes its rows into the full-size buffer in place and returns that buffer: the
-    return must stay a view. Returned bare (one output), the CUDA pipeline's FuseOps bound the
-    block's output to the reshape back to the output's shape, which then stayed a kernel copying
-    the whole buffer in every chunk (an H200 measured 290 us per chunk of a 128 MiB output, and
-    TVM's plan held a second full-size buffer). No chunk function may allocate the output's
-    size, nor call a reshape kernel."""
+    """A chunk writes its rows into the full-size buffer in place and returns that buffer, not
+    a copy. When the write went through a flattened (a, n, b) view, the CUDA pipeline's FuseOps
+    bound the function's result to the reshape back to the output's shape, which then stayed a
+    kernel copying the whole buffer in every chunk (an H200 measured 290 us per chunk of a
+    128 MiB output, and TVM's plan held a second full-size buffer). No chunk function may
+    allocate the output's size, nor call a reshape kernel."""
     mod, (start, end, seed, dim), _ = CASES[case]
     after = apply_chunk_plan(mod, ChunkPlan((ChunkRegion(start, end, seed, dim, 2),)))
     found = _chunk_function_traffic(after, target)

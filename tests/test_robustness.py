@@ -260,7 +260,8 @@ def test_dtypes_through_estimator_and_rewrite(name):
 
 
 def test_bool_and_half_region_outputs_are_written_in_place():
-    """A chunk region whose outputs are bool / float16 tensors (one write_slice per dtype)."""
+    """A chunk region whose outputs are bool / float16 tensors (one write_slice per dtype,
+    rank and dim)."""
     from relay_passes.plan import ChunkPlan, ChunkRegion
 
     def body(bb, x):
@@ -275,7 +276,7 @@ def test_bool_and_half_region_outputs_are_written_in_place():
     from relay_passes import ApplyChunkPlan
 
     names = {gv.name_hint for gv in ApplyChunkPlan(plan)(mod).functions}
-    assert {"autochunk_write_slice_bool", "autochunk_write_slice_float16"} <= names
+    assert {"autochunk_write_slice_bool_r2d0", "autochunk_write_slice_float16_r2d0"} <= names
     art = ac.build(mod, chunk_plan=plan)
     assert _same(art(x), ac.build(mod)(x))
 
