@@ -126,6 +126,37 @@ def _worker_tvm(bundle: Path, entry: dict, repeats: int, kind: str = "cuda") -> 
     return r
 
 
+def _worker_profile(bundle: Path, entry: dict) -> dict:
+    """Where one call's device time goes: every kernel of one call (after a warm-up call),
+    traced by torch's profiler (CUPTI sees TVM's launches too), summed by kernel name."""
+    import numpy as np
+    import tvm
+    from torch.profiler import ProfilerActivity, profile
+    from tvm.runtime.vm import VirtualMachine
+
+    w = _inputs(entry)
+    xs = [t.numpy() for t in w.inputs]
+    del w
+    dev = _device("cuda")
+    vm = VirtualMachine(tvm.runtime.load_module(str(bundle / entry["file"])), dev)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in xs]
+    vm["main"](*args)
+    dev.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        vm["main"](*args)
+        dev.sync()
+        wall = time.perf_counter() - t
+    kernels = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us and ev.count:
+            kernels.append({"kernel": ev.key[:120], "us": round(us, 1), "count": ev.count})
+    kernels.sort(key=lambda k: -k["us"])
+    return {"wall_s": wall, "kernel_us": round(sum(k["us"] for k in kernels), 1),
+            "launches": sum(k["count"] for k in kernels), "top": kernels[:10]}
+
+
 def calibration(bundle: Path, rounds: int, kind: str, out: Path) -> list[dict]:
     """Time the cost-model calibration variants (``bundle/calib``, made by
     ``benchmarks/calibrate_cost.py --export-cuda``) in one process, interleaved, median of
@@ -276,6 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration-out", default=str(
         ROOT / "benchmarks" / "results" / "gpu_calibration_timings.jsonl"))
     ap.add_argument("--rounds", type=int, default=30, help="calibration: timed rounds")
+    ap.add_argument("--profile", nargs="+", metavar="FAMILY:LABEL",
+                    help="instead: the kernels of one call of these artifacts (e.g. gpt:10%%), "
+                         "by device time, to --out")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     bundle = Path(args.bundle).resolve()
@@ -296,11 +330,36 @@ def main(argv=None) -> int:
             calibration(bundle, args.rounds, args.device, Path(args.calibration_out))
             return 0
         e = json.loads((bundle / "manifest.json").read_text())["entries"][int(idx)]
-        r = (_worker_tvm(bundle, e, args.repeats, args.device) if kind == "tvm"
-             else _worker_torch(e, args.repeats, kind, args.device))
+        if kind == "profile":
+            r = _worker_profile(bundle, e)
+        else:
+            r = (_worker_tvm(bundle, e, args.repeats, args.device) if kind == "tvm"
+                 else _worker_torch(e, args.repeats, kind, args.device))
         print(json.dumps(r))
         return 0
     t_start = time.perf_counter()
+    if args.profile:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        ok = True
+        with open(args.out, "w") as f:
+            for want in args.profile:
+                fam, label = want.split(":", 1)
+                idx = next(i for i, e in enumerate(manifest["entries"])
+                           if e["family"] == fam and e["label"] == label)
+                e = manifest["entries"][idx]
+                r = _spawn(["profile", str(idx)], bundle, args.timeout)
+                row = {"family": fam, "size": e["size"], "label": label,
+                       "regions": e["regions"], **r}
+                f.write(json.dumps(row) + "\n")
+                ok &= r["ok"]
+                if not r["ok"]:
+                    print(f"{want}: failed: {r['error'][-800:]}", flush=True)
+                    continue
+                print(f"{want} {e['regions']}: {r['wall_s'] * 1e3:.2f} ms wall, "
+                      f"{r['kernel_us'] / 1e3:.2f} ms in {r['launches']} kernels", flush=True)
+                for k in r["top"][:6]:
+                    print(f"  {k['us'] / 1e3:8.2f} ms {k['count']:5d}x {k['kernel']}", flush=True)
+        return 0 if ok else 1
     ok = True
     if args.calibration != "no" and (bundle / "calib" / "manifest.json").exists():
         r = _spawn(["calib", "0"], bundle, 4 * args.timeout,
