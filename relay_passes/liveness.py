@@ -603,11 +603,11 @@ def timeline(analysis: FrameAnalysis, callee_transient: dict[str, int]) -> list[
 
 
 PAGE = 4096  # the VM's pooled allocator and the CPU workspace pool round to whole pages
-# What one device allocation can really take of a GPU's memory: the CUDA driver maps device
-# memory in 2 MiB pages. Measured on an H200 (benchmarks/results/gpu.jsonl): ViT-4096 chunked
-# into storages of 0.01-9 MiB took 48 MiB of device memory where TVM's plan adds up to 39.9 MiB
-# (the pool's exact-size free lists also keep the tail chunk's blocks apart from the others').
-# The run-time simulation rounds each pooled block to it on GPU targets: an upper bound
+# What one device allocation can take of a GPU's memory: the CUDA driver maps device memory in
+# 2 MiB pages. On an H200, ViT-4096 chunked into storages of 0.01-9 MiB took 48 MiB of device
+# memory where TVM's plan adds up to 39.9 MiB (benchmarks/results/gpu_second_run.jsonl). The
+# run-time simulation rounds each pooled block to it on GPU targets. Not a proven bound: the
+# re-planned ViT build took 40 MiB where this model says 36 (README "GPU (H200)")
 GPU_ALLOC_GRANULARITY = 2 * 2**20
 
 
