@@ -110,8 +110,8 @@ def _worker_tvm(bundle: Path, entry: dict, repeats: int, kind: str = "cuda") -> 
     r = {"device_bytes": int(before[0] - after[0]) if before else None,
          "time_s": statistics.median(times), "load_s": round(load_s, 3), "max_rel_err": err}
     # the first call also pays one-time costs outside any plan (the CUDA modules load at the
-    # first launch, with the driver's local-memory reservation for kernels that spill): empty
-    # TVM's pooled allocator and measure one more call, which allocates only what it plans
+    # first launch: 2 MiB on the H200 for these models): empty TVM's pooled allocator and
+    # measure one more call, which allocates only what it plans
     clear = tvm.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
     if before and clear is not None:
         del out, res
