@@ -605,9 +605,9 @@ def timeline(analysis: FrameAnalysis, callee_transient: dict[str, int]) -> list[
 PAGE = 4096  # the VM's pooled allocator and the CPU workspace pool round to whole pages
 # What one device allocation can take of a GPU's memory: the CUDA driver maps device memory in
 # 2 MiB pages. On an H200, ViT-4096 chunked into storages of 0.01-9 MiB took 48 MiB of device
-# memory where TVM's plan adds up to 39.9 MiB (benchmarks/results/gpu_second_run.jsonl). The
-# run-time simulation rounds each pooled block to it on GPU targets. Not a proven bound: the
-# re-planned ViT build took 40 MiB where this model says 36 (README "GPU (H200)")
+# memory where TVM's plan adds up to 39.9 MiB (benchmarks/results/gpu_second_run.jsonl). On GPU
+# targets the run-time simulation charges each new block whole pages (runtime_peak): at the 7
+# chunked builds measured on the H200 it predicts at least what they took (README "GPU (H200)")
 GPU_ALLOC_GRANULARITY = 2 * 2**20
 
 
@@ -643,36 +643,45 @@ def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], page: int
     """Simulate the run-time memory of one call of the frame.
 
     The VM allocates a storage at its first use and frees it after its last use into a pool
-    that never shrinks and hands a freed block to the next request of the same (``page``-
-    rounded) size; kernel workspace comes from TVM's workspace pool (``_WorkspacePool``). A
-    callee's frame is taken from the storage pool for the duration of the call. The result is
-    the high-water mark of both pools, i.e. what the process really touches. ``page``: 4 KiB
-    on CPUs; ``GPU_ALLOC_GRANULARITY`` on GPUs (each block takes whole 2 MiB pages there).
+    that never shrinks and hands a freed block to the next request of the same (page-rounded)
+    size; kernel workspace comes from TVM's workspace pool (``_WorkspacePool``). A callee's
+    frame is taken from the storage pool for the duration of the call. The result is the
+    high-water mark of both pools, i.e. what the process really touches.
+
+    ``page``: 4 KiB on CPUs. On GPUs, ``GPU_ALLOC_GRANULARITY``: each new block then costs
+    whole 2 MiB pages, while the pool still matches a request to a freed block by its 4 KiB-
+    rounded size (so a freed 9 MiB block serves no 0.1 MiB request), and a callee's frame,
+    which is several allocations of its own sizes, is reused only by calls of the same
+    function. An H200 measured up to 4 MiB more than the simpler model (every block and
+    frame matched by its 2 MiB-rounded size) predicted (README "GPU (H200)").
     """
+    gpu = page != PAGE
     n = analysis.num_bindings
-    starts: dict[int, list[int]] = {}
-    ends: dict[int, list[int]] = {}
+    starts: dict[int, list[tuple]] = {}
+    ends: dict[int, list[tuple]] = {}
     for size, lo, hi in analysis.blocks:
-        starts.setdefault(lo, []).append(_pages(size, page))
-        ends.setdefault(min(hi, n), []).append(_pages(size, page))
+        blk = ((None, _pages(size)), _pages(size, page))  # (pool key, bytes it costs)
+        starts.setdefault(lo, []).append(blk)
+        ends.setdefault(min(hi, n), []).append(blk)
     for ev in analysis.events:
         if ev.callee and callee_peak.get(ev.callee):
             r = _pages(callee_peak[ev.callee], page)
-            starts.setdefault(ev.index, []).append(r)
-            ends.setdefault(ev.index, []).append(r)
-    free: dict[int, int] = {}
+            blk = ((ev.callee if gpu else None, r), r)
+            starts.setdefault(ev.index, []).append(blk)
+            ends.setdefault(ev.index, []).append(blk)
+    free: dict[tuple, int] = {}
     wsp = _WorkspacePool()
     total = peak = 0
     for i in range(n + 1):
-        for r in sorted(starts.get(i, ()), reverse=True):
-            if free.get(r):
-                free[r] -= 1
+        for key, cost in sorted(starts.get(i, ()), key=lambda b: (b[1], b[0][1]), reverse=True):
+            if free.get(key):
+                free[key] -= 1
             else:
-                total += r
+                total += cost
         taken = [wsp.alloc(b) for b in analysis.workspace_by_index.get(i, ())]
         peak = max(peak, total + wsp.total)
         for b in reversed(taken):
             wsp.release(b)
-        for r in ends.get(i, ()):
-            free[r] = free.get(r, 0) + 1
+        for key, _cost in ends.get(i, ()):
+            free[key] = free.get(key, 0) + 1
     return peak
