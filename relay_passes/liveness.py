@@ -606,9 +606,10 @@ PAGE = 4096  # the VM's pooled allocator and the CPU workspace pool round to who
 # What one device allocation can take of a GPU's memory: the CUDA driver maps device memory in
 # 2 MiB pages. On an H200, ViT-4096 chunked into storages of 0.01-9 MiB took 48 MiB of device
 # memory where TVM's plan adds up to 39.9 MiB (benchmarks/results/gpu_second_run.jsonl). On GPU
-# targets the run-time simulation charges each new block whole pages (runtime_peak): at the 7
-# chunked builds measured on the H200 it predicts at least what they took (README "GPU (H200)")
+# targets the run-time simulation charges new blocks whole pages (runtime_peak): with TVM's
+# plan, it covers the 7 chunked builds measured on the H200 (README "GPU (H200)")
 GPU_ALLOC_GRANULARITY = 2 * 2**20
+GPU_SMALL_ALLOC = 2**20  # below this the driver packs allocations into shared pages
 
 
 def _pages(n: int, page: int = PAGE) -> int:
@@ -648,19 +649,24 @@ def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], page: int
     frame is taken from the storage pool for the duration of the call. The result is the
     high-water mark of both pools, i.e. what the process really touches.
 
-    ``page``: 4 KiB on CPUs. On GPUs, ``GPU_ALLOC_GRANULARITY``: each new block then costs
-    whole 2 MiB pages, while the pool still matches a request to a freed block by its 4 KiB-
-    rounded size (so a freed 9 MiB block serves no 0.1 MiB request), and a callee's frame,
-    which is several allocations of its own sizes, is reused only by calls of the same
-    function. An H200 measured up to 4 MiB more than the simpler model (every block and
-    frame matched by its 2 MiB-rounded size) predicted (README "GPU (H200)").
+    ``page``: 4 KiB on CPUs. On GPUs, ``GPU_ALLOC_GRANULARITY``: a new block of at least
+    ``GPU_SMALL_ALLOC`` (1 MiB) then costs whole 2 MiB pages (smaller ones their size: the
+    driver packs them into shared pages), and a callee's frame its size in whole pages; the
+    pool still matches a request to a freed block by its 4 KiB-rounded size (so a freed 9 MiB
+    block serves no 0.1 MiB request), and a callee's frame, which is several allocations of its
+    own sizes, is reused only by calls of the same function. An H200 measured up to 4 MiB more
+    than a simpler model (every block and frame matched by its 2 MiB-rounded size) predicted;
+    this one covers the 7 chunked builds measured there (README "GPU (H200)").
     """
     gpu = page != PAGE
     n = analysis.num_bindings
     starts: dict[int, list[tuple]] = {}
     ends: dict[int, list[tuple]] = {}
     for size, lo, hi in analysis.blocks:
-        blk = ((None, _pages(size)), _pages(size, page))  # (pool key, bytes it costs)
+        # (pool key, bytes it costs): on GPUs blocks of 1 MiB and more in whole 2 MiB pages,
+        # smaller ones packed (the CUDA driver sub-allocates them from shared pages)
+        cost = _pages(size, page) if gpu and size >= GPU_SMALL_ALLOC else _pages(size)
+        blk = ((None, _pages(size)), cost)
         starts.setdefault(lo, []).append(blk)
         ends.setdefault(min(hi, n), []).append(blk)
     for ev in analysis.events:
