@@ -28,6 +28,13 @@ keeps them within run-to-run spread of it).
 
     python benchmarks/calibrate_cost.py            # under a minute on 2 cores
     python benchmarks/calibrate_cost.py --quick    # tiny, for the smoke test
+
+CUDA, where the GPU is on another host: ``--export-cuda DIR`` builds the same regions (and a
+1024-wide matmul whose weight is an input, and the cache chain on 128 MiB tensors) as sm_90
+artifacts (``benchmarks/gpu/prepare.py --calibration`` does this into its bundle);
+``benchmarks/gpu/run_gpu.py`` times them there; ``--fit-timings JSONL`` fits what it measured
+into ``benchmarks/results/cost_calibration_cuda.jsonl``, whose summary ``search.CUDA_COSTS``
+holds (a test keeps them equal).
 """
 
 from __future__ import annotations

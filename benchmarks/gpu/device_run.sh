@@ -6,7 +6,7 @@
 #   .venv/bin/python benchmarks/gpu/prepare.py --python 3.12 --calibration \
 #       --out benchmarks/gpu/bundle --pack benchmarks/gpu/bundle.tar.gz      # here, ~8 min
 #   bash benchmarks/gpu/device_run.sh                                         # there
-set -u
+set -u -o pipefail
 OUT=${OUT:-benchmarks/results/gpu_run}  # git-ignored
 BUNDLE=${BUNDLE:-benchmarks/gpu/bundle.tar.gz}
 PY=${PY:-python3}
