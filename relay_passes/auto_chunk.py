@@ -727,7 +727,8 @@ def auto_chunk(
             f"peak is now after binding '{prof.peak_binding}' ({prof.peak_op}). Blocked by: "
             f"{'; '.join(blockers) or 'nothing left to chunk'}. Remedy: raise the budget to at "
             f"least {suggest} bytes, or shorten the input."
-            + (" (On a GPU each device allocation counts in whole 2 MiB pages.)" if gpu else ""),
+            + (" (On a GPU, device allocations of 1 MiB or more count in whole 2 MiB pages.)"
+               if gpu else ""),
             unchunked_peak=unchunked,
             best_peak=need,
             min_budget=suggest,

@@ -18,8 +18,6 @@ from tvm import relax
 from . import _compat as C
 from .errors import PassContractError, SymbolicShapeError
 from .liveness import (
-    GPU_ALLOC_GRANULARITY,
-    PAGE,
     DataflowReshapeUnknown,
     FrameAnalysis,
     FrameWalker,
@@ -250,9 +248,9 @@ def estimate_memory(
 
     transient = {n: t.total_bytes - t.output_bytes for n, t in totals.items()}
     rt_peaks: dict[str, int] = {}
-    page = GPU_ALLOC_GRANULARITY if is_gpu(tgt) else PAGE
+    gpu = is_gpu(tgt)
     for name in _callee_order(frames, entry):
-        rt_peaks[name] = runtime_peak(frames[name], rt_peaks, page)
+        rt_peaks[name] = runtime_peak(frames[name], rt_peaks, gpu)
     tl = timeline(main, transient)
     if tl:
         top = max(tl, key=lambda e: (e.live_bytes, -e.index))
@@ -271,7 +269,8 @@ def estimate_memory(
     notes = []
     if is_gpu(tgt):
         notes.append("GPU target: PrimFunc workspace taken as 0 (dlight-scheduled kernels); "
-                     "the run-time peak counts each device allocation in whole 2 MiB pages")
+                     "the run-time peak counts device allocations of 1 MiB or more in whole "
+                     "2 MiB pages")
     return MemoryProfile(
         target=str(tgt.kind.name),
         function=entry,

@@ -640,7 +640,7 @@ class _WorkspacePool:
         bisect.insort(self.free, n)
 
 
-def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], page: int = PAGE) -> int:
+def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], gpu: bool = False) -> int:
     """Simulate the run-time memory of one call of the frame.
 
     The VM allocates a storage at its first use and frees it after its last use into a pool
@@ -649,8 +649,8 @@ def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], page: int
     frame is taken from the storage pool for the duration of the call. The result is the
     high-water mark of both pools, i.e. what the process really touches.
 
-    ``page``: 4 KiB on CPUs. On GPUs, ``GPU_ALLOC_GRANULARITY``: a new block of at least
-    ``GPU_SMALL_ALLOC`` (1 MiB) then costs whole 2 MiB pages (smaller ones their size: the
+    Pages are 4 KiB on CPUs. On GPUs (``gpu``), a new block of at least ``GPU_SMALL_ALLOC``
+    (1 MiB) costs whole ``GPU_ALLOC_GRANULARITY`` (2 MiB) pages (smaller ones their size: the
     driver packs them into shared pages), and a callee's frame its size in whole pages; the
     pool still matches a request to a freed block by its 4 KiB-rounded size (so a freed 9 MiB
     block serves no 0.1 MiB request), and a callee's frame, which is several allocations of its
@@ -658,7 +658,7 @@ def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], page: int
     than a simpler model (every block and frame matched by its 2 MiB-rounded size) predicted;
     this one covers the 7 chunked builds measured there (README "GPU (H200)").
     """
-    gpu = page != PAGE
+    page = GPU_ALLOC_GRANULARITY if gpu else PAGE
     n = analysis.num_bindings
     starts: dict[int, list[tuple]] = {}
     ends: dict[int, list[tuple]] = {}

@@ -111,6 +111,18 @@ class Dynamic:
 
 
 @I.ir_module
+class Big:  # storages of 3.8 MiB: 4 MiB in whole pages on a GPU
+    @R.function
+    def main(x: R.Tensor((1000, 1000), "float32")):
+        with R.dataflow():
+            y = R.matmul(x, x)
+            z = R.matmul(y, x)
+            w = R.add(z, y)
+            R.output(w)
+        return w
+
+
+@I.ir_module
 class Unbounded:
     @R.function
     def main(x: R.Tensor(("n", 256), "float32")) -> R.Tensor(("n", 256), "float32"):
@@ -345,29 +357,14 @@ def test_walk_defers_to_tvms_pass_on_a_reshape_of_several_arguments():
 
 
 def test_gpu_run_time_peak_counts_whole_2mib_pages():
-    """On a GPU each device allocation takes whole 2 MiB pages (an H200 measured ViT-4096
-    chunked into 0.01-9 MiB storages at 48 MiB where TVM's plan said 39.9): the simulated
-    run-time peak, which the budget is checked against with the static plan, rounds every
-    block to them there, and to 4 KiB pages on a CPU."""
+    """On a GPU a device allocation of 1 MiB or more takes whole 2 MiB pages (an H200 measured
+    ViT-4096 chunked into 0.01-9 MiB storages at 48 MiB where TVM's plan said 39.9): the
+    simulated run-time peak, which the budget is checked against with the static plan, rounds
+    such blocks to them there, and to 4 KiB pages on a CPU."""
     from relay_passes.liveness import GPU_ALLOC_GRANULARITY, PAGE
 
     gpu_t = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
-    from tvm.script import ir as I
-    from tvm.script import relax as R
-
-    @I.ir_module
-    class Big:  # storages of 3.8 MiB: 4 MiB in whole pages on a GPU
-        @R.function
-        def main(x: R.Tensor((1000, 1000), "float32")):
-            with R.dataflow():
-                y = R.matmul(x, x)
-                z = R.matmul(y, x)
-                w = R.add(z, y)
-                R.output(w)
-            return w
-
-    big = Big
-    gpu, cpu = estimate_memory(big, gpu_t), estimate_memory(big, "llvm")
+    gpu, cpu = estimate_memory(Big, gpu_t), estimate_memory(Big, "llvm")
     assert gpu.runtime_peak_bytes % GPU_ALLOC_GRANULARITY == 0
     assert cpu.runtime_peak_bytes % PAGE == 0
     assert any("2 MiB pages" in n for n in gpu.notes)
@@ -375,14 +372,13 @@ def test_gpu_run_time_peak_counts_whole_2mib_pages():
 
 
 def test_gpu_pool_matches_blocks_by_their_own_size_and_callees_by_function():
-    """The run-time simulation on a GPU: a new block costs whole 2 MiB pages, but TVM's pool
+    """The run-time simulation on a GPU: a new block of 1 MiB or more costs whole 2 MiB pages
+    (a smaller one its size), but TVM's pool
     hands a freed block only to a request of the same (4 KiB-rounded) size, and a callee's
     frame (several allocations of its own sizes) is reused only by calls of the same
     function. Matching by the 2 MiB-rounded size instead predicted 36 MiB for a ViT-4096
     build an H200 measured at 40 (README "GPU (H200)")."""
     from relay_passes.liveness import (
-        GPU_ALLOC_GRANULARITY,
-        PAGE,
         FrameAnalysis,
         FrameMemory,
         _Event,
@@ -402,6 +398,6 @@ def test_gpu_pool_matches_blocks_by_their_own_size_and_callees_by_function():
     callee = {"f": 4 * mib, "g": 4 * mib}
     # GPU: 10 (9 MiB in pages) + 2 (the 1.5 MiB block: no freed block of its size) + 0.5 (a
     # small block, packed) + 4 (f, reused by its second call) + 4 (g: f's frame is not g's)
-    assert runtime_peak(fa, callee, GPU_ALLOC_GRANULARITY) == 20 * mib + mib // 2
+    assert runtime_peak(fa, callee, gpu=True) == 20 * mib + mib // 2
     # CPU: the same pool rules, in 4 KiB pages, and frames of equal size reused (as measured)
-    assert runtime_peak(fa, callee, PAGE) == 9 * mib + 2 * mib + 4 * mib
+    assert runtime_peak(fa, callee, gpu=False) == 9 * mib + 2 * mib + 4 * mib
