@@ -49,7 +49,7 @@ from .errors import BudgetInfeasibleError, PassContractError
 from .estimate_memory import estimate_memory, weight_bytes
 from .pipeline import as_target, is_gpu
 from .plan import ChunkPlan, ChunkRegion, human_bytes
-from .rewrite import apply_chunk_plan
+from .rewrite import apply_chunk_plan, check_well_formed
 from .search import (
     Candidate,
     SearchOptions,
@@ -185,9 +185,10 @@ def layer_prefix(
 def _repeats(keys: list[str], j: int, e: int) -> int:
     """How many disjoint copies of ``keys[j..e]`` the block has besides itself."""
     pat, n = keys[j : e + 1], e - j + 1
+    first = pat[0]
     count, k = 0, 1
     while k + n <= len(keys):
-        if (k + n - 1 < j or k > e) and keys[k : k + n] == pat:
+        if keys[k] == first and (k + n - 1 < j or k > e) and keys[k : k + n] == pat:
             count += 1
             k += n
         else:
@@ -340,7 +341,7 @@ def _last_uses(func: relax.Function, bi: int) -> list[int]:
 def _min_output_end(bs: list, last: list[int], j: int, lo: int, hi: int) -> int:
     """The end e in [lo, hi] minimising the bytes of bindings in [j, e] read after e (ties: the
     longest region)."""
-    sizes = [C.static_nbytes(b.var.ty) for b in bs]
+    sizes = {i: C.static_nbytes(bs[i].var.ty) for i in range(j, hi + 1)}
     best, best_e = None, hi
     for e in range(hi, lo - 1, -1):
         live = sum(sizes[i] for i in range(j, e + 1) if last[i] > e)
@@ -525,7 +526,8 @@ def auto_chunk(
         def peaks_with(cand: Candidate, chunk: int) -> tuple[int, int, int]:
             """(peak, static plan peak, run-time peak) of ``cur`` with ``cand`` chunked."""
             if (cand, chunk) not in tried:
-                m = apply_chunk_plan(cur, ChunkPlan(cand.regions(chunk)))
+                # a trial: only the module the search returns is checked (well_formed)
+                m = apply_chunk_plan(cur, ChunkPlan(cand.regions(chunk)), check=False)
                 n, p = evaluate(m)
                 tried[(cand, chunk)] = (n, p, m)
             n, p, _ = tried[(cand, chunk)]
@@ -665,7 +667,7 @@ def auto_chunk(
                 for j, other in enumerate(stages):
                     regions += st.candidate.regions(chunk) if j == i else other.regions
                 try:
-                    m = apply_chunk_plan(mod, ChunkPlan(tuple(regions)))
+                    m = apply_chunk_plan(mod, ChunkPlan(tuple(regions)), check=False)
                 except (PassContractError, KeyError, ValueError):
                     return None  # a later stage names a binding of this one's rewrite
                 n, p = evaluate(m)
@@ -702,9 +704,14 @@ def auto_chunk(
             need, prof, cur, stages = again
     if opts.refit_evals > 0 and need <= budget_bytes and len(stages) >= 2:
         need, prof, cur, stages = refit(need, prof, cur, stages)
+    if stages:
+        check_well_formed(cur, f"chunking {len(stages)} region(s)")
     if prof is not first_prof or profile is None:
-        # the search's estimates skip the weights scan (peaks do not include weights)
-        prof = dataclasses.replace(prof, weight_bytes=weight_bytes(cur, function))
+        # the search's estimates skip the weights scan (peaks do not include weights). Chunking
+        # moves constants into chunk functions but makes or copies none: the caller's profile
+        # has the same weights (tests/test_auto_chunk.py checks it on the families)
+        wb = profile.weight_bytes if profile is not None else weight_bytes(cur, function)
+        prof = dataclasses.replace(prof, weight_bytes=wb)
     res = AutoChunkResult(
         user_budget,
         unchunked,

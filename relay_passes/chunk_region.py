@@ -153,6 +153,20 @@ class _Facts:
         return self._flow[1]
 
 
+class _LazyFacts(dict):
+    """{binding var: its ``_Facts``}, each made on first access (``facts[var]``; a var that is
+    no binding's raises KeyError)."""
+
+    def __init__(self, bindings: dict, canon: dict) -> None:
+        super().__init__()
+        self._bindings = bindings
+        self._canon = canon
+
+    def __missing__(self, v):
+        f = self[v] = _Facts(self._bindings[v], self._canon)
+        return f
+
+
 def _canonical(v, canon: dict):
     """The one Python object kept for a variable (see ``_FuncIndex``)."""
     if isinstance(v, relax.Var):
@@ -187,14 +201,15 @@ class _FuncIndex:
             for vs, bs in zip(self.vars, self.blocks)
         ]
         self.ret = tuple(_canonical(x, canon) for x in relax.analysis.free_vars(func.body.body))
-        self.facts = {
-            v: _Facts(b, canon) for vs, bs in zip(self.vars, self.blocks) for v, b in zip(vs, bs)
-        }
+        # {var: its _Facts}, made when first asked for: the walks read the bindings they
+        # cover, not the hundreds of chunk calls of an earlier stage (9 of 14 ms per index)
+        self.facts = _LazyFacts(
+            {v: b for vs, bs in zip(self.vars, self.blocks) for v, b in zip(vs, bs)}, canon
+        )
         # per block, each binding's op name (its value's type name when it is no op call):
         # repeated layers are found by matching these sequences
         self.op_keys = [
-            [self.facts[v].op or type(b.value).__name__ for v, b in zip(vs, bs)]
-            for vs, bs in zip(self.vars, self.blocks)
+            [C.op_name(b.value) or type(b.value).__name__ for b in bs] for bs in self.blocks
         ]
         self.canon = canon
         self.walks: dict = {}  # (block, start, seed var, dim) -> _Walk (analyze_region)

@@ -209,14 +209,16 @@ def _callee_order(frames: dict[str, FrameAnalysis], entry: str) -> list[str]:
 def _lower_and_walk(mod, entry: str, tgt, op_names) -> dict[str, FrameAnalysis]:
     """The frames of ``mod`` lowered as the target's pipeline would. On CPU the walk makes
     RewriteDataflowReshape's rewrites itself (with its reshape-pattern test memoised per
-    PrimFunc); should it meet a call it cannot decide as TVM would, TVM's pass is run."""
+    PrimFunc; static reshapes are left unlowered for it, ``legalize_cache.cpu_lowering``);
+    should it meet a call it cannot decide as TVM would, TVM's lowering and pass are run."""
     if is_gpu(tgt):
         return analyze_frames(run_passes(mod, estimate_passes(tgt), tgt), entry, tgt, op_names)
     lowered = run_passes(mod, estimate_passes(tgt, rewrite_reshape=False), tgt)
     try:
         return analyze_frames(lowered, entry, tgt, op_names, dataflow_reshape=True)
     except DataflowReshapeUnknown:
-        lowered = run_passes(lowered, [relax.transform.RewriteDataflowReshape()], tgt)
+        # TVM's lowering whole (static reshapes lowered too), then its RewriteDataflowReshape
+        lowered = run_passes(mod, estimate_passes(tgt), tgt)
         return analyze_frames(lowered, entry, tgt, op_names)
 
 

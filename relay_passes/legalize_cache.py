@@ -5,13 +5,14 @@ each estimate's time went into legalizing the same ops again (``bb.call_te``: a 
 and ``create_prim_func`` per binding). Here every op's registered ``FLegalize`` is wrapped:
 the first call of an op with given attributes and argument types runs TVM's legalization;
 when it yields one ``call_tir`` of a PrimFunc over the call's own arguments, that PrimFunc
-is kept, and a later call with the same key gets the same PrimFunc (added to the module under
-construction, where the BlockBuilder deduplicates it) called on its own arguments.
+is kept, and a later call with the same key gets the same PrimFunc called on its own arguments
+(the PrimFunc has a GlobalVar of its own, and is added to the pass's result when it is done).
 
 What is never memoised (TVM's legalization runs each time): calls with a non-static argument
 or result shape, arguments that are tuples or other expressions holding variables, and any
 legalization that emits other bindings, calls something else, or passes extra (symbolic)
-arguments. So a cached result is exactly what TVM would produce, up to the PrimFunc's name.
+arguments. So a cached result is exactly what TVM would produce, up to the PrimFunc's name
+(and two structurally equal PrimFuncs may both be there, which TVM's builder would merge).
 The key spells out shapes, dtypes and small constants' values; what it hashes (attrs, type
 args) is compared structurally on every hit, since TVM's structural hash collides (``_key``).
 
@@ -25,6 +26,8 @@ Used by ``pipeline.estimate_passes`` only; builds use TVM's own ``LegalizeOps`` 
 
 from __future__ import annotations
 
+import itertools
+
 import tvm
 import tvm_ffi
 from tvm import relax
@@ -33,8 +36,9 @@ from . import _compat as C
 
 _CALL_TIR = C.Op.get("relax.call_tir")
 _MAX_ENTRIES = 4096
-# key -> (PrimFunc, its name hint, per call_tir argument: the index of the op's argument,
-#         TVM's call_tir, the op call it was lowered from)
+# key -> (PrimFunc, its own GlobalVar (_own_global_var; None until the first hit), per
+#         call_tir argument: the index of the op's argument, TVM's call_tir, the op call it
+#         was lowered from)
 _MEMO: dict[tuple, tuple] = {}
 _WRAPPERS: dict[str, object] = {}
 _TARGET = [""]  # the target in scope for the running pass: some lowerings depend on it
@@ -113,7 +117,7 @@ def _record(bb, call, res) -> tuple | None:
     func = bb.get()[gv]
     if not isinstance(func, C.PrimFunc):
         return None
-    return func, gv.name_hint, tuple(idx), res, call
+    return func, None, tuple(idx), res, call
 
 
 def _small(const) -> bool:
@@ -134,44 +138,69 @@ def _leaves(tys) -> list:
 # C.identity_memo cache: the same Call object (an unchanged binding: the search's chunked
 # modules share most of them) is keyed once per target
 _KEYS: dict = {}
-# per BlockBuilder (held while a pass runs), each memoised PrimFunc is added once:
-# [the BlockBuilder, its C.identity_memo cache of PrimFunc -> GlobalVar]
-_ADDED: list = [None, {}]
+# the memoised PrimFuncs that the running pass called: {GlobalVar: PrimFunc}, added to its
+# result when it is done (_legalize_ops)
+_PENDING: dict = {}
+_SUFFIX = "_acmemo"  # names of those GlobalVars: TVM's own names never end so
+_SERIAL = itertools.count()
 
 
 def _call_key(call):
     return C.identity_memo(_KEYS, _TARGET[0], call, lambda: _key(call), 4 * _MAX_ENTRIES)
 
 
-def _add_func(bb, func, name: str):
-    """``bb.add_func(func, name)``, once per PrimFunc object and BlockBuilder: the builder
-    deduplicates by structure (hashing the whole PrimFunc each time), so a second add of the
-    same object returns the GlobalVar of the first either way."""
-    if _ADDED[0] is None or not _ADDED[0].same_as(bb):
-        _ADDED[0], _ADDED[1] = bb, {}
-    return C.identity_memo(_ADDED[1], None, func, lambda: bb.add_func(func, name))
+def _own_global_var(func, name: str) -> tvm.ir.GlobalVar:
+    """A GlobalVar of its own for a memoised PrimFunc (typed as ``bb.add_func`` types it),
+    named ``<name>_acmemo<k>``: unique in any module, whatever TVM names its new PrimFuncs."""
+    return relax.BlockBuilder().add_func(func, f"{name}{_SUFFIX}{next(_SERIAL)}")
 
 
 def _legalize_ops(mod, lmap) -> tvm.IRModule:
+    """LegalizeOps with the memoised lowerings; each memoised PrimFunc it calls is added to
+    the result afterwards under its own GlobalVar. (Added through the pass's BlockBuilder,
+    every hit cost a structural hash of the PrimFunc: the builder deduplicates functions,
+    9-12 ms of a chunked Evoformer's estimate.)"""
+    _PENDING.clear()
     try:
-        return relax.transform.LegalizeOps(lmap)(mod)
+        out = relax.transform.LegalizeOps(lmap)(mod)
+        if _PENDING:
+            out.update(dict(_PENDING))  # the pass's own result: no one else holds it
+        return out
     finally:
-        _ADDED[0], _ADDED[1] = None, {}  # do not hold the builder (and its module)
+        _PENDING.clear()  # do not hold the functions
+
+
+# {op Call handle: (the Call, target, its lowered call_tir, GlobalVar, PrimFunc)}: an
+# unchanged binding's call, met again, gets the very call_tir it got before (no key, no new
+# objects; the walk then meets the same Call objects too, liveness._call_info)
+_LOWERED: dict = {}
 
 
 def _wrapper(op_name: str, default):
     def legalize(bb, call):
+        done = _LOWERED.get(call.__chandle__())
+        if done is not None and done[1] == _TARGET[0]:
+            stats["hits"] += 1
+            _PENDING[done[3]] = done[4]
+            return done[2]
         key = _call_key(call)
         hit = _MEMO.get(key) if key is not None else None
         if hit is not None and not hit[4].same_as(call) and not _same_call(call, hit[4]):
             hit = None  # a hash collision in attrs or type args: lower it, keep the first
             key = None
         if hit is not None:
-            func, name, idx, res, _ = hit
+            func, gv, idx, res, _ = hit
             stats["hits"] += 1
-            gv = _add_func(bb, func, name)
+            if gv is None:  # the first hit: most entries (a chunk size tried once) have none
+                gv = _own_global_var(func, res.args[0].name_hint)
+                _MEMO[key] = (func, gv, *hit[2:])
+            _PENDING[gv] = func
             args = relax.Tuple([call.args[i] for i in idx])
-            return relax.Call(res.op, [gv, args], res.attrs, res.ty_args)
+            out = relax.Call(res.op, [gv, args], res.attrs, res.ty_args)
+            if len(_LOWERED) >= 4 * _MAX_ENTRIES:
+                _LOWERED.clear()
+            _LOWERED[call.__chandle__()] = (call, _TARGET[0], out, gv, func)
+            return out
         res = default(bb, call)
         if key is None:
             stats["uncached"] += 1
@@ -234,11 +263,54 @@ DISPATCHED_OPS = {
 }
 
 
-def cpu_lowering(passes: list) -> tvm.transform.Pass:
+def _static(ty) -> bool:
+    return isinstance(ty, C.TensorType) and C.static_shape(ty) is not None
+
+
+def _keep_for_the_walk(op_name: str, legalize):
+    """The estimator's lowering of ``op_name``: calls the walk models as TVM lowers them are
+    left as they are (``cpu_lowering``); others go to ``legalize``. A static ``reshape``; a
+    ``strided_slice`` with a static result whose bounds hold variables (a chunk function's
+    slice at its offset: TVM lowers it to one copy kernel, whose PrimFunc takes the offset, so
+    it is never memoised)."""
+
+    def keep(bb, call):
+        a = call.args[0]
+        if op_name == "relax.reshape":
+            shape = call.args[1]
+            kept = (
+                _static(a.ty)
+                and isinstance(shape, relax.ShapeExpr)
+                and all(isinstance(v, tvm.tirx.IntImm) for v in shape.values)
+            )
+        else:  # relax.strided_slice
+            kept = _static(a.ty) and _static(call.ty) and _call_key(call) is None
+        if kept:
+            stats[f"kept {op_name}"] = stats.get(f"kept {op_name}", 0) + 1
+            return call
+        return legalize(bb, call)
+
+    return keep
+
+
+KEPT_OPS = ("relax.reshape", "relax.strided_slice")  # see _keep_for_the_walk
+
+
+def cpu_lowering(passes: list, *, keep_ops: bool = False) -> tvm.transform.Pass:
     """TVM's CPU lowering ``passes`` (DispatchSampling, DispatchSortScan, LegalizeOps) for the
     estimator: LegalizeOps memoised (``CachedLegalizeOps``), and a dispatch pass skipped when
     the module has none of the ops it rewrites (it would return the module unchanged: on a
-    chunked Evoformer, 5 ms of Python visiting per estimate for nothing). Unknown passes run."""
+    chunked Evoformer, 5 ms of Python visiting per estimate for nothing). Unknown passes run.
+
+    ``keep_ops``: static reshapes and chunk functions' slices at their offsets are left
+    unlowered, and the estimator's walk models them (``liveness.FrameWalker`` with
+    ``dataflow_reshape=True``). TVM lowers a static reshape to a PrimFunc with a reshape
+    pattern, which ``RewriteDataflowReshape`` turns back into a view inside dataflow blocks
+    (elsewhere it stays a copy); such a slice to one copy kernel with no workspace. A chunk
+    function at a new size has new reshapes and slices: lowering them was 40% of an
+    estimate's lowerings (Evoformer N=256). Every static reshape TVM's legalization made in a
+    test of random shapes had the pattern, and the estimates equal those of TVM's lowering on
+    the families, chunked modules and random graphs (tests/test_legalize_cache.py)."""
 
     @tvm.transform.module_pass(opt_level=0, name="CachedCPULowering")
     def lowering(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -251,7 +323,11 @@ def cpu_lowering(passes: list) -> tvm.transform.Pass:
             if name == "LegalizeOps":
                 tgt = tvm.target.Target.current()
                 _TARGET[0] = "" if tgt is None else str(tgt)
-                mod = _legalize_ops(mod, legalize_map(mod, ops))
+                lmap = legalize_map(mod, ops)
+                for op in KEPT_OPS if keep_ops else ():
+                    if op in lmap:
+                        lmap[op] = _keep_for_the_walk(op, lmap[op])
+                mod = _legalize_ops(mod, lmap)
             else:
                 mod = p(mod)
             ops = None

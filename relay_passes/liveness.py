@@ -22,6 +22,7 @@ Nothing here mutates IR; results are plain data (``plan.py``).
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 
 import tvm
@@ -31,9 +32,15 @@ from . import _compat as C
 from .errors import SymbolicShapeError
 from .plan import FrameMemory, TensorRecord, TimelineEntry
 
+# legalize_cache._SUFFIX and its serial number (names of memoised PrimFuncs; fused functions
+# on GPUs carry them inside their names)
+_MEMO_NAME = re.compile(r"_acmemo\d+")
+
 _CALL_TIR = C.Op.get("relax.call_tir")
 _CALL_TIR_INPLACE = C.Op.get("relax.call_tir_inplace")
 _CALL_DPS_PACKED = C.Op.get("relax.call_dps_packed")
+_RESHAPE_OP = C.Op.get("relax.reshape")
+_STRIDED_SLICE = C.Op.get("relax.strided_slice")
 _CALL_PURE_PACKED = C.Op.get("relax.call_pure_packed")
 _DPS_OPS = (_CALL_TIR, _CALL_DPS_PACKED)
 _VIEW_OPS = tuple(
@@ -239,7 +246,11 @@ class FrameWalker:
             ev.workspace = sum(ev.ws_allocs)
 
     def _op_label(self, name: str, fallback: str) -> str:
-        return self.op_names.get(name, fallback)
+        label = self.op_names.get(name)
+        if label is not None:
+            return label
+        # a PrimFunc the estimator's memoised lowering named (legalize_cache): TVM's name
+        return _MEMO_NAME.sub("", fallback) if "_acmemo" in fallback else fallback
 
     # ---------------------------------------------------------------- walk
     def run(self) -> FrameAnalysis:
@@ -265,23 +276,27 @@ class FrameWalker:
             self._record_uses(seq.body, self._index - 1)
             self._discard(self._tokens_of(seq.body))
 
-    def _record_uses(self, expr, index: int, args=None) -> None:
-        vs = _call_vars(expr, args)
-        if vs is None:
-            vs = relax.analysis.free_vars(expr) if not isinstance(expr, relax.Var) else [expr]
+    def _record_uses(self, expr, index: int, handles=None) -> None:
+        """Uses at ``index`` of the variables ``expr`` reads (``handles``: their handles)."""
+        if handles is None:
+            vs = _call_vars(expr)
+            if vs is None:
+                vs = relax.analysis.free_vars(expr) if not isinstance(expr, relax.Var) else [expr]
+            handles = [v.__chandle__() for v in vs]
         tokens = self.tokens
-        for v in vs:
-            for p in _nested(tokens.get(v.__chandle__())):
+        for h in handles:
+            for p in _nested(tokens.get(h)):
                 p.last_use = max(p.last_use, index)
 
     def _visit_binding(self, b) -> None:
         var, value = b.var, b.value
         name = str(var.name)
         idx = self._index
-        # a call's arguments, read once through the FFI (each read of ``call.args`` makes a
-        # new Array wrapper; the walk reads them several times per binding)
-        args = tuple(value.args) if isinstance(value, C.Call) else None
-        self._record_uses(value, idx, args)
+        if isinstance(value, C.Call):
+            args, handles = _call_info(value)
+        else:
+            args, handles = None, None
+        self._record_uses(value, idx, handles)
         ev = _Event(idx, name, "")
         if isinstance(b, relax.MatchCast):
             self.tokens[var.__chandle__()] = self._tokens_of(value)
@@ -315,6 +330,32 @@ class FrameWalker:
                 ev.op = self._op_label(name, "reshape")
                 self.tokens[var.__chandle__()] = self._tokens_of(src)
                 return
+        if (
+            self.dataflow_reshape
+            and isinstance(op, C.Op)
+            and (op.same_as(_RESHAPE_OP) or op.same_as(_STRIDED_SLICE))
+        ):
+            # an op the estimator's lowering kept (legalize_cache.cpu_lowering). A static
+            # reshape: TVM lowers it to a PrimFunc with a reshape pattern, one tensor in and the
+            # same dtype and element count out, which RewriteDataflowReshape makes a view of a
+            # DataflowVar in a dataflow block (_dataflow_reshape_arg); elsewhere a copy. A
+            # slice at a variable offset: one copy kernel without workspace
+            ev.op = self._op_label(name, str(op.name).removeprefix("relax."))
+            if (
+                op.same_as(_RESHAPE_OP)
+                and self._in_dataflow
+                and isinstance(var, relax.DataflowVar)
+            ):
+                self.tokens[var.__chandle__()] = self._tokens_of(args[0])
+                return
+            self._use_in_primfunc(args[0], ev)
+            outs = self._protos_for_type(var.ty, name, ev.op)
+            for p in _nested(outs):
+                p.refs += 1  # the DPS output argument
+                ev.allocs.append(p)
+                ev.uses.append(p)
+            self.tokens[var.__chandle__()] = outs
+            return
         if isinstance(op, C.Op) and (op.same_as(_CALL_TIR) or op.same_as(_CALL_DPS_PACKED)):
             gv = args[0]
             label = str(gv.name_hint) if isinstance(gv, C.GlobalVar) else str(gv)
@@ -514,6 +555,32 @@ _NO_VARS = (
     C.Op,
     relax.ExternFunc,
 )
+
+
+# C.identity_memo-style cache: {Call handle: (Call, its arguments, handles of the variables it
+# reads)}. A call's arguments are read through the FFI once per Call object (each read of
+# ``call.args`` makes a new Array wrapper, one more per element): the search's estimates walk
+# the same unchanged calls estimate after estimate (a chunked Evoformer's 256 chunk calls
+# of 14 arguments each). The entry holds the Call, so its handle is not reused meanwhile;
+# calls with a constant argument are not kept (it would keep a weight alive).
+_CALL_INFO: dict = {}
+
+
+def _call_info(call) -> tuple[tuple, list | None]:
+    """(the call's arguments, the handles of the variables it reads, or None when it holds
+    anything but variables, tuples and constants: ``free_vars`` is asked then)."""
+    h = call.__chandle__()
+    hit = _CALL_INFO.get(h)
+    if hit is None:
+        args = tuple(call.args)
+        vs = _call_vars(call, args)
+        hit = (call, args, None if vs is None else [v.__chandle__() for v in vs])
+        leaves = [f for a in args for f in (a.fields if isinstance(a, relax.Tuple) else (a,))]
+        if not any(isinstance(a, C.GenericConst) for a in leaves):
+            if len(_CALL_INFO) >= 16384:
+                _CALL_INFO.clear()
+            _CALL_INFO[h] = hit
+    return hit[1], hit[2]
 
 
 def _call_vars(expr, args=None) -> list | None:

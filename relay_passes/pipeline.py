@@ -83,7 +83,9 @@ def estimate_passes(target: tvm.target.Target, *, rewrite_reshape: bool = True) 
 
     be = _backend(target)
     if be is None:
-        passes = [cpu_lowering(lowering_passes(target))]
+        # without RewriteDataflowReshape the walk decides which static reshapes are views: they
+        # (and chunk functions' slices) are left unlowered for it (cpu_lowering)
+        passes = [cpu_lowering(lowering_passes(target), keep_ops=not rewrite_reshape)]
     else:
         passes = [
             *be.library_dispatch_passes(target),

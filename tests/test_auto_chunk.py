@@ -186,11 +186,13 @@ def _through(pts):
     return peaks
 
 
-def test_fit_probes_many_chunks_when_the_unchunked_point_is_off_the_curve():
+def test_fit_guesses_on_the_static_line_when_chunking_raised_the_run_time_peak():
     # Evoformer N=256 at 10%, second stage (estimated MiB): the peak before it is set by the
     # first stage's chunk call; two chunks of this region raise the run-time peak above it, so
-    # the line through them and the unchunked point cannot say where chunks fit: 32 calls
-    # are probed (they fit) and the refinement lands on 4 calls, not on the two that miss
+    # the run-time line through them and the unchunked point says no shorter chunk fits. The
+    # run-time peak is then taken as at two chunks (shorter chunks shrink the frame that
+    # raised it) and the static plan on its line: 4 calls are guessed, and fit. (The probe of
+    # 32 calls and a refinement took three estimates to land there.)
     peaks = _through({32768: (90.3, 85.5), 16384: (78.3, 73.3), 2048: (68.7, 62.7),
                       256: (60.0, 55.0)})
 
@@ -202,7 +204,16 @@ def test_fit_probes_many_chunks_when_the_unchunked_point_is_off_the_curve():
 
     fit = fit_chunk(_cand(extent=65536, gran=256), int(85.7 * 1024), kib, SearchOptions(),
                     unchunked=(int(100.7 * 1024), int(69.2 * 1024)))
-    assert calls[:2] == [32768, 2048] and fit.chunk == 16384 and max(peaks(16384)) <= 85.7
+    assert calls == [32768, 16384]
+    assert fit.chunk == 16384 and fit.evaluations == 2 and max(peaks(16384)) <= 85.7
+    # when the guess misses, the probe still follows: a curve where 4 calls do not fit
+    peaks = _through({32768: (90.3, 85.5), 16384: (87.0, 80.0), 2048: (68.7, 62.7),
+                      256: (60.0, 55.0)})
+    calls.clear()
+    fit = fit_chunk(_cand(extent=65536, gran=256), int(85.7 * 1024), kib, SearchOptions(),
+                    unchunked=(int(100.7 * 1024), int(69.2 * 1024)))
+    assert fit is not None and max(peaks(fit.chunk)) <= 85.7 and fit.chunk < 16384
+    assert calls[:2] == [32768, 16384]
 
 
 def test_fit_stops_refining_when_the_predicted_saving_is_within_the_tolerance():
@@ -863,3 +874,21 @@ def test_small_rows_alternative_is_not_estimated_when_the_fit_peaks_at_its_chunk
     assert res.final_peak <= budget and res.stages[0].region.chunk < SearchOptions().small_rows
     assert res.profile.peak_op.startswith("call ")
     assert not any(n.endswith(f"_chunk{SearchOptions().small_rows}") for s in estimated for n in s)
+
+
+@pytest.mark.parametrize(
+    "family,size", [("gpt", 256), ("vit", 576), ("evoformer", 32), ("unet", 16)]
+)
+def test_chunking_keeps_the_weights_the_result_reports(family, size):
+    # the search reports the caller's weights (it does not scan the chunked module again):
+    # chunking moves constants into chunk functions, and makes or copies none
+    from relay_passes.estimate_memory import weight_bytes
+
+    kw = {"layers": 1} if family in ("gpt", "vit") else {}
+    w = FAMILIES[family](size, **kw)
+    mod = ac.from_torch(w.module, w.inputs)
+    prof = estimate_memory(mod, "llvm")
+    assert prof.weight_bytes > 0
+    out, res = auto_chunk(mod, "llvm", need_bytes(prof) * 7 // 10, profile=prof)
+    assert res.stages
+    assert weight_bytes(out) == prof.weight_bytes == res.profile.weight_bytes
