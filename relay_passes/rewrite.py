@@ -18,7 +18,8 @@ rows of it that the same chunk writes (``alias.reusable_inputs``: e.g. the resid
 else a fresh zero-initialised tensor.
 
 Where it belongs: on a high-level Relax module before legalization (it emits Relax ops).
-Preconditions are checked (the region must be legal; ``well_formed`` after the rewrite).
+Preconditions are checked (the region must be legal; ``well_formed`` after the rewrite, unless
+``check=False``: the search's trial rewrites, whose chosen module ``auto_chunk`` checks).
 """
 
 from __future__ import annotations
