@@ -283,8 +283,14 @@ def _keep_for_the_walk(op_name: str, legalize):
                 and isinstance(shape, relax.ShapeExpr)
                 and all(isinstance(v, tvm.tirx.IntImm) for v in shape.values)
             )
-        else:  # relax.strided_slice
-            kept = _static(a.ty) and _static(call.ty) and _call_key(call) is None
+        else:  # relax.strided_slice: bounds with variables (a static slice of the whole
+            # tensor is a copy TVM makes a view of; it is lowered as usual)
+            bounds = [f for t in call.args[2:4] if isinstance(t, relax.Tuple) for f in t.fields]
+            kept = (
+                _static(a.ty)
+                and _static(call.ty)
+                and any(not isinstance(f, tvm.tirx.IntImm) for f in bounds)
+            )
         if kept:
             stats[f"kept {op_name}"] = stats.get(f"kept {op_name}", 0) + 1
             return call

@@ -149,12 +149,13 @@ def test_memoised_primfuncs_have_names_of_their_own_and_estimates_show_tvms():
 
 def _reshape_module():
     """Static reshapes as views (a DataflowVar in a dataflow block) and as copies (a block's
-    output; a binding outside any dataflow block)."""
+    output; a binding outside any dataflow block); a static slice of a whole tensor."""
     x = relax.Var("x", relax.TensorType((8, 96), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
             a = bb.emit(relax.op.reshape(x, (8, 4, 24)))  # a view
+            a = bb.emit(relax.op.strided_slice(a, axes=[0], begin=[0], end=[8]))  # whole
             b = bb.emit(relax.op.exp(a))
             c = bb.emit_output(relax.op.reshape(b, (32, 24)))  # the block's output: a copy
         d = bb.emit(relax.op.reshape(c, (4, 192)))  # outside a dataflow block: a copy
