@@ -348,27 +348,14 @@ class FrameWalker:
             ):
                 self.tokens[var.__chandle__()] = self._tokens_of(args[0])
                 return
-            self._use_in_primfunc(args[0], ev)
-            outs = self._protos_for_type(var.ty, name, ev.op)
-            for p in _nested(outs):
-                p.refs += 1  # the DPS output argument
-                ev.allocs.append(p)
-                ev.uses.append(p)
-            self.tokens[var.__chandle__()] = outs
+            self._dps_call(var, name, ev, args[:1])
             return
         if isinstance(op, C.Op) and (op.same_as(_CALL_TIR) or op.same_as(_CALL_DPS_PACKED)):
             gv = args[0]
             label = str(gv.name_hint) if isinstance(gv, C.GlobalVar) else str(gv)
             ev.op = self._op_label(name, label)
-            for a in _call_args(args):
-                self._use_in_primfunc(a, ev)
-            outs = self._protos_for_type(var.ty, name, ev.op)
-            for p in _nested(outs):
-                p.refs += 1  # the DPS output argument
-                ev.allocs.append(p)
-                ev.uses.append(p)
+            self._dps_call(var, name, ev, _call_args(args))
             self._set_workspace(ev, gv)
-            self.tokens[var.__chandle__()] = outs
             return
         if isinstance(op, C.Op) and op.same_as(_CALL_TIR_INPLACE):
             gv = args[0]
@@ -429,6 +416,18 @@ class FrameWalker:
             var.ty, name, ev.op, runtime=True, planned=False, from_callee=ev.callee is not None
         )
         ev.allocs.extend(_nested(outs))
+        self.tokens[var.__chandle__()] = outs
+
+    def _dps_call(self, var, name: str, ev: _Event, inputs) -> None:
+        """A kernel called in destination-passing style: it reads ``inputs`` and writes
+        ``var``'s fresh output tensors, allocated by the caller."""
+        for a in inputs:
+            self._use_in_primfunc(a, ev)
+        outs = self._protos_for_type(var.ty, name, ev.op)
+        for p in _nested(outs):
+            p.refs += 1  # the DPS output argument
+            ev.allocs.append(p)
+            ev.uses.append(p)
         self.tokens[var.__chandle__()] = outs
 
     def _dataflow_reshape_arg(self, var, call, args: tuple):
