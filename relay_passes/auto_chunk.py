@@ -267,16 +267,16 @@ def enumerate_candidates(
 ) -> list[Candidate]:
     """Legal (region, seed, dim) candidates whose body contains one of the ``hot`` bindings."""
     func = mod[function]
-    blocks = [list(block.bindings) for block in func.body.blocks]
+    ix = _index(func)  # names, bindings and reads, read through the FFI once per function
     seen: set = set()
     out: list[Candidate] = []
     last_use: dict[int, list[int]] = {}
     for name in hot:
-        for bi, bs in enumerate(blocks):
-            names = [str(b.var.name) for b in bs]
-            if name not in names:
+        for bi, bs in enumerate(ix.blocks):
+            names = ix.names[bi]
+            if name not in ix.position[bi]:
                 continue
-            ip = names.index(name)
+            ip = names.index(name)  # the first binding of that name (position: the last)
             if not isinstance(bs[ip].value, C.Call) or not isinstance(bs[ip].value.op, C.Op):
                 continue  # a call of a chunk function: already chunked
             lo = max(0, ip - opts.window_before)
@@ -285,7 +285,8 @@ def enumerate_candidates(
                 if j == 0:
                     seeds = [p for p in func.params if isinstance(p.ty, C.TensorType)]
                 else:
-                    seeds = [bs[j - 1].var] if isinstance(bs[j - 1].var.ty, C.TensorType) else []
+                    sv = ix.vars[bi][j - 1]
+                    seeds = [sv] if isinstance(sv.ty, C.TensorType) else []
                 for sv in seeds:
                     shape = C.tensor_shape(sv.ty) or []
                     for d, n in enumerate(shape):
@@ -294,7 +295,7 @@ def enumerate_candidates(
                         key = (names[j], str(sv.name), d)
                         if key in seen:
                             continue
-                        seen.add(key)
+                        seen.add(key)  # tried once, for the first hot binding near it
                         ra = _longest_legal(
                             mod, names, j, ip, hi, str(sv.name), d, function, reasons
                         )

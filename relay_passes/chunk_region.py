@@ -25,7 +25,7 @@ from fractions import Fraction
 from tvm import relax
 
 from . import _compat as C
-from .dimflow import get_dim_rule
+from .dimflow import ONE, get_dim_rule
 from .errors import PassContractError
 
 
@@ -116,6 +116,7 @@ class _Facts:
     __slots__ = (
         "_flow",
         "arg_is_var",
+        "arg_kind",
         "arg_shapes",
         "args",
         "is_op",
@@ -142,6 +143,12 @@ class _Facts:
         self.is_op = call and isinstance(value.op, C.Op)
         self.args = tuple(_canonical(a, canon) for a in value.args) if call else ()
         self.arg_is_var = tuple(isinstance(a, relax.Var) for a in self.args)
+        # per argument: 1 a variable, 2 a tuple or projection (its spec is composed), 0 other
+        # (a constant, shape or value: never chunked)
+        self.arg_kind = tuple(
+            1 if v else 2 if isinstance(a, (relax.Tuple, relax.TupleGetItem)) else 0
+            for a, v in zip(self.args, self.arg_is_var)
+        )
         self.arg_shapes = [C.static_shape(a.ty) if hasattr(a, "ty") else None for a in self.args]
         self.out_shapes = [C.static_shape(t) for t in _leaves(b.var.ty)] if call else []
         self._flow = None  # (rule, its flow for this binding)
@@ -213,6 +220,29 @@ class _FuncIndex:
         ]
         self.canon = canon
         self.walks: dict = {}  # (block, start, seed var, dim) -> _Walk (analyze_region)
+        self._last_read: dict | None = None  # var -> (block, position) of its last reader
+        self._read_dicts: dict = {}  # block -> {binding var: the vars it reads}
+
+    def last_read(self) -> dict:
+        """{var: (block, position) of the last binding that reads it}; a var the return
+        value reads: (number of blocks, 0), after every binding."""
+        if self._last_read is None:
+            last: dict = {}
+            for bi, block in enumerate(self.reads):
+                for pos, (_, reads) in enumerate(block):
+                    for v in reads:
+                        last[v] = (bi, pos)  # blocks and positions only grow
+            for v in self.ret:
+                last[v] = (len(self.reads), 0)
+            self._last_read = last
+        return self._last_read
+
+    def read_dict(self, bi: int) -> dict:
+        """{binding var: the vars its value reads} for block ``bi``."""
+        d = self._read_dicts.get(bi)
+        if d is None:
+            d = self._read_dicts[bi] = dict(self.reads[bi])
+        return d
 
     def var(self, v):
         """The canonical object of variable ``v`` (``binding.var`` is a fresh wrapper)."""
@@ -259,30 +289,28 @@ def _named_vars(func: relax.Function) -> dict:
     return _index(func).var_by_name
 
 
-def _used_after(func: relax.Function, block_index: int, region_vars: set) -> set:
-    """Region vars used after the region (later bindings, later blocks, the return value)."""
-    used: set = set()
-    started = False
-    blocks, ret = _reads_by_block(func)
-    for bi, block in enumerate(blocks):
-        if bi < block_index:
-            continue
-        for var, reads in block:
-            if bi == block_index and not started:
-                if var in region_vars:
-                    started = True
-                continue
-            if var in region_vars:
-                continue
-            for v in reads:
-                if v in region_vars:
-                    used.add(v)
-    for v in ret:
-        if v in region_vars:
-            used.add(v)
+def _used_after(func: relax.Function, block_index: int, region_vars: set, end: int) -> set:
+    """Region vars used after the region (later bindings, later blocks, the return value).
+    ``end``: the position of the region's last binding in its block. (A region var is read
+    only after its binding, so it is used after the region iff its last reader comes after
+    ``end``: the index's last-reader map, not a scan of the rest of the function.)"""
+    last = _index(func).last_read()
+    after = (block_index, end)
+    used = {v for v in region_vars if last.get(v, after) > after}
     if isinstance(func.body.body, relax.Var) and func.body.body in region_vars:
         used.add(func.body.body)
     return used
+
+
+def _scaled(a: Fraction, b: Fraction) -> Fraction:
+    """``a * b``; most scales are 1 (``dimflow.ONE``), and Fraction arithmetic is slow (a
+    third of the region analyses' time went into it)."""
+    return a if b is ONE else b if a is ONE else a * b
+
+
+def _per(a: Fraction, b: Fraction) -> Fraction:
+    """``a / b`` (see ``_scaled``)."""
+    return a if b is ONE else a / b
 
 
 class _Walk:
@@ -301,7 +329,7 @@ class _Walk:
         self.vars = ix.vars[bi]
         self.i0 = i0
         # spec: var -> chunk spec per tensor leaf: (dim, scale) | None (whole); tuples -> tuple
-        self.spec: dict = {seed_var: (dim, Fraction(1))}
+        self.spec: dict = {seed_var: (dim, ONE)}
         self.body: list[str] = []
         self.hoisted: list[str] = []
         self.slices: list[ArgSlice] = []
@@ -353,7 +381,8 @@ class _Walk:
         args = fb.args
         # arguments are canonical objects already: a variable's spec is one dict lookup
         arg_specs = [
-            spec.get(a) if is_var else self.spec_of(a) for a, is_var in zip(args, fb.arg_is_var)
+            spec.get(a) if k == 1 else self.spec_of(a) if k == 2 else None
+            for a, k in zip(args, fb.arg_kind)
         ]
         depends = any(s is not None for s in arg_specs)
         op = fb.op
@@ -394,7 +423,7 @@ class _Walk:
                 for j, srcs in enumerate(dims):
                     for src in srcs:
                         if src.arg == i and src.dim == d:
-                            want = (j, sc * src.scale)
+                            want = (j, _scaled(sc, src.scale))
                             if out_spec[o] not in (None, want):
                                 return (
                                     f"binding '{name}' ({op}) maps the chunked dims of "
@@ -427,7 +456,7 @@ class _Walk:
                         inside = isinstance(a, relax.Var) and a in self.walked
                         if inside and str(a.name) not in hoisted:
                             return f"binding '{name}' reads '{a.name}' whole along the chunk"
-                        slices.append(ArgSlice(name, i, src.dim, sc / src.scale))
+                        slices.append(ArgSlice(name, i, src.dim, _per(sc, src.scale)))
         spec[bv] = out_spec[0] if fb.is_tensor else tuple(out_spec)
         body.append(name)
         return None
@@ -479,8 +508,8 @@ def analyze_region(
     body, hoisted, slices = walk.body[:nb], walk.hoisted[:nh], walk.slices[:ns]
     facts = ix.facts
 
-    used_after = _used_after(func, bi, region_vars)
-    reads = dict(ix.reads[bi])
+    used_after = _used_after(func, bi, region_vars, i0 + n - 1)
+    reads = ix.read_dict(bi)
     slices = _sink_sliced(bindings, bvars, spec, hoisted, body, slices, used_after, reads, facts)
     outputs: list[TensorChunk] = []
     order = {v: i for i, v in enumerate(bvars)}
@@ -532,6 +561,8 @@ def _sink_sliced(
     ``bvars``: the bindings' vars as canonical objects (``_FuncIndex``); ``reads``: {binding
     var: the vars its value reads}; ``facts``: {var: its ``_Facts``} (canonical arguments).
     """
+    if not slices:
+        return []  # nothing read sliced: nothing to sink (and body is in binding order)
     names = [str(v.name) for v in bvars]
     by_var = dict(zip(bvars, bindings))
     name_of = dict(zip(bvars, names))
@@ -585,7 +616,7 @@ def _sink_sliced(
                 return False
         # arguments that are already computed per chunk must be exactly the slices we need;
         # any other argument is read whole
-        want = {src.arg: (src.dim, scale / src.scale) for src in srcs}
+        want = {src.arg: (src.dim, _per(scale, src.scale)) for src in srcs}
         for i, a in enumerate(args):
             have = spec.get(a) if fb.arg_is_var[i] else None
             if have is not None and want.get(i) != have:
@@ -594,7 +625,7 @@ def _sink_sliced(
         new_slices: list[ArgSlice] = []
         for src in srcs:
             a = args[src.arg]
-            sub = scale / src.scale
+            sub = _per(scale, src.scale)
             is_var = fb.arg_is_var[src.arg]
             if is_var and spec.get(a) == (src.dim, sub):
                 continue  # already a chunk

@@ -93,3 +93,9 @@ def identity_flow(ndim: int, args: tuple[int, ...], arg_shapes, out_shape) -> Op
                 srcs.append(Src(a, k))
         dims.append(tuple(srcs))
     return OpFlow((tuple(dims),))
+
+
+# the built-in rules are registered when this module is first imported (every analysis needs
+# them): lazily, the first AutoChunk search paid for the import (5 ms of source compilation
+# where Python writes no bytecode cache), inside its own time
+_load_builtin_rules()

@@ -267,12 +267,65 @@ def _static(ty) -> bool:
     return isinstance(ty, C.TensorType) and C.static_shape(ty) is not None
 
 
+# Ops whose TVM legalization is one kernel over the call's own tensors that writes one fresh
+# output of the op's type and allocates nothing inside (no workspace), and is never a reshape
+# pattern (its body computes; it is not a load): elementwise arithmetic and matmul (one
+# ``te.compute``, a reduction for matmul; relax/transform/legalize_ops: binary.py, unary.py,
+# nn.py, linear_algebra.py). Left unlowered, the walk makes them such a kernel call
+# (liveness.FrameWalker). tests/test_legalize_cache.py checks each on random shapes.
+COMPUTE_OPS = frozenset(
+    {
+        "relax.add", "relax.subtract", "relax.multiply", "relax.divide",
+        "relax.maximum", "relax.minimum",
+        "relax.exp", "relax.log", "relax.sqrt", "relax.rsqrt", "relax.tanh",
+        "relax.sigmoid", "relax.negative", "relax.abs", "relax.nn.relu",
+        "relax.matmul",
+    }
+)
+
+
+# Layout ops: TVM lowers each (static) to one copy kernel without workspace, whose PrimFunc has
+# a reshape pattern exactly when ``layout_is_reshape`` says so (RewriteDataflowReshape then
+# makes it a view). tests/test_legalize_cache.py checks that on random shapes and axes.
+LAYOUT_OPS = frozenset({"relax.permute_dims", "relax.broadcast_to", "relax.expand_dims"})
+
+
+def layout_is_reshape(call) -> bool:
+    """Whether TVM's lowering of a ``LAYOUT_OPS`` call on a static tensor has a reshape
+    pattern: ``expand_dims`` always; ``permute_dims`` when it keeps the order of the dims
+    longer than 1 (it moves unit dims only); ``broadcast_to`` when it adds no element (it adds
+    or keeps unit dims only)."""
+    op = str(call.op.name)
+    if op == "relax.expand_dims":
+        return True
+    shape = C.static_shape(call.args[0].ty)
+    if op == "relax.permute_dims":
+        axes = call.attrs.axes
+        order = [int(a) for a in axes] if axes is not None else list(range(len(shape)))[::-1]
+        moved = [a for a in order if shape[a] != 1]
+        return moved == sorted(moved)
+    return C.prod(shape) == C.prod(C.static_shape(call.ty))  # relax.broadcast_to
+
+
+def _scalar_identity(a) -> bool:
+    """A scalar constant 0 or 1: TVM's legalization passes a scalar as a value, and its
+    constant folding makes ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` a plain copy of x (a
+    reshape pattern, which RewriteDataflowReshape turns into a view)."""
+    if not isinstance(a, C.GenericConst) or not isinstance(a.ty, C.TensorType) or a.ty.ndim != 0:
+        return False
+    try:
+        return a.value.numpy()[()].item() in (0, 1)
+    except Exception:  # a dtype numpy cannot read: lowered as usual (TVM decides)
+        return True
+
+
 def _keep_for_the_walk(op_name: str, legalize):
     """The estimator's lowering of ``op_name``: calls the walk models as TVM lowers them are
     left as they are (``cpu_lowering``); others go to ``legalize``. A static ``reshape``; a
     ``strided_slice`` with a static result whose bounds hold variables (a chunk function's
     slice at its offset: TVM lowers it to one copy kernel, whose PrimFunc takes the offset, so
-    it is never memoised)."""
+    it is never memoised); a ``LAYOUT_OPS`` call on a static tensor; a ``COMPUTE_OPS`` call on
+    static tensors (none a scalar 0 or 1)."""
 
     def keep(bb, call):
         a = call.args[0]
@@ -283,13 +336,22 @@ def _keep_for_the_walk(op_name: str, legalize):
                 and isinstance(shape, relax.ShapeExpr)
                 and all(isinstance(v, tvm.tirx.IntImm) for v in shape.values)
             )
-        else:  # relax.strided_slice: bounds with variables (a static slice of the whole
-            # tensor is a copy TVM makes a view of; it is lowered as usual)
+        elif op_name == "relax.strided_slice":  # bounds with variables (a static slice of
+            # the whole tensor is a copy TVM makes a view of; it is lowered as usual)
             bounds = [f for t in call.args[2:4] if isinstance(t, relax.Tuple) for f in t.fields]
             kept = (
                 _static(a.ty)
                 and _static(call.ty)
                 and any(not isinstance(f, tvm.tirx.IntImm) for f in bounds)
+            )
+        elif op_name in LAYOUT_OPS:
+            kept = _static(a.ty) and _static(call.ty)
+        else:  # COMPUTE_OPS
+            kept = _static(call.ty) and all(
+                isinstance(x, (relax.Var, C.GenericConst))
+                and _static(x.ty)
+                and not _scalar_identity(x)
+                for x in call.args
             )
         if kept:
             stats[f"kept {op_name}"] = stats.get(f"kept {op_name}", 0) + 1
@@ -299,7 +361,9 @@ def _keep_for_the_walk(op_name: str, legalize):
     return keep
 
 
-KEPT_OPS = ("relax.reshape", "relax.strided_slice")  # see _keep_for_the_walk
+KEPT_OPS = (  # _keep_for_the_walk
+    "relax.reshape", "relax.strided_slice", *sorted(LAYOUT_OPS), *sorted(COMPUTE_OPS)
+)
 
 
 def cpu_lowering(passes: list, *, keep_ops: bool = False) -> tvm.transform.Pass:
@@ -308,15 +372,17 @@ def cpu_lowering(passes: list, *, keep_ops: bool = False) -> tvm.transform.Pass:
     the module has none of the ops it rewrites (it would return the module unchanged: on a
     chunked Evoformer, 5 ms of Python visiting per estimate for nothing). Unknown passes run.
 
-    ``keep_ops``: static reshapes and chunk functions' slices at their offsets are left
-    unlowered, and the estimator's walk models them (``liveness.FrameWalker`` with
-    ``dataflow_reshape=True``). TVM lowers a static reshape to a PrimFunc with a reshape
-    pattern, which ``RewriteDataflowReshape`` turns back into a view inside dataflow blocks
-    (elsewhere it stays a copy); such a slice to one copy kernel with no workspace. A chunk
-    function at a new size has new reshapes and slices: lowering them was 40% of an
-    estimate's lowerings (Evoformer N=256). Every static reshape TVM's legalization made in a
-    test of random shapes had the pattern, and the estimates equal those of TVM's lowering on
-    the families, chunked modules and random graphs (tests/test_legalize_cache.py)."""
+    ``keep_ops``: the calls ``_keep_for_the_walk`` keeps are left unlowered, and the
+    estimator's walk models them as TVM lowers them (``liveness.FrameWalker`` with
+    ``dataflow_reshape=True``): static reshapes, chunk functions' slices at their offsets,
+    layout ops and elementwise ops and matmuls on static tensors. Each becomes one kernel
+    without workspace; a static reshape, and a layout op whose kernel has a reshape pattern
+    (``layout_is_reshape``), is turned back into a view by ``RewriteDataflowReshape`` inside
+    dataflow blocks (elsewhere it stays a copy). A chunk function at a new size is all new
+    shapes: lowering them was most of an estimate (Evoformer N=256 at 10%: 84 new lowerings
+    per search, 6 now). tests/test_legalize_cache.py checks what this relies on against TVM
+    (each op's lowering on random shapes) and that the estimates equal those of TVM's
+    lowering on the families, chunked modules and random graphs."""
 
     @tvm.transform.module_pass(opt_level=0, name="CachedCPULowering")
     def lowering(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -29,6 +29,7 @@ import tvm
 from tvm import relax
 
 from . import _compat as C
+from . import legalize_cache as LC
 from .errors import SymbolicShapeError
 from .plan import FrameMemory, TensorRecord, TimelineEntry
 
@@ -39,8 +40,18 @@ _MEMO_NAME = re.compile(r"_acmemo\d+")
 _CALL_TIR = C.Op.get("relax.call_tir")
 _CALL_TIR_INPLACE = C.Op.get("relax.call_tir_inplace")
 _CALL_DPS_PACKED = C.Op.get("relax.call_dps_packed")
-_RESHAPE_OP = C.Op.get("relax.reshape")
-_STRIDED_SLICE = C.Op.get("relax.strided_slice")
+# the ops the CPU estimator's lowering may leave for the walk (legalize_cache.KEPT_OPS), by
+# handle (one dict lookup per call): what TVM would lower them to
+_KEPT = {
+    C.Op.get(n).__chandle__(): kind
+    for kind, names in (
+        ("reshape", ["relax.reshape"]),
+        ("slice", ["relax.strided_slice"]),
+        ("layout", LC.LAYOUT_OPS),
+        ("compute", LC.COMPUTE_OPS),
+    )
+    for n in names
+}
 _CALL_PURE_PACKED = C.Op.get("relax.call_pure_packed")
 _DPS_OPS = (_CALL_TIR, _CALL_DPS_PACKED)
 _VIEW_OPS = tuple(
@@ -177,6 +188,9 @@ class FrameWalker:
         self.var_uses: dict = {}
         self._block = -1
         self._index = 0
+        # GlobalVar handle -> (name, a Relax function of the module?, returned_params): read
+        # once per callee (a chunked module calls one function hundreds of times)
+        self._callee_info: dict = {}
 
     # ---------------------------------------------------------------- shapes
     def _shape_bytes(self, ty, where: str) -> tuple[tuple[int, ...], str, int]:
@@ -302,7 +316,7 @@ class FrameWalker:
             self.tokens[var.__chandle__()] = self._tokens_of(value)
             ev.op = "match_cast"
         elif isinstance(value, C.Call):
-            self._visit_call(var, value, ev, args)
+            self._visit_call(var, value, ev, args, handles)
         elif isinstance(value, relax.If):
             ev.op = "if"
             self._discard(self._tokens_of(value.cond))
@@ -321,7 +335,7 @@ class FrameWalker:
         self.events.append(ev)
         self._index = max(self._index, idx) + 1
 
-    def _visit_call(self, var, call, ev: _Event, args: tuple) -> None:
+    def _visit_call(self, var, call, ev: _Event, args: tuple, handles=None) -> None:
         name = str(var.name)
         op = call.op
         if self.dataflow_reshape and isinstance(op, C.Op) and op.same_as(_CALL_TIR):
@@ -330,22 +344,23 @@ class FrameWalker:
                 ev.op = self._op_label(name, "reshape")
                 self.tokens[var.__chandle__()] = self._tokens_of(src)
                 return
-        if (
-            self.dataflow_reshape
-            and isinstance(op, C.Op)
-            and (op.same_as(_RESHAPE_OP) or op.same_as(_STRIDED_SLICE))
-        ):
-            # an op the estimator's lowering kept (legalize_cache.cpu_lowering). A static
-            # reshape: TVM lowers it to a PrimFunc with a reshape pattern, one tensor in and the
-            # same dtype and element count out, which RewriteDataflowReshape makes a view of a
-            # DataflowVar in a dataflow block (_dataflow_reshape_arg); elsewhere a copy. A
-            # slice at a variable offset: one copy kernel without workspace
+        kept = None
+        if self.dataflow_reshape and isinstance(op, C.Op):
+            kept = _KEPT.get(op.__chandle__())
+        if kept is not None:
+            # an op the estimator's lowering kept (legalize_cache.cpu_lowering), made here what
+            # TVM lowers it to. Elementwise ops and matmul: one kernel over its tensors writing
+            # a fresh output, without workspace. A static reshape, and a layout op whose kernel
+            # has a reshape pattern (legalize_cache.layout_is_reshape): one tensor in, the same
+            # dtype and element count out, which RewriteDataflowReshape makes a view of a
+            # DataflowVar in a dataflow block (_dataflow_reshape_arg); elsewhere a copy. Other
+            # layout ops, and a slice at a variable offset: one copy kernel without workspace
             ev.op = self._op_label(name, str(op.name).removeprefix("relax."))
-            if (
-                op.same_as(_RESHAPE_OP)
-                and self._in_dataflow
-                and isinstance(var, relax.DataflowVar)
-            ):
+            if kept == "compute":
+                self._dps_call(var, name, ev, args)
+                return
+            view = kept == "reshape" or (kept == "layout" and LC.layout_is_reshape(call))
+            if view and self._in_dataflow and isinstance(var, relax.DataflowVar):
                 self.tokens[var.__chandle__()] = self._tokens_of(args[0])
                 return
             self._dps_call(var, name, ev, args[:1])
@@ -396,17 +411,32 @@ class FrameWalker:
         # Any other call: a Relax function or an op the planner does not look into. Its
         # arguments escape (the planner discards their tokens) and its tensor results are
         # allocated at run time by the callee.
-        for a in args:
-            self._discard(self._tokens_of(a))
+        if handles is not None:  # the variables it reads (_call_info): the same tokens
+            tokens = self.tokens
+            for h in handles:
+                for p in _nested(tokens.get(h)):
+                    p.planned = False
+        else:
+            for a in args:
+                self._discard(self._tokens_of(a))
+        per_leaf = None
         if isinstance(op, C.GlobalVar):
-            ev.op = f"call {op.name_hint}"
-            callee = self.mod[op] if op in self.mod.functions else None
-            if isinstance(callee, relax.Function):
-                ev.callee = str(op.name_hint)
+            info = self._callee_info.get(op.__chandle__())
+            if info is None:
+                from .alias import returned_params
+
+                callee = self.mod[op] if op in self.mod.functions else None
+                is_fn = isinstance(callee, relax.Function)
+                info = (str(op.name_hint), is_fn, returned_params(self.mod, op) if is_fn else None)
+                self._callee_info[op.__chandle__()] = info
+            ev.op = f"call {info[0]}"
+            if info[1]:
+                ev.callee = info[0]
                 self.callees.append(ev.callee)
+                per_leaf = info[2]
         else:
             ev.op = self._op_label(name, str(getattr(op, "name", op)).removeprefix("relax."))
-        shared = self._returned_args(op, args, var.ty) if ev.callee is not None else None
+        shared = self._returned_args(per_leaf, args, var.ty) if ev.callee is not None else None
         if shared is not None:
             # the callee returns (views of) its arguments, e.g. a chunk function its in-place
             # buffer: the result is that storage, which stays live while the result is used
@@ -468,12 +498,10 @@ class FrameWalker:
             same = tvm.sym.Analyzer().can_prove_equal(a, b)
         return arg if same and _has_reshape_pattern(func) else None
 
-    def _returned_args(self, gv, args: tuple, ty):
+    def _returned_args(self, per_leaf, args: tuple, ty):
         """The tokens of the arguments a Relax callee returns, leaf for leaf, when every leaf
-        of its result is one argument's storage; else None (the result is the callee's)."""
-        from .alias import returned_params
-
-        per_leaf = returned_params(self.mod, gv)
+        of its result is one argument's storage; else None (the result is the callee's).
+        ``per_leaf``: the callee's ``alias.returned_params``."""
         tys = list(ty.fields) if isinstance(ty, C.TupleType) else [ty]
         if per_leaf is None or len(per_leaf) != len(tys) or len(args) == 0:
             return None

@@ -185,7 +185,16 @@ def test_ops_left_unlowered_estimate_as_tvm_lowers_them(monkeypatch):
     mods.append(apply_chunk_plan(evo, ChunkPlan((ChunkRegion("lv54", "lv119", "lv53", 0, 64),))))
     before = dict(L.stats)
     kept = [_estimate_key(estimate_memory(m, "llvm")) for m in mods]
-    for op, least in (("relax.reshape", 20), ("relax.strided_slice", 2)):
+    for op, least in (
+        ("relax.reshape", 20),
+        ("relax.strided_slice", 2),
+        ("relax.permute_dims", 20),
+        ("relax.broadcast_to", 4),
+        ("relax.expand_dims", 2),
+        ("relax.matmul", 20),
+        ("relax.add", 20),
+        ("relax.multiply", 5),
+    ):
         assert L.stats.get(f"kept {op}", 0) - before.get(f"kept {op}", 0) >= least, op
     monkeypatch.setattr(L, "_keep_for_the_walk", lambda op, legalize: legalize)
     lowered = [_estimate_key(estimate_memory(m, "llvm")) for m in mods]
@@ -227,6 +236,125 @@ def test_tvm_lowers_every_static_reshape_to_a_reshape_pattern():
                 assert relax.analysis.has_reshape_pattern(f), (x.ty, f)
                 checked += 1
     assert checked >= 30  # reshapes to the same shape lower to no kernel
+
+
+def _lowered_one(build):
+    """TVM's CPU lowering of the one call ``build(*params)`` emits: (PrimFuncs, the call_tir's
+    tensor arguments, its output type, the call's output type)."""
+    bb = relax.BlockBuilder()
+    params, make = build
+    with bb.function("main", params):
+        with bb.dataflow():
+            y = bb.emit_output(make(*params))
+        bb.emit_func_output(y)
+    with tvm.target.Target("llvm"):
+        low = relax.transform.LegalizeOps()(bb.get())
+    fs = [f for f in low.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    calls = [b.value for blk in low["main"].body.blocks for b in blk.bindings]
+    return fs, calls, y.ty
+
+
+def test_tvm_lowers_kept_compute_ops_to_one_plain_kernel():
+    # what the estimator's walk assumes of legalize_cache.COMPUTE_OPS: one call_tir over the
+    # op's tensors, a fresh output of the op's type, no workspace, no reshape pattern (random
+    # shapes, broadcasting, a scalar constant, f(x, x), 1-D and batched matmuls)
+    from relay_passes import _compat as C
+
+    rng = random.Random(7)
+    tgt = tvm.target.Target("llvm")
+    binary = ["add", "subtract", "multiply", "divide", "maximum", "minimum"]
+    unary = ["exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "negative", "abs"]
+    assert {f"relax.{n}" for n in binary + unary} | {"relax.nn.relu", "relax.matmul"} == (
+        L.COMPUTE_OPS
+    )
+
+    def var(name, shape, dtype="float32"):
+        return relax.Var(name, relax.TensorType(shape, dtype))
+
+    cases = []
+    for _ in range(60):
+        shape = [rng.choice([1, 2, 3, 8]) for _ in range(rng.randint(1, 4))]
+        other = [d if rng.random() < 0.7 else 1 for d in shape][rng.randint(0, len(shape) - 1):]
+        op = getattr(relax.op, rng.choice(binary))
+        kind = rng.randrange(3)
+        if kind == 0:
+            x, y = var("x", shape), var("y", other)
+            cases.append(([x, y], lambda a, b, op=op: op(a, b)))
+        elif kind == 1:  # a scalar constant that is not 0 or 1 (those fold to a copy)
+            c = relax.const(rng.choice([0.5, 2.0, -3.0]), "float32")
+            cases.append(([var("x", shape)], lambda a, op=op, c=c: op(a, c)))
+        else:
+            cases.append(([var("x", shape)], lambda a, op=op: op(a, a)))
+        u = rng.choice(unary)
+        cases.append(([var("x", shape)], lambda a, u=u: getattr(relax.op, u)(a)))
+        cases.append(([var("x", shape)], lambda a: relax.op.nn.relu(a)))
+        m, k, n = rng.choice([1, 3, 8]), rng.choice([1, 4, 16]), rng.choice([1, 5, 8])
+        lhs = [rng.choice([1, 2])] * rng.randint(0, 2) + [m, k]
+        rhs = [k, n] if rng.random() < 0.5 else [k]
+        cases.append(([var("a", lhs), var("b", rhs)], lambda a, b: relax.op.matmul(a, b)))
+    for params, make in cases:
+        fs, calls, ty = _lowered_one((params, make))
+        assert len(fs) == 1 and len(calls) == 1, calls
+        call = calls[0]
+        assert str(call.op.name) == "relax.call_tir"
+        assert not relax.analysis.has_reshape_pattern(fs[0]), fs[0]
+        assert C.prim_func_workspace(fs[0], tgt) == ()
+        assert tvm_ffi.structural_equal(call.ty, ty)
+        args = list(call.args[1].fields)
+        assert all(any(a.same_as(p) for p in params) for a in args)  # the op's own tensors
+
+
+def test_tvm_lowers_layout_ops_to_a_copy_or_a_reshape_pattern_as_predicted():
+    # legalize_cache.layout_is_reshape against TVM's has_reshape_pattern (random shapes; unit
+    # dims moved, kept or added), and the kernel allocates nothing inside
+    from relay_passes import _compat as C
+
+    rng = random.Random(9)
+    tgt = tvm.target.Target("llvm")
+    seen = {True: 0, False: 0}
+    for i in range(120):
+        shape = [rng.choice([1, 1, 2, 3, 8]) for _ in range(rng.randint(1, 5))]
+        x = relax.Var("x", relax.TensorType(shape, "float32"))
+        kind = i % 3
+        if kind == 0:
+            axes = list(range(len(shape)))
+            rng.shuffle(axes)
+            axes = None if rng.random() < 0.1 else axes
+            make = lambda a, axes=axes: relax.op.permute_dims(a, axes)  # noqa: E731
+        elif kind == 1:
+            lead = [rng.choice([1, 2]) for _ in range(rng.randint(0, 2))]
+            out = lead + [d if d != 1 else rng.choice([1, 1, 4]) for d in shape]
+            make = lambda a, out=out: relax.op.broadcast_to(a, out)  # noqa: E731
+        else:
+            ax = rng.randint(-len(shape) - 1, len(shape))
+            make = lambda a, ax=ax: relax.op.expand_dims(a, [ax])  # noqa: E731
+        fs, calls, _ = _lowered_one(([x], make))
+        assert len(fs) == 1 and len(calls) == 1
+        op_call = make(x)
+        bb = relax.BlockBuilder()  # the call normalized (its type inferred), as in a module
+        with bb.function("f", [x]):
+            with bb.dataflow():
+                y = bb.emit_output(op_call)
+            bb.emit_func_output(y)
+        op_call = bb.get()["f"].body.blocks[0].bindings[0].value
+        want = bool(relax.analysis.has_reshape_pattern(fs[0]))
+        assert L.layout_is_reshape(op_call) == want, (op_call, shape)
+        assert C.prim_func_workspace(fs[0], tgt) == ()
+        seen[want] += 1
+    assert seen[True] >= 20 and seen[False] >= 20
+
+
+def test_scalar_identities_are_lowered_since_tvm_makes_them_copies():
+    # x + 0, x * 1, x - 0, x / 1: TVM's legalization folds them to a copy of x (a reshape
+    # pattern, a view after RewriteDataflowReshape); they are not left to the walk
+    for op, c in (("add", 0.0), ("multiply", 1.0), ("subtract", 0.0), ("divide", 1.0)):
+        x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+        make = lambda a, op=op, c=c: getattr(relax.op, op)(a, relax.const(c, "float32"))  # noqa: E731
+        fs, _, _ = _lowered_one(([x], make))
+        assert relax.analysis.has_reshape_pattern(fs[0])
+        assert L._scalar_identity(relax.const(c, "float32"))
+    assert not L._scalar_identity(relax.const(2.0, "float32"))
+    assert not L._scalar_identity(relax.const([1.0, 1.0], "float32"))
 
 
 def test_cached_fold_constant_equals_fold_constant_and_restores_tirx_build():
