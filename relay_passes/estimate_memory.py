@@ -209,7 +209,7 @@ def _callee_order(frames: dict[str, FrameAnalysis], entry: str) -> list[str]:
 def _lower_and_walk(mod, entry: str, tgt, op_names) -> dict[str, FrameAnalysis]:
     """The frames of ``mod`` lowered as the target's pipeline would. On CPU the walk makes
     RewriteDataflowReshape's rewrites itself (with its reshape-pattern test memoised per
-    PrimFunc; static reshapes are left unlowered for it, ``legalize_cache.cpu_lowering``);
+    PrimFunc; the ops ``legalize_cache.cpu_lowering`` keeps are left unlowered for it);
     should it meet a call it cannot decide as TVM would, TVM's lowering and pass are run."""
     if is_gpu(tgt):
         return analyze_frames(run_passes(mod, estimate_passes(tgt), tgt), entry, tgt, op_names)
@@ -217,7 +217,7 @@ def _lower_and_walk(mod, entry: str, tgt, op_names) -> dict[str, FrameAnalysis]:
     try:
         return analyze_frames(lowered, entry, tgt, op_names, dataflow_reshape=True)
     except DataflowReshapeUnknown:
-        # TVM's lowering whole (static reshapes lowered too), then its RewriteDataflowReshape
+        # TVM's lowering whole (the kept ops lowered too), then its RewriteDataflowReshape
         lowered = run_passes(mod, estimate_passes(tgt), tgt)
         return analyze_frames(lowered, entry, tgt, op_names)
 

@@ -83,8 +83,8 @@ def estimate_passes(target: tvm.target.Target, *, rewrite_reshape: bool = True) 
 
     be = _backend(target)
     if be is None:
-        # without RewriteDataflowReshape the walk decides which static reshapes are views: they
-        # (and chunk functions' slices) are left unlowered for it (cpu_lowering)
+        # without RewriteDataflowReshape the walk decides which kernels are views: the ops it
+        # models as TVM lowers them are left unlowered for it (cpu_lowering, keep_ops)
         passes = [cpu_lowering(lowering_passes(target), keep_ops=not rewrite_reshape)]
     else:
         passes = [
