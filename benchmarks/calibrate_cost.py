@@ -16,14 +16,14 @@ every variant is built for llvm and timed in interleaved rounds (median), and a 
 ``t(n) = t0 + n * per_chunk`` is fitted per region over all n (many calls are where the
 per-chunk cost shows: at 64 calls of a 256-wide matmul it is under 1% of the run, inside the
 noise). The constants are the least-squares solution of ``per_chunk = call + ops x op + KiB x
-reread`` over the four regions, with ops and KiB counted by the search's own ``_candidate``.
+reread`` over the four regions, with ops and KiB counted by the search's own ``candidate_of``.
 ``small_penalty`` is the time 1-row chunks add over the line fitted to chunks of at least 4
 rows (median over the regions; 1 when short chunks cost no more than their calls).
 A last experiment is recorded, not modelled: an 8-op elementwise chain on (8192, 1024) tensors
 (32 MiB each) chunked into 1 to 1024 calls, to show what cache locality does to the run time
 (``cache`` in the summary: the time relative to unchunked, by the MiB one chunk's tensors
 take). Writes ``benchmarks/results/cost_calibration.jsonl``;
-``SearchOptions``' defaults are the summary row's constants (``tests/test_auto_chunk.py``
+``SearchOptions``' defaults are the summary row's constants (``tests/test_search.py``
 keeps them within run-to-run spread of it).
 
     python benchmarks/calibrate_cost.py            # under a minute on 2 cores
@@ -92,8 +92,9 @@ def _variants(k, width: int, rows: int, ns: list[int], target: str = "llvm",
     import torch
 
     import tvm_autochunk as ac
-    from relay_passes.auto_chunk import _candidate
-    from relay_passes.chunk_region import bindings_by_name, legal_dims
+    from relay_passes.candidates import candidate_of
+    from relay_passes.chunk_region import legal_dims
+    from relay_passes.ir_index import bindings_by_name
     from relay_passes.plan import ChunkPlan
     from relay_passes.rewrite import apply_chunk_plan
 
@@ -105,7 +106,7 @@ def _variants(k, width: int, rows: int, ns: list[int], target: str = "llvm",
     names = list(bindings_by_name(mod["main"]))
     start, end = names[1], names[-2]
     ra = next(r for r in legal_dims(mod, start, end) if r.legal and r.extent == rows)
-    cand = _candidate(ra, mod["main"])
+    cand = candidate_of(ra, mod["main"])
     out = []
     for n in ns:
         if n == 1:

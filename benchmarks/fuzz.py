@@ -12,7 +12,7 @@ seed+graphs-1``):
   "unbuildable" and the graph is skipped;
 * draw ``--budgets`` budgets, uniform in [0.1, 1) of the unchunked peak. The first goes through
   ``build(budget=...)`` and is run (outputs equal to the reference, rel err <= 1e-5); the
-  others go through the same search (``tvm_autochunk.api.search_chunks``) and TVM's static
+  others go through the same search (``relay_passes.driver.chunk_to_budget``) and TVM's static
   plan only (no codegen), which is much cheaper. For every budget: TVM's plan <= budget, the
   estimate within 2% of the plan; the only error allowed is ``BudgetInfeasibleError``, and then
   its ``min_budget`` must work (same checks, once per distinct ``min_budget``);
@@ -122,11 +122,11 @@ def check_graph(
     import tvm_ffi
 
     import tvm_autochunk as ac
+    from relay_passes.driver import chunk_to_budget
     from relay_passes.errors import AutochunkError, BudgetInfeasibleError
     from relay_passes.estimate_memory import estimate_memory
-    from relay_passes.pipeline import as_target
+    from relay_passes.lowering import as_target
     from relay_passes.planned_memory import planned_memory
-    from tvm_autochunk.api import search_chunks
 
     t0 = time.perf_counter()
     res = CaseResult(seed, g.recipe.to_json())
@@ -190,7 +190,7 @@ def check_graph(
 
     def check_planned(budget: int, rec: dict) -> None:
         # the search build() runs (auto_chunk; a refusal's min_budget is confirmed)
-        out_mod, search = search_chunks(mod, as_target(target), budget)
+        out_mod, search = chunk_to_budget(mod, as_target(target), budget)
         plan = planned_memory(out_mod, target).peak_bytes
         prof = estimate_memory(out_mod, target)
         rec.update(

@@ -16,8 +16,9 @@ from .errors import AutochunkError
 _LAZY = {
     "BoundSymbolicDims": "bound_symbolic_dims",
     "estimate_memory": "estimate_memory",
-    "autochunk_build_passes": "pipeline",
+    "AutochunkPipeline": "driver",
     "autochunk_pipeline": "pipeline",
+    "format_bytes": "plan",
     "FrameMemory": "plan",
     "MemoryProfile": "plan",
     "PlannedMemory": "plan",
@@ -32,11 +33,11 @@ _LAZY = {
     "analyze_region": "chunk_region",
     "legal_dims": "chunk_region",
     "reusable_inputs": "alias",
-    "register_dim_rule": "dimflow",
+    "register_dim_rule": "dimflow_rules",
     "AutoChunk": "auto_chunk",
     "auto_chunk": "auto_chunk",
     "register_autochunk_pipeline": "pipeline",
-    "get_dim_rule": "dimflow",
+    "get_dim_rule": "dimflow_rules",
 }
 
 __all__ = ["AutochunkError", *_LAZY]

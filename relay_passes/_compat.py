@@ -14,7 +14,22 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
+from . import caches, errors
+
 TVM_VERSION = tvm.__version__
+
+
+def _register_errors() -> None:
+    """Our error classes keep their type through TVM's FFI (a pass that raises one inside
+    ``tvm.compile``); only the message crosses, the fields do not."""
+    todo = [errors.AutochunkError]
+    while todo:
+        cls = todo.pop()
+        tvm_ffi.error.register_error(cls)
+        todo.extend(cls.__subclasses__())
+
+
+_register_errors()
 
 IntImm = tvm.tirx.IntImm
 TirVar = tvm.tirx.Var
@@ -42,15 +57,12 @@ def dtype_bytes(dtype: str) -> int:
     return max(1, (int(dt.bits) + 7) // 8) * int(dt.lanes)
 
 
-_SHAPES: dict[int, tuple] = {}  # TensorType handle -> (the type, its shape): see tensor_shape
-
-
 def tensor_shape(ty) -> list | None:
     """The shape of a TensorType as a list of ints / PrimExprs, or None if unknown.
 
-    Cached by the type's handle (types are immutable; the cache holds the type, so its handle
-    cannot be reused meanwhile): the search reads the same shapes thousands of times, and each
-    read through the FFI costs microseconds.
+    Cached by the type's handle in the build's caches (types are immutable; the entry holds
+    the type, so its handle is not reused meanwhile): the search reads the same shapes
+    thousands of times, and each read through the FFI costs microseconds.
     """
     hit = _shape_entry(ty)
     return None if hit is None or hit[1] is None else list(hit[1])
@@ -66,7 +78,8 @@ def _shape_entry(ty):
     if not isinstance(ty, TensorType):
         return None
     h = ty.__chandle__()
-    hit = _SHAPES.get(h)
+    cache = caches.current().shapes
+    hit = cache.get(h)
     if hit is None:
         vals = None if ty.shape is None else getattr(ty.shape, "values", None)
         shape = None
@@ -74,10 +87,19 @@ def _shape_entry(ty):
             shape = tuple(int(d) if isinstance(d, IntImm) else d for d in vals)
         static = shape if shape is not None and all(isinstance(d, int) for d in shape) else None
         nbytes = prod(static) * dtype_bytes(str(ty.dtype)) if static else 0
-        if len(_SHAPES) >= 100_000:
-            _SHAPES.clear()
-        hit = _SHAPES[h] = (ty, shape, static, nbytes)
+        if len(cache) >= 100_000:
+            cache.clear()
+        hit = cache[h] = (ty, shape, static, nbytes)
     return hit
+
+
+def tensor_type_leaves(ty) -> list:
+    """The TensorTypes of ``ty``, tuples flattened in order (other leaves dropped)."""
+    if isinstance(ty, TensorType):
+        return [ty]
+    if isinstance(ty, TupleType):
+        return [leaf for f in ty.fields for leaf in tensor_type_leaves(f)]
+    return []
 
 
 def tensor_dtype(ty) -> str:
@@ -163,10 +185,6 @@ def _lower_for_workspace(pf, target):
         return tvm.transform.Sequential(passes)(tvm.IRModule({"f": pf}))["f"]
 
 
-_WS_CACHE: dict = {}
-_WS_BY_OBJECT: dict = {}  # identity_memo cache: (PrimFunc handle, key) -> workspace
-
-
 def prim_func_workspace(pf, target, bounds: dict[str, int] | None = None) -> tuple[int, ...]:
     """The run-time workspace allocations (bytes, in program order) of one CPU PrimFunc.
 
@@ -179,13 +197,13 @@ def prim_func_workspace(pf, target, bounds: dict[str, int] | None = None) -> tup
     bounds = bounds or {}
     key = (str(target.kind.name), tuple(sorted(bounds.items())))
     # the same PrimFunc object (the estimator's memoised legalization hands the same ones back
-    # estimate after estimate) is answered without hashing it: the structural hash and the
-    # equality check cost 45 us per call (Evoformer: 5 of an 11 ms walk)
+    # estimate after estimate) is answered without a structural hash, which is slow
+    cache = caches.current()
     return identity_memo(
-        _WS_BY_OBJECT,
+        cache.workspace_by_object,
         key,
         pf,
-        lambda: structural_memo(_WS_CACHE, key, pf, lambda: _workspace(pf, target, bounds)),
+        lambda: structural_memo(cache.workspace, key, pf, lambda: _workspace(pf, target, bounds)),
         16384,
     )
 

@@ -20,7 +20,9 @@ from fractions import Fraction
 from tvm import relax
 
 from . import _compat as C
-from .chunk_region import RegionAnalysis, _reads_by_block, bindings_by_name
+from . import caches
+from .chunk_region import RegionAnalysis
+from .ir_index import bindings_by_name, reads_by_block, tensor_leaves
 
 # ops that may become views (no copy) of their tensor arguments once lowered: reshapes, copies
 # whose index map is the identity (RewriteDataflowReshape turns them into reshapes), identities.
@@ -90,17 +92,6 @@ class _Groups:
         return self.find(v) in self.tainted
 
 
-def _tensor_leaves(expr) -> list:
-    """Vars and constants inside ``expr`` that may hold tensor storage (tuples flattened)."""
-    if isinstance(expr, relax.Tuple):
-        return [x for f in expr.fields for x in _tensor_leaves(f)]
-    if isinstance(expr, relax.TupleGetItem):
-        return _tensor_leaves(expr.tuple_value)
-    if isinstance(expr, (relax.Var, C.GenericConst)):
-        return [expr]
-    return []
-
-
 def _link(groups: _Groups, var, sources) -> None:
     groups.find(var)
     for s in sources:
@@ -108,9 +99,6 @@ def _link(groups: _Groups, var, sources) -> None:
             groups.union(var, s)
         else:  # a constant's storage
             groups.taint(var)
-
-
-_RETURNED: dict = {}  # (id(module), function name) -> (module, returned_params)
 
 
 def _return_leaves(func: relax.Function) -> list:
@@ -132,7 +120,8 @@ def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] |
     the parameters it may share storage with; None when ``gv`` cannot be analysed (unknown,
     or recursive). Cached per module: a chunked module calls one function hundreds of times."""
     key = (id(mod), str(gv.name_hint))
-    hit = _RETURNED.get(key)
+    cache = caches.current().returned
+    hit = cache.get(key)
     if hit is not None and hit[0] is mod:
         return hit[1]
     func = mod[gv] if gv in mod.functions else None
@@ -144,9 +133,9 @@ def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] |
     for leaf in _return_leaves(func):
         r = groups.find(leaf) if isinstance(leaf, relax.Var) else None
         out.append([i for i, pr in enumerate(roots) if r is not None and pr == r])
-    if len(_RETURNED) > 256:
-        _RETURNED.clear()
-    _RETURNED[key] = (mod, out)  # holds mod: its id cannot be reused while cached
+    if len(cache) > 256:
+        cache.clear()
+    cache[key] = (mod, out)  # holds mod: its id cannot be reused while cached
     return out
 
 
@@ -158,17 +147,17 @@ def _call_sources(mod, call, seen) -> list:
         if name == "relax.call_tir_inplace":
             args = list(call.args[1].fields) if isinstance(call.args[1], relax.Tuple) else []
             idx = [int(i) for i in call.attrs.inplace_indices]
-            return [x for i in idx if 0 <= i < len(args) for x in _tensor_leaves(args[i])]
+            return [x for i in idx if 0 <= i < len(args) for x in tensor_leaves(args[i])]
         if name in _MOVE_OPS or name.startswith("relax.call_"):
             # call_tir of a reshape-like PrimFunc becomes a view; packed calls may return args
-            return [x for a in call.args for x in _tensor_leaves(a)]
+            return [x for a in call.args for x in tensor_leaves(a)]
         return []  # a computing op: a fresh tensor
     if isinstance(op, C.GlobalVar):
         per_leaf = returned_params(mod, op, seen)
         if per_leaf is not None:
             ps = sorted({i for leaf in per_leaf for i in leaf})
-            return [x for i in ps if i < len(call.args) for x in _tensor_leaves(call.args[i])]
-    return [x for a in call.args for x in _tensor_leaves(a)]
+            return [x for i in ps if i < len(call.args) for x in tensor_leaves(call.args[i])]
+    return [x for a in call.args for x in tensor_leaves(a)]
 
 
 def function_groups(mod, func: relax.Function, seen: frozenset = frozenset(), skip=()) -> _Groups:
@@ -185,7 +174,7 @@ def function_groups(mod, func: relax.Function, seen: frozenset = frozenset(), sk
             if isinstance(b, relax.MatchCast) or isinstance(
                 v, (relax.Var, relax.Tuple, relax.TupleGetItem)
             ):
-                _link(groups, b.var, _tensor_leaves(v))
+                _link(groups, b.var, tensor_leaves(v))
             elif isinstance(v, C.Call):
                 _link(groups, b.var, _call_sources(mod, v, seen))
             elif isinstance(v, relax.If):  # branches may return anything they can see
@@ -213,7 +202,7 @@ def reusable_inputs(mod, ra: RegionAnalysis, inputs: list) -> dict[str, relax.Va
     order: dict[str, int] = {}
     uses: dict = {}  # group root -> names of the bindings that read it (None: the return value)
     reads_of: dict[str, tuple] = {}
-    blocks, returned = _reads_by_block(func)  # cached per function
+    blocks, returned = reads_by_block(func)  # cached per function
     for block in blocks:
         for var, reads in block:
             name = str(var.name)
@@ -272,7 +261,7 @@ def _only_row_reads(root, uses, order, start, ra, body, bindings, sliced, seed, 
         if not isinstance(b.value, C.Call):
             return False
         for i, a in enumerate(b.value.args):
-            leaves = _tensor_leaves(a)
+            leaves = tensor_leaves(a)
             hit = [v for v in leaves if isinstance(v, relax.Var) and groups.find(v) == root]
             if not hit:
                 continue

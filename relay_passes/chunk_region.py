@@ -25,9 +25,13 @@ from fractions import Fraction
 from tvm import relax
 
 from . import _compat as C
+from . import (
+    caches,
+    dimflow_rules,  # noqa: F401  (registers the built-in rules)
+)
 from .dimflow import ONE, get_dim_rule
 from .errors import PassContractError
-from .liveness import _call_info
+from .ir_index import FuncIndex, func_index, named_vars, used_after
 
 
 @dataclass(frozen=True)
@@ -78,25 +82,9 @@ class RegionAnalysis:
         raise KeyError(name)
 
 
-def _leaves(ty) -> list:
-    if isinstance(ty, C.TensorType):
-        return [ty]
-    if isinstance(ty, C.TupleType):
-        out = []
-        for f in ty.fields:
-            out.extend(_leaves(f))
-        return out
-    return []
-
-
-def bindings_by_name(func: relax.Function) -> dict:
-    """{binding var name: binding} over every top-level block of ``func``."""
-    return dict(_index(func).by_name)
-
-
 def region_bindings(func: relax.Function, start: str, end: str):
     """(block index, list of bindings) of the region; errors name what is wrong."""
-    ix = _index(func)
+    ix = func_index(func)
     for bi, names in enumerate(ix.names):
         i = ix.position[bi].get(start)
         if i is not None:
@@ -109,210 +97,6 @@ def region_bindings(func: relax.Function, start: str, end: str):
                 raise PassContractError(f"region end '{end}' comes before start '{start}'")
             return bi, list(ix.blocks[bi][i : j + 1])
     raise PassContractError(f"no binding named '{start}' in the function")
-
-
-class _Facts:
-    """What analyze_region reads of one binding, read once through the FFI per function."""
-
-    __slots__ = (
-        "_flow",
-        "arg_is_var",
-        "arg_kind",
-        "arg_shapes",
-        "args",
-        "is_op",
-        "is_tensor",
-        "kind",
-        "name",
-        "op",
-        "out_shapes",
-    )
-
-    def __init__(self, b, canon: dict) -> None:
-        value = b.value
-        self.name = str(b.var.name)
-        self.is_tensor = isinstance(b.var.ty, C.TensorType)
-        self.op = C.op_name(value)
-        call = isinstance(value, C.Call)
-        # "match_cast", "alias" (a var, tuple or projection), "call", or "other"
-        if isinstance(b, relax.MatchCast):
-            self.kind = "match_cast"
-        elif isinstance(value, (relax.Var, relax.TupleGetItem, relax.Tuple)):
-            self.kind = "alias"
-        else:
-            self.kind = "call" if call else "other"
-        self.is_op = call and isinstance(value.op, C.Op)
-        self.args = tuple(_canonical(a, canon) for a in value.args) if call else ()
-        self.arg_is_var = tuple(isinstance(a, relax.Var) for a in self.args)
-        # per argument: 1 a variable, 2 a tuple or projection (its spec is composed), 0 other
-        # (a constant, shape or value: never chunked)
-        self.arg_kind = tuple(
-            1 if v else 2 if isinstance(a, (relax.Tuple, relax.TupleGetItem)) else 0
-            for a, v in zip(self.args, self.arg_is_var)
-        )
-        self.arg_shapes = [C.static_shape(a.ty) if hasattr(a, "ty") else None for a in self.args]
-        self.out_shapes = [C.static_shape(t) for t in _leaves(b.var.ty)] if call else []
-        self._flow = None  # (rule, its flow for this binding)
-
-    def flow(self, rule, value):
-        """``rule(value, arg_shapes, out_shapes)``, memoised per rule (rules can be replaced)."""
-        if self._flow is None or self._flow[0] is not rule:
-            self._flow = (rule, rule(value, self.arg_shapes, self.out_shapes))
-        return self._flow[1]
-
-
-class _LazyFacts(dict):
-    """{binding var: its ``_Facts``}, each made on first access (``facts[var]``; a var that is
-    no binding's raises KeyError)."""
-
-    def __init__(self, bindings: dict, canon: dict) -> None:
-        super().__init__()
-        self._bindings = bindings
-        self._canon = canon
-
-    def __missing__(self, v):
-        f = self[v] = _Facts(self._bindings[v], self._canon)
-        return f
-
-
-def _reads_of(value, canon: dict) -> tuple:
-    """The variables ``value`` reads, as canonical objects. A call's come from the estimator's
-    per-Call record (``liveness._call_info``: the search estimated the module before analysing
-    it, so a chunked module's hundreds of chunk calls are read through the FFI once, not
-    again here: 4 of 5 ms of a chunked Evoformer's index); else from ``free_vars``."""
-    if isinstance(value, C.Call):
-        _, handles = _call_info(value)
-        if handles is not None and all(h in canon for h in handles):
-            return tuple(canon[h] for h in dict.fromkeys(handles))
-    return tuple(_canonical(x, canon) for x in relax.analysis.free_vars(value))
-
-
-def _canonical(v, canon: dict):
-    """The one Python object kept for a variable (see ``_FuncIndex``)."""
-    if isinstance(v, relax.Var):
-        return canon.get(v.__chandle__(), v)
-    return v
-
-
-class _FuncIndex:
-    """One function's bindings, names, reads and per-binding facts, read through the FFI once.
-
-    Every variable is one Python object here (each FFI access makes a new wrapper, and
-    comparing two wrappers of one variable goes through ``Var.__eq__``, which is slow): sets
-    and dicts keyed by these variables then hit by identity.
-    """
-
-    def __init__(self, func: relax.Function) -> None:
-        self.blocks = [list(block.bindings) for block in func.body.blocks]
-        canon = {p.__chandle__(): p for p in func.params}
-        self.vars = [[b.var for b in bs] for bs in self.blocks]
-        for vs in self.vars:
-            for v in vs:
-                canon[v.__chandle__()] = v
-        self.names = [[str(v.name) for v in vs] for vs in self.vars]
-        self.position = [{n: i for i, n in enumerate(ns)} for ns in self.names]
-        self.by_name = {n: b for ns, bs in zip(self.names, self.blocks) for n, b in zip(ns, bs)}
-        self.var_by_name = {n: v for ns, vs in zip(self.names, self.vars) for n, v in zip(ns, vs)}
-        self.reads = [
-            [
-                (v, _reads_of(b.value, canon))
-                for v, b in zip(vs, bs)
-            ]
-            for vs, bs in zip(self.vars, self.blocks)
-        ]
-        self.ret = tuple(_canonical(x, canon) for x in relax.analysis.free_vars(func.body.body))
-        # {var: its _Facts}, made when first asked for: the walks read the bindings they
-        # cover, not the hundreds of chunk calls of an earlier stage (9 of 14 ms per index)
-        self.facts = _LazyFacts(
-            {v: b for vs, bs in zip(self.vars, self.blocks) for v, b in zip(vs, bs)}, canon
-        )
-        # per block, each binding's op name (its value's type name when it is no op call):
-        # repeated layers are found by matching these sequences
-        self.op_keys = [
-            [C.op_name(b.value) or type(b.value).__name__ for b in bs] for bs in self.blocks
-        ]
-        self.canon = canon
-        self.walks: dict = {}  # (block, start, seed var, dim) -> _Walk (analyze_region)
-        self._last_read: dict | None = None  # var -> (block, position) of its last reader
-        self._read_dicts: dict = {}  # block -> {binding var: the vars it reads}
-
-    def last_read(self) -> dict:
-        """{var: (block, position) of the last binding that reads it}; a var the return
-        value reads: (number of blocks, 0), after every binding."""
-        if self._last_read is None:
-            last: dict = {}
-            for bi, block in enumerate(self.reads):
-                for pos, (_, reads) in enumerate(block):
-                    for v in reads:
-                        last[v] = (bi, pos)  # blocks and positions only grow
-            for v in self.ret:
-                last[v] = (len(self.reads), 0)
-            self._last_read = last
-        return self._last_read
-
-    def read_dict(self, bi: int) -> dict:
-        """{binding var: the vars its value reads} for block ``bi``."""
-        d = self._read_dicts.get(bi)
-        if d is None:
-            d = self._read_dicts[bi] = dict(self.reads[bi])
-        return d
-
-    def var(self, v):
-        """The canonical object of variable ``v`` (``binding.var`` is a fresh wrapper)."""
-        return _canonical(v, self.canon)
-
-
-_INDEX_CACHE: dict = {}  # relax.Function (hashed by identity) -> _FuncIndex
-
-
-def _index(func: relax.Function) -> _FuncIndex:
-    """The function's ``_FuncIndex``, cached for the last few functions (the search analyses
-    hundreds of regions of one function; the cache holds the function, so its identity
-    cannot be reused meanwhile)."""
-    hit = _INDEX_CACHE.get(func)
-    if hit is None:
-        hit = _FuncIndex(func)
-        if len(_INDEX_CACHE) >= 8:
-            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
-        _INDEX_CACHE[func] = hit
-    return hit
-
-
-def _reads_by_block(func: relax.Function):
-    """Per block, [(binding var, vars its value reads)], and the vars the return value reads."""
-    ix = _index(func)
-    return ix.reads, ix.ret
-
-
-def _binding_facts(func: relax.Function) -> dict:
-    return _index(func).facts
-
-
-def block_layout(func: relax.Function, name: str) -> tuple[list[str], list[str]] | None:
-    """(binding names, op keys) of the block of ``func`` holding binding ``name`` (cached)."""
-    ix = _index(func)
-    for bi, pos in enumerate(ix.position):
-        if name in pos:
-            return ix.names[bi], ix.op_keys[bi]
-    return None
-
-
-def _named_vars(func: relax.Function) -> dict:
-    """{name: binding var} over every block of ``func`` (the last binding of a name wins)."""
-    return _index(func).var_by_name
-
-
-def _used_after(func: relax.Function, block_index: int, region_vars: set, end: int) -> set:
-    """Region vars used after the region (later bindings, later blocks, the return value).
-    ``end``: the position of the region's last binding in its block. (A region var is read
-    only after its binding, so it is used after the region iff its last reader comes after
-    ``end``: the index's last-reader map, not a scan of the rest of the function.)"""
-    last = _index(func).last_read()
-    after = (block_index, end)
-    used = {v for v in region_vars if last.get(v, after) > after}
-    if isinstance(func.body.body, relax.Var) and func.body.body in region_vars:
-        used.add(func.body.body)
-    return used
 
 
 def _scaled(a: Fraction, b: Fraction) -> Fraction:
@@ -336,7 +120,7 @@ class _Walk:
     ``layer_prefix`` try several ends of one start).
     """
 
-    def __init__(self, ix: _FuncIndex, bi: int, i0: int, seed_var, dim: int) -> None:
+    def __init__(self, ix: FuncIndex, bi: int, i0: int, seed_var, dim: int) -> None:
         self.ix = ix
         self.bindings = ix.blocks[bi]
         self.vars = ix.vars[bi]
@@ -475,20 +259,21 @@ class _Walk:
         return None
 
 
+@caches.scoped
 def analyze_region(
     mod, start: str, end: str, seed: str, dim: int, *, function: str = "main"
 ) -> RegionAnalysis:
     """Decide whether region ``[start..end]`` can be chunked along ``dim`` of tensor ``seed``."""
     func = mod[function]
     bi, bindings = region_bindings(func, start, end)
-    ix = _index(func)
+    ix = func_index(func)
     i0 = ix.position[bi][start]
     bvars = ix.vars[bi][i0 : i0 + len(bindings)]  # canonical objects: sets hit by identity
     region_vars = set(bvars)
 
     # the seed: a tensor defined before the region (a param or an earlier binding)
     seed_var = next((p for p in func.params if str(p.name) == seed), None)
-    named = _named_vars(func)
+    named = named_vars(func)
     if seed in named:
         seed_var = named[seed]
     if seed_var is not None:
@@ -521,12 +306,12 @@ def analyze_region(
     body, hoisted, slices = walk.body[:nb], walk.hoisted[:nh], walk.slices[:ns]
     facts = ix.facts
 
-    used_after = _used_after(func, bi, region_vars, i0 + n - 1)
+    after = used_after(func, bi, region_vars, i0 + n - 1)
     reads = ix.read_dict(bi)
-    slices = _sink_sliced(bindings, bvars, spec, hoisted, body, slices, used_after, reads, facts)
+    slices = _sink_sliced(bindings, bvars, spec, hoisted, body, slices, after, reads, facts)
     outputs: list[TensorChunk] = []
     order = {v: i for i, v in enumerate(bvars)}
-    for v in sorted(used_after, key=order.__getitem__):
+    for v in sorted(after, key=order.__getitem__):
         s = spec.get(v)
         if s is None:
             continue  # hoisted: computed before the loop
@@ -571,8 +356,8 @@ def _sink_sliced(
     slice only, from slices of its own inputs (recursively). Work is unchanged (each chunk
     computes a different slice); the full-size tensor is never materialised. ``spec``,
     ``hoisted`` and ``body`` are updated in place; returns the remaining argument slices.
-    ``bvars``: the bindings' vars as canonical objects (``_FuncIndex``); ``reads``: {binding
-    var: the vars its value reads}; ``facts``: {var: its ``_Facts``} (canonical arguments).
+    ``bvars``: the bindings' vars as canonical objects (``FuncIndex``); ``reads``: {binding
+    var: the vars its value reads}; ``facts``: {var: its ``BindingFacts``} (canonical arguments).
     """
     if not slices:
         return []  # nothing read sliced: nothing to sink (and body is in binding order)
@@ -660,6 +445,7 @@ def _sink_sliced(
     return slices
 
 
+@caches.scoped
 def legal_dims(mod, start: str, end: str, *, function: str = "main") -> list[RegionAnalysis]:
     """Every (region input, dim) seed of ``[start..end]``, legal or not (with the reason)."""
     func = mod[function]

@@ -14,7 +14,8 @@ A rule, registered per Relax op name, looks at one call and returns an ``OpFlow`
 
 Outputs are the tensor leaves of the call's type in order (a Tensor: one; a Tuple: each
 field). ``arg`` indexes ``call.args``. An op with no rule is a *barrier*: regions stop there;
-the analysis never crashes on it. Users extend or override with ``register_dim_rule``.
+the analysis never crashes on it. Users extend or override with ``register_dim_rule``. The
+built-in rules are registered by importing ``dimflow_rules`` (the analyses do).
 """
 
 from __future__ import annotations
@@ -43,40 +44,38 @@ class OpFlow:
 # or None for non-tensor args; None from a rule means "not chunkable here" (a barrier).
 DimRule = Callable[..., "OpFlow | None"]
 
-_RULES: dict[str, DimRule] = {}
+_BUILTIN: dict[str, DimRule] = {}  # registered by dimflow_rules when it is imported
+_USER: dict[str, DimRule] = {}  # registered by users; wins over a built-in rule
 
 
 def register_dim_rule(op_name: str, rule: DimRule | None = None, *, override: bool = False):
     """Register ``rule`` for ``op_name`` (``"relax.add"``); usable as a decorator."""
-    _load_builtin_rules()  # so a user override is not clobbered by a later lazy load
 
     def deco(fn: DimRule) -> DimRule:
-        if op_name in _RULES and not override:
+        if (op_name in _USER or op_name in _BUILTIN) and not override:
             raise ValueError(f"a dim-flow rule for {op_name} exists; pass override=True")
-        _RULES[op_name] = fn
+        _USER[op_name] = fn
+        return fn
+
+    return deco(rule) if rule is not None else deco
+
+
+def builtin_rule(op_name: str, rule: DimRule | None = None):
+    """Register a built-in rule (``dimflow_rules``); a user's rule for the op stays first."""
+
+    def deco(fn: DimRule) -> DimRule:
+        _BUILTIN[op_name] = fn
         return fn
 
     return deco(rule) if rule is not None else deco
 
 
 def get_dim_rule(op_name: str) -> DimRule | None:
-    _load_builtin_rules()
-    return _RULES.get(op_name)
+    return _USER.get(op_name) or _BUILTIN.get(op_name)
 
 
 def registered_ops() -> list[str]:
-    _load_builtin_rules()
-    return sorted(_RULES)
-
-
-_LOADED = False
-
-
-def _load_builtin_rules() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        from . import dimflow_rules  # noqa: F401  (registers on import)
+    return sorted({*_BUILTIN, *_USER})
 
 
 def identity_flow(ndim: int, args: tuple[int, ...], arg_shapes, out_shape) -> OpFlow:
@@ -94,8 +93,3 @@ def identity_flow(ndim: int, args: tuple[int, ...], arg_shapes, out_shape) -> Op
         dims.append(tuple(srcs))
     return OpFlow((tuple(dims),))
 
-
-# the built-in rules are registered when this module is first imported (every analysis needs
-# them): lazily, the first AutoChunk search paid for the import (5 ms of source compilation
-# where Python writes no bytecode cache), inside its own time
-_load_builtin_rules()

@@ -2,7 +2,7 @@
 
 Analysis only (never mutates the caller's module). Where it belongs: on a high-level Relax
 module (as imported) or on any module before ``StaticPlanBlockMemory``; it runs the target's
-legalization (``pipeline.estimate_passes``) on a copy and walks the result with
+legalization (``lowering.estimate_passes``) on a copy and walks the result with
 ``liveness.FrameWalker``, which reproduces TVM's static planner. Symbolic dims are evaluated
 at their ``tir_var_upper_bound``; an unbounded one raises ``SymbolicShapeError``.
 
@@ -16,17 +16,13 @@ import tvm
 from tvm import relax
 
 from . import _compat as C
+from . import caches
 from .errors import PassContractError, SymbolicShapeError
-from .liveness import (
-    DataflowReshapeUnknown,
-    FrameAnalysis,
-    FrameWalker,
-    live_records,
-    runtime_peak,
-    timeline,
-)
-from .pipeline import as_target, estimate_passes, is_gpu, run_passes
+from .frame import FrameAnalysis
+from .liveness import DataflowReshapeUnknown, FrameWalker
+from .lowering import as_target, estimate_passes, is_gpu, run_passes
 from .plan import FrameMemory, MemoryProfile, TensorRecord, fold_callees
+from .runtime_memory import live_records, runtime_peak, timeline
 
 
 def _check_module(mod, entry: str) -> relax.Function:
@@ -228,6 +224,7 @@ def weight_bytes(mod: tvm.IRModule, entry: str = "main") -> int:
     return _weights(mod, func, check_bounds(func, entry))
 
 
+@caches.scoped
 def estimate_memory(
     mod: tvm.IRModule, target="llvm", *, entry: str = "main", weights: bool = True
 ) -> MemoryProfile:

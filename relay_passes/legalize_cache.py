@@ -20,29 +20,25 @@ args) is compared structurally on every hit, since TVM's structural hash collide
 ``cpu_lowering`` is the estimator's CPU lowering: TVM's dispatch passes, each skipped when the
 module has none of the ops it rewrites, then ``CachedLegalizeOps``.
 
-Used by ``pipeline.estimate_passes`` only; builds use TVM's own ``LegalizeOps`` and
+Used by ``lowering.estimate_passes`` only; builds use TVM's own ``LegalizeOps`` and
 ``FoldConstant``.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import tvm
 import tvm_ffi
 from tvm import relax
 
 from . import _compat as C
+from . import caches
 
 _CALL_TIR = C.Op.get("relax.call_tir")
 _MAX_ENTRIES = 4096
-# key -> (PrimFunc, its own GlobalVar (_own_global_var; None until the first hit), per
-#         call_tir argument: the index of the op's argument, TVM's call_tir, the op call it
-#         was lowered from)
-_MEMO: dict[tuple, tuple] = {}
-_WRAPPERS: dict[str, object] = {}
-_TARGET = [""]  # the target in scope for the running pass: some lowerings depend on it
-stats = {"hits": 0, "misses": 0, "uncached": 0}
+# The tables live in the build's ``caches``: ``legalize`` maps a key to (PrimFunc, its own
+# GlobalVar (None until the first hit), per call_tir argument the index of the op's argument,
+# TVM's call_tir, the op call it was lowered from); ``target`` is the target in scope for the
+# running pass (some lowerings depend on it); ``stats`` counts hits and misses.
 
 
 def _key(call) -> tuple | None:
@@ -54,7 +50,8 @@ def _key(call) -> tuple | None:
     structurally on every hit (``_same_call``).
     """
     h = tvm_ffi.structural_hash
-    parts: list = [_TARGET[0], str(call.op.name), h(call.attrs) if call.attrs is not None else 0]
+    attrs = h(call.attrs) if call.attrs is not None else 0
+    parts: list = [caches.current().target, str(call.op.name), attrs]
     args = list(call.args)
     for k, a in enumerate(args):
         if isinstance(a, (relax.Var, C.GenericConst)):
@@ -135,56 +132,52 @@ def _leaves(tys) -> list:
     return out
 
 
-# C.identity_memo cache: the same Call object (an unchanged binding: the search's chunked
-# modules share most of them) is keyed once per target
-_KEYS: dict = {}
-# the memoised PrimFuncs that the running pass called: {GlobalVar: PrimFunc}, added to its
-# result when it is done (_legalize_ops)
-_PENDING: dict = {}
-_SUFFIX = "_acmemo"  # names of those GlobalVars: TVM's own names never end so
-_SERIAL = itertools.count()
+# names of memoised PrimFuncs' GlobalVars: TVM's own names never end so
+SUFFIX = "_acmemo"
 
 
 def _call_key(call):
-    return C.identity_memo(_KEYS, _TARGET[0], call, lambda: _key(call), 4 * _MAX_ENTRIES)
+    # keyed once per Call object and target: the search's chunked modules share most calls
+    c = caches.current()
+    return C.identity_memo(c.legalize_keys, c.target, call, lambda: _key(call), 4 * _MAX_ENTRIES)
 
 
 def _own_global_var(func, name: str) -> tvm.ir.GlobalVar:
     """A GlobalVar of its own for a memoised PrimFunc (typed as ``bb.add_func`` types it),
     named ``<name>_acmemo<k>``: unique in any module, whatever TVM names its new PrimFuncs."""
-    return relax.BlockBuilder().add_func(func, f"{name}{_SUFFIX}{next(_SERIAL)}")
+    return relax.BlockBuilder().add_func(func, f"{name}{SUFFIX}{next(caches.current().serial)}")
 
 
 def _legalize_ops(mod, lmap) -> tvm.IRModule:
     """LegalizeOps with the memoised lowerings; each memoised PrimFunc it calls is added to
-    the result afterwards under its own GlobalVar. (Added through the pass's BlockBuilder,
-    every hit cost a structural hash of the PrimFunc: the builder deduplicates functions,
-    9-12 ms of a chunked Evoformer's estimate.)"""
-    _PENDING.clear()
+    the result afterwards under its own GlobalVar (added through the pass's BlockBuilder,
+    every hit would cost a structural hash of the PrimFunc: the builder deduplicates)."""
+    # the memoised PrimFuncs the running pass called, {GlobalVar: PrimFunc}
+    pending = caches.current().legalize_pending
+    pending.clear()
     try:
         out = relax.transform.LegalizeOps(lmap)(mod)
-        if _PENDING:
-            out.update(dict(_PENDING))  # the pass's own result: no one else holds it
+        if pending:
+            out.update(dict(pending))  # the pass's own result: no one else holds it
         return out
     finally:
-        _PENDING.clear()  # do not hold the functions
-
-
-# {op Call handle: (the Call, target, its lowered call_tir, GlobalVar, PrimFunc)}: an
-# unchanged binding's call, met again, gets the very call_tir it got before (no key, no new
-# objects; the walk then meets the same Call objects too, liveness._call_info)
-_LOWERED: dict = {}
+        pending.clear()  # do not hold the functions
 
 
 def _wrapper(op_name: str, default):
     def legalize(bb, call):
-        done = _LOWERED.get(call.__chandle__())
-        if done is not None and done[1] == _TARGET[0]:
+        c = caches.current()
+        # {op Call handle: (the Call, target, its call_tir, GlobalVar, PrimFunc)}: an unchanged
+        # binding's call gets the very call_tir it got before (the walk then meets the same
+        # Call objects too: ir_index.call_info)
+        lowered, memo, stats = c.lowered, c.legalize, c.stats
+        done = lowered.get(call.__chandle__())
+        if done is not None and done[1] == c.target:
             stats["hits"] += 1
-            _PENDING[done[3]] = done[4]
+            c.legalize_pending[done[3]] = done[4]
             return done[2]
         key = _call_key(call)
-        hit = _MEMO.get(key) if key is not None else None
+        hit = memo.get(key) if key is not None else None
         if hit is not None and not hit[4].same_as(call) and not _same_call(call, hit[4]):
             hit = None  # a hash collision in attrs or type args: lower it, keep the first
             key = None
@@ -193,13 +186,13 @@ def _wrapper(op_name: str, default):
             stats["hits"] += 1
             if gv is None:  # the first hit: most entries (a chunk size tried once) have none
                 gv = _own_global_var(func, res.args[0].name_hint)
-                _MEMO[key] = (func, gv, *hit[2:])
-            _PENDING[gv] = func
+                memo[key] = (func, gv, *hit[2:])
+            c.legalize_pending[gv] = func
             args = relax.Tuple([call.args[i] for i in idx])
             out = relax.Call(res.op, [gv, args], res.attrs, res.ty_args)
-            if len(_LOWERED) >= 4 * _MAX_ENTRIES:
-                _LOWERED.clear()
-            _LOWERED[call.__chandle__()] = (call, _TARGET[0], out, gv, func)
+            if len(lowered) >= 4 * _MAX_ENTRIES:
+                lowered.clear()
+            lowered[call.__chandle__()] = (call, c.target, out, gv, func)
             return out
         res = default(bb, call)
         if key is None:
@@ -208,9 +201,9 @@ def _wrapper(op_name: str, default):
         stats["misses"] += 1
         rec = _record(bb, call, res)
         if rec is not None:
-            if len(_MEMO) >= _MAX_ENTRIES:
-                _MEMO.clear()
-            _MEMO[key] = rec
+            if len(memo) >= _MAX_ENTRIES:
+                memo.clear()
+            memo[key] = rec
         return res
 
     return legalize
@@ -232,22 +225,28 @@ def legalize_map(mod, ops: set[str] | None = None) -> dict:
     """{op name: memoising legalization} for the ops of ``mod`` (or ``ops``, its op names) that
     TVM can legalize."""
     out = {}
+    wrappers = caches.current().legalize_wrappers
     for name in sorted(_ops_in(mod) if ops is None else ops):
-        w = _WRAPPERS.get(name)
+        w = wrappers.get(name)
         if w is None:
             default = C.Op.get(name).get_attr("FLegalize")
             if default is None:
                 continue
-            w = _WRAPPERS[name] = _wrapper(name, default)
+            w = wrappers[name] = _wrapper(name, default)
         out[name] = w
     return out
 
 
+def _enter_target() -> None:
+    tgt = tvm.target.Target.current()
+    caches.current().target = "" if tgt is None else str(tgt)
+
+
 @tvm.transform.module_pass(opt_level=0, name="CachedLegalizeOps")
+@caches.scoped
 def CachedLegalizeOps(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """``relax.transform.LegalizeOps()`` with each op's legalization memoised."""
-    tgt = tvm.target.Target.current()
-    _TARGET[0] = "" if tgt is None else str(tgt)
+    _enter_target()
     return _legalize_ops(mod, legalize_map(mod))
 
 
@@ -354,6 +353,7 @@ def _keep_for_the_walk(op_name: str, legalize):
                 for x in call.args
             )
         if kept:
+            stats = caches.current().stats
             stats[f"kept {op_name}"] = stats.get(f"kept {op_name}", 0) + 1
             return call
         return legalize(bb, call)
@@ -370,7 +370,7 @@ def cpu_lowering(passes: list, *, keep_ops: bool = False) -> tvm.transform.Pass:
     """TVM's CPU lowering ``passes`` (DispatchSampling, DispatchSortScan, LegalizeOps) for the
     estimator: LegalizeOps memoised (``CachedLegalizeOps``), and a dispatch pass skipped when
     the module has none of the ops it rewrites (it would return the module unchanged: on a
-    chunked Evoformer, 5 ms of Python visiting per estimate for nothing). Unknown passes run.
+    the search's estimates would pay Python visiting for nothing). Unknown passes run.
 
     ``keep_ops``: the calls ``_keep_for_the_walk`` keeps are left unlowered, and the
     estimator's walk models them as TVM lowers them (``liveness.FrameWalker`` with
@@ -379,12 +379,13 @@ def cpu_lowering(passes: list, *, keep_ops: bool = False) -> tvm.transform.Pass:
     without workspace; a static reshape, and a layout op whose kernel has a reshape pattern
     (``layout_is_reshape``), is turned back into a view by ``RewriteDataflowReshape`` inside
     dataflow blocks (elsewhere it stays a copy). A chunk function at a new size is all new
-    shapes: lowering them was most of an estimate (Evoformer N=256 at 10%: 84 new lowerings
-    per search, 6 now). tests/test_legalize_cache.py checks what this relies on against TVM
-    (each op's lowering on random shapes) and that the estimates equal those of TVM's
-    lowering on the families, chunked modules and random graphs."""
+    shapes, and lowering them was most of an estimate. tests/test_legalize_cache.py checks
+    what this relies on against TVM (each op's lowering on random shapes) and that the
+    estimates equal those of TVM's lowering on the families, chunked modules and random
+    graphs."""
 
     @tvm.transform.module_pass(opt_level=0, name="CachedCPULowering")
+    @caches.scoped
     def lowering(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         ops = None  # the op names of mod, when known
         for p in passes:
@@ -393,8 +394,7 @@ def cpu_lowering(passes: list, *, keep_ops: bool = False) -> tvm.transform.Pass:
             if name in DISPATCHED_OPS and not ops & DISPATCHED_OPS[name]:
                 continue
             if name == "LegalizeOps":
-                tgt = tvm.target.Target.current()
-                _TARGET[0] = "" if tgt is None else str(tgt)
+                _enter_target()
                 lmap = legalize_map(mod, ops)
                 for op in KEPT_OPS if keep_ops else ():
                     if op in lmap:
@@ -410,7 +410,6 @@ def cpu_lowering(passes: list, *, keep_ops: bool = False) -> tvm.transform.Pass:
 
 # ------------------------------------------------------------------ constant folding (GPU)
 
-_BUILDS: dict = {}  # C.structural_memo cache: (PrimFunc, target) -> built module
 _MAX_BUILDS = 256
 
 
@@ -424,8 +423,10 @@ def _cached_build(orig):
             built.append(True)
             return orig(func, target)
 
-        out = C.structural_memo(_BUILDS, str(target), func, compute, _MAX_BUILDS)
+        c = caches.current()
+        out = C.structural_memo(c.builds, str(target), func, compute, _MAX_BUILDS)
         if not built:
+            stats = c.stats
             stats["fold_build_hits"] = stats.get("fold_build_hits", 0) + 1
         return out
 
@@ -433,6 +434,7 @@ def _cached_build(orig):
 
 
 @tvm.transform.module_pass(opt_level=0, name="CachedFoldConstant")
+@caches.scoped
 def CachedFoldConstant(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """``relax.transform.FoldConstant()`` with the CPU builds of the PrimFuncs it evaluates
     memoised (each estimate of a GPU module folded the same weight transposes again, compiling

@@ -1,6 +1,6 @@
 """Liveness and static-plan simulation of one Relax function frame (analysis only).
 
-Input: a Relax function at call_tir level (after legalization; see ``pipeline.estimate_passes``).
+Input: a Relax function at call_tir level (after legalization; see ``lowering.estimate_passes``).
 The walk mirrors how TVM will execute the frame:
 
 * every tensor output of ``call_tir`` / ``call_dps_packed`` is one allocation (a *prototype*);
@@ -21,21 +21,22 @@ Nothing here mutates IR; results are plain data (``plan.py``).
 
 from __future__ import annotations
 
-import bisect
 import re
-from dataclasses import dataclass, field
 
 import tvm
 from tvm import relax
 
 from . import _compat as C
+from . import caches
 from . import legalize_cache as LC
+from .alias import returned_params
 from .errors import SymbolicShapeError
-from .plan import FrameMemory, TensorRecord, TimelineEntry
+from .frame import Event, FrameAnalysis, Proto, Storage, TokenAllocator1D, nested
+from .ir_index import call_info, call_vars
+from .plan import FrameMemory
 
-# legalize_cache._SUFFIX and its serial number (names of memoised PrimFuncs; fused functions
-# on GPUs carry them inside their names)
-_MEMO_NAME = re.compile(r"_acmemo\d+")
+# names of memoised PrimFuncs (fused functions on GPUs carry them inside their names)
+_MEMO_NAME = re.compile(re.escape(LC.SUFFIX) + r"\d+")
 
 _CALL_TIR = C.Op.get("relax.call_tir")
 _CALL_TIR_INPLACE = C.Op.get("relax.call_tir_inplace")
@@ -57,106 +58,6 @@ _DPS_OPS = (_CALL_TIR, _CALL_DPS_PACKED)
 _VIEW_OPS = tuple(
     C.Op.get(n) for n in ("relax.reshape", "relax.memory.view", "relax.memory.ensure_zero_offset")
 )
-_MATCH_RANGE = 16  # TokenAllocator1D::match_range_
-
-
-@dataclass(eq=False)
-class Proto:
-    """One tensor allocation (a builtin.alloc_tensor after CallTIRRewrite)."""
-
-    uid: int
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-    op: str
-    block: int
-    born: int
-    refs: int = 0
-    planned: bool = True
-    runtime: bool = False  # allocated by a packed function / callee, never plannable
-    output: bool = False
-    from_callee: bool = False  # returned by a Relax callee: counted in the callee's frame
-    last_use: int = -1
-
-
-@dataclass(eq=False)
-class _Storage:
-    sid: int
-    nbytes: int
-    dtype: str
-    scope: str = "global"
-
-
-class _TokenAllocator1D:
-    """TVM's TokenAllocator1D (static_plan_block_memory.cc), same choices, same tie-breaks."""
-
-    def __init__(self) -> None:
-        self.pools: dict[tuple[str, str], list[tuple[int, int, _Storage]]] = {}
-        self.storages: list[_Storage] = []
-        self._seq = 0
-
-    def request(self, p: Proto) -> _Storage:
-        pool = self.pools.setdefault(("global", p.dtype), [])
-        size = p.nbytes
-        keys = [k for k, _, _ in pool]
-        begin = bisect.bisect_left(keys, size // _MATCH_RANGE)
-        mid = bisect.bisect_left(keys, size)
-        end = bisect.bisect_right(keys, size * _MATCH_RANGE)
-        if mid != end:  # smallest block >= size (earliest inserted among equals)
-            return pool.pop(mid)[2]
-        if mid != begin:  # largest block < size (latest inserted among equals), grown
-            st = pool.pop(mid - 1)[2]
-            st.nbytes = size
-            return st
-        st = _Storage(len(self.storages), size, p.dtype)
-        self.storages.append(st)
-        return st
-
-    def release(self, st: _Storage) -> None:
-        pool = self.pools.setdefault((st.scope, st.dtype), [])
-        self._seq += 1
-        # multimap::insert puts equal keys after the existing ones
-        bisect.insort(pool, (st.nbytes, self._seq, st), key=lambda t: (t[0], t[1]))
-
-
-@dataclass
-class _Event:
-    index: int
-    name: str
-    op: str
-    allocs: list[Proto] = field(default_factory=list)
-    uses: list[Proto] = field(default_factory=list)  # PrimFunc/extern call args (refcounted)
-    workspace: int = 0  # bytes of kernel workspace this binding's PrimFunc requests
-    ws_allocs: tuple[int, ...] = ()  # the individual requests, in program order
-    callee: str | None = None
-
-
-@dataclass(frozen=True)
-class FrameAnalysis:
-    """Everything the frame walk found (plain data, consumed by estimate_memory)."""
-
-    memory: FrameMemory
-    protos: tuple[Proto, ...]
-    events: tuple[_Event, ...]
-    callees: tuple[str, ...]
-    workspace_by_index: dict  # binding index -> workspace requests (bytes) of its kernel
-    num_bindings: int
-    blocks: tuple[tuple[int, int, int], ...] = ()  # run-time allocations: (bytes, first, last)
-
-
-def _nested(tokens):
-    """Flatten a nested token structure (Proto | None | tuple) into a list of Protos."""
-    if tokens is None:
-        return []
-    if isinstance(tokens, Proto):
-        return [tokens]
-    out = []
-    for t in tokens:
-        out.extend(_nested(t))
-    return out
-
-
 class FrameWalker:
     """Walk one Relax function at call_tir level; see the module docstring."""
 
@@ -183,7 +84,7 @@ class FrameWalker:
         # relax.Var (by handle: hashing a Var wrapper is cheap, comparing two is not) -> tokens
         self.tokens: dict = {}
         self.protos: list[Proto] = []
-        self.events: list[_Event] = []
+        self.events: list[Event] = []
         self.callees: list[str] = []
         self.var_uses: dict = {}
         self._block = -1
@@ -244,17 +145,17 @@ class FrameWalker:
         return None
 
     def _discard(self, tokens) -> None:
-        for p in _nested(tokens):
+        for p in nested(tokens):
             p.planned = False
 
-    def _use_in_primfunc(self, expr, ev: _Event) -> None:
-        for p in _nested(self._tokens_of(expr)):
+    def _use_in_primfunc(self, expr, ev: Event) -> None:
+        for p in nested(self._tokens_of(expr)):
             if p.block != self._block:
                 p.planned = False
             p.refs += 1
             ev.uses.append(p)
 
-    def _set_workspace(self, ev: _Event, gv) -> None:
+    def _set_workspace(self, ev: Event, gv) -> None:
         if isinstance(gv, C.GlobalVar):
             ev.ws_allocs = tuple(self.workspace_of(gv, self.bounds))
             ev.workspace = sum(ev.ws_allocs)
@@ -264,14 +165,14 @@ class FrameWalker:
         if label is not None:
             return label
         # a PrimFunc the estimator's memoised lowering named (legalize_cache): TVM's name
-        return _MEMO_NAME.sub("", fallback) if "_acmemo" in fallback else fallback
+        return _MEMO_NAME.sub("", fallback) if LC.SUFFIX in fallback else fallback
 
     # ---------------------------------------------------------------- walk
     def run(self) -> FrameAnalysis:
         body = self.func.body
         self._visit_seq(body, top=True)
         n = self._index
-        for p in _nested(self._tokens_of(body.body)):
+        for p in nested(self._tokens_of(body.body)):
             p.output = True
             p.planned = False
             p.last_use = n
@@ -293,13 +194,13 @@ class FrameWalker:
     def _record_uses(self, expr, index: int, handles=None) -> None:
         """Uses at ``index`` of the variables ``expr`` reads (``handles``: their handles)."""
         if handles is None:
-            vs = _call_vars(expr)
+            vs = call_vars(expr)
             if vs is None:
                 vs = relax.analysis.free_vars(expr) if not isinstance(expr, relax.Var) else [expr]
             handles = [v.__chandle__() for v in vs]
         tokens = self.tokens
         for h in handles:
-            for p in _nested(tokens.get(h)):
+            for p in nested(tokens.get(h)):
                 p.last_use = max(p.last_use, index)
 
     def _visit_binding(self, b) -> None:
@@ -307,11 +208,11 @@ class FrameWalker:
         name = str(var.name)
         idx = self._index
         if isinstance(value, C.Call):
-            args, handles = _call_info(value)
+            args, handles = call_info(value)
         else:
             args, handles = None, None
         self._record_uses(value, idx, handles)
-        ev = _Event(idx, name, "")
+        ev = Event(idx, name, "")
         if isinstance(b, relax.MatchCast):
             self.tokens[var.__chandle__()] = self._tokens_of(value)
             ev.op = "match_cast"
@@ -335,7 +236,7 @@ class FrameWalker:
         self.events.append(ev)
         self._index = max(self._index, idx) + 1
 
-    def _visit_call(self, var, call, ev: _Event, args: tuple, handles=None) -> None:
+    def _visit_call(self, var, call, ev: Event, args: tuple, handles=None) -> None:
         name = str(var.name)
         op = call.op
         if self.dataflow_reshape and isinstance(op, C.Op) and op.same_as(_CALL_TIR):
@@ -405,16 +306,16 @@ class FrameWalker:
             for a in args:
                 self._use_in_primfunc(a, ev)
             outs = self._protos_for_type(var.ty, name, ev.op, runtime=True, planned=False)
-            ev.allocs.extend(_nested(outs))
+            ev.allocs.extend(nested(outs))
             self.tokens[var.__chandle__()] = outs
             return
         # Any other call: a Relax function or an op the planner does not look into. Its
         # arguments escape (the planner discards their tokens) and its tensor results are
         # allocated at run time by the callee.
-        if handles is not None:  # the variables it reads (_call_info): the same tokens
+        if handles is not None:  # the variables it reads (call_info): the same tokens
             tokens = self.tokens
             for h in handles:
-                for p in _nested(tokens.get(h)):
+                for p in nested(tokens.get(h)):
                     p.planned = False
         else:
             for a in args:
@@ -423,8 +324,6 @@ class FrameWalker:
         if isinstance(op, C.GlobalVar):
             info = self._callee_info.get(op.__chandle__())
             if info is None:
-                from .alias import returned_params
-
                 callee = self.mod[op] if op in self.mod.functions else None
                 is_fn = isinstance(callee, relax.Function)
                 info = (str(op.name_hint), is_fn, returned_params(self.mod, op) if is_fn else None)
@@ -445,16 +344,16 @@ class FrameWalker:
         outs = self._protos_for_type(
             var.ty, name, ev.op, runtime=True, planned=False, from_callee=ev.callee is not None
         )
-        ev.allocs.extend(_nested(outs))
+        ev.allocs.extend(nested(outs))
         self.tokens[var.__chandle__()] = outs
 
-    def _dps_call(self, var, name: str, ev: _Event, inputs) -> None:
+    def _dps_call(self, var, name: str, ev: Event, inputs) -> None:
         """A kernel called in destination-passing style: it reads ``inputs`` and writes
         ``var``'s fresh output tensors, allocated by the caller."""
         for a in inputs:
             self._use_in_primfunc(a, ev)
         outs = self._protos_for_type(var.ty, name, ev.op)
-        for p in _nested(outs):
+        for p in nested(outs):
             p.refs += 1  # the DPS output argument
             ev.allocs.append(p)
             ev.uses.append(p)
@@ -515,8 +414,8 @@ class FrameWalker:
 
     # ---------------------------------------------------------------- plan
     def _finish(self, n: int) -> FrameAnalysis:
-        alloc = _TokenAllocator1D()
-        assigned: dict[int, _Storage] = {}
+        alloc = TokenAllocator1D()
+        assigned: dict[int, Storage] = {}
         refs = {p.uid: p.refs for p in self.protos}
         for ev in self.events:
             for p in ev.allocs:
@@ -571,77 +470,14 @@ class FrameWalker:
         )
 
 
-# argument kinds that hold no Relax variable (prim values are TIR immediates in TVM 0.27)
-_NO_VARS = (
-    C.GenericConst,
-    relax.ShapeExpr,
-    tvm.tirx.IntImm,
-    tvm.tirx.FloatImm,
-    tvm.ir.StringImm,
-    C.GlobalVar,
-    C.Op,
-    relax.ExternFunc,
-)
-
-
-# C.identity_memo-style cache: {Call handle: (Call, its arguments, handles of the variables it
-# reads)}. A call's arguments are read through the FFI once per Call object (each read of
-# ``call.args`` makes a new Array wrapper, one more per element): the search's estimates walk
-# the same unchanged calls estimate after estimate (a chunked Evoformer's 256 chunk calls
-# of 14 arguments each). The entry holds the Call, so its handle is not reused meanwhile;
-# calls with a constant argument are not kept (it would keep a weight alive).
-_CALL_INFO: dict = {}
-
-
-def _call_info(call) -> tuple[tuple, list | None]:
-    """(the call's arguments, the handles of the variables it reads, or None when it holds
-    anything but variables, tuples and constants: ``free_vars`` is asked then)."""
-    h = call.__chandle__()
-    hit = _CALL_INFO.get(h)
-    if hit is None:
-        args = tuple(call.args)
-        vs = _call_vars(call, args)
-        hit = (call, args, None if vs is None else [v.__chandle__() for v in vs])
-        leaves = [f for a in args for f in (a.fields if isinstance(a, relax.Tuple) else (a,))]
-        if not any(isinstance(a, C.GenericConst) for a in leaves):
-            if len(_CALL_INFO) >= 16384:
-                _CALL_INFO.clear()
-            _CALL_INFO[h] = hit
-    return hit[1], hit[2]
-
-
-def _call_vars(expr, args=None) -> list | None:
-    """The Relax variables a call in A-normal form reads (its op and arguments, tuples
-    opened); None when it holds anything else (then ``free_vars`` is asked)."""
-    if not isinstance(expr, C.Call):
-        return None
-    out: list = []
-    todo = [expr.op, *(expr.args if args is None else args)]
-    while todo:
-        a = todo.pop()
-        if isinstance(a, relax.Var):
-            out.append(a)
-        elif isinstance(a, relax.Tuple):
-            todo.extend(a.fields)
-        elif not isinstance(a, _NO_VARS):
-            return None
-    return out
-
-
 class DataflowReshapeUnknown(Exception):
     """A reshape-pattern PrimFunc called with several arguments (see ``_dataflow_reshape_arg``)."""
 
 
-# C.identity_memo cache of has_reshape_pattern per PrimFunc: the estimator's memoised
-# legalization hands back the same PrimFunc objects estimate after estimate; TVM's pass asked
-# each call again (Evoformer, 120 calls: 11 ms per estimate)
-_RESHAPE: dict = {}
-
-
 def _has_reshape_pattern(func) -> bool:
-    return C.identity_memo(
-        _RESHAPE, None, func, lambda: bool(relax.analysis.has_reshape_pattern(func)), 16384
-    )
+    # memoised per PrimFunc object: the estimator's lowering hands back the same ones
+    pattern = relax.analysis.has_reshape_pattern
+    return C.identity_memo(caches.current().reshape, None, func, lambda: bool(pattern(func)), 16384)
 
 
 def _count(shape):
@@ -660,128 +496,3 @@ def _call_args(call_args: tuple) -> list:
     if isinstance(args, relax.Tuple):
         return list(args.fields)
     return [args]
-
-
-def live_records(protos, index: int) -> list[TensorRecord]:
-    """Tensors live right after binding ``index``."""
-    out = []
-    for p in protos:
-        if p.born <= index <= p.last_use:
-            kind = "output" if p.output else "intermediate"
-            out.append(TensorRecord(p.name, p.shape, p.dtype, p.nbytes, p.op, kind))
-    out.sort(key=lambda r: (-r.nbytes, r.name))
-    return out
-
-
-def timeline(analysis: FrameAnalysis, callee_transient: dict[str, int]) -> list[TimelineEntry]:
-    """Live bytes after each binding, with that binding's workspace and callee frame.
-
-    ``callee_transient`` maps a callee to the bytes its frame holds during the call beyond the
-    results it returns (those are live in this frame from the call on).
-    """
-    n = analysis.num_bindings
-    delta = [0] * (n + 2)
-    for p in analysis.protos:
-        delta[p.born] += p.nbytes
-        delta[min(p.last_use, n) + 1] -= p.nbytes
-    live = 0
-    per_index = []
-    for i in range(n + 1):
-        live += delta[i]
-        per_index.append(live)
-    out = []
-    for ev in analysis.events:
-        extra = ev.workspace + (callee_transient.get(ev.callee, 0) if ev.callee else 0)
-        out.append(TimelineEntry(ev.index, ev.name, ev.op, per_index[ev.index] + extra))
-    return out
-
-
-PAGE = 4096  # the VM's pooled allocator and the CPU workspace pool round to whole pages
-# What one device allocation can take of a GPU's memory: the CUDA driver maps device memory in
-# 2 MiB pages. On an H200, ViT-4096 chunked into storages of 0.01-9 MiB took 48 MiB of device
-# memory where TVM's plan adds up to 39.9 MiB (benchmarks/results/gpu_second_run.jsonl). On GPU
-# targets the run-time simulation charges new blocks whole pages (runtime_peak): with TVM's
-# plan, it covers the 7 chunked builds measured on the H200 (README "GPU (H200)")
-GPU_ALLOC_GRANULARITY = 2 * 2**20
-GPU_SMALL_ALLOC = 2**20  # below this the driver packs allocations into shared pages
-
-
-def _pages(n: int, page: int = PAGE) -> int:
-    return max(page, -(-n // page) * page)
-
-
-class _WorkspacePool:
-    """TVM's CPU WorkspacePool: keeps freed blocks; a request takes the smallest free block
-    that fits, else the largest free block is freed and re-allocated at the new size."""
-
-    def __init__(self) -> None:
-        self.free: list[int] = []
-        self.total = 0
-
-    def alloc(self, n: int) -> int:
-        n = _pages(n)
-        if not self.free:
-            self.total += n
-            return n
-        if self.free[-1] >= n:
-            j = bisect.bisect_left(self.free, n)
-            return self.free.pop(j)
-        old = self.free.pop()
-        self.total += n - old
-        return n
-
-    def release(self, n: int) -> None:
-        bisect.insort(self.free, n)
-
-
-def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], gpu: bool = False) -> int:
-    """Simulate the run-time memory of one call of the frame.
-
-    The VM allocates a storage at its first use and frees it after its last use into a pool
-    that never shrinks and hands a freed block to the next request of the same (page-rounded)
-    size; kernel workspace comes from TVM's workspace pool (``_WorkspacePool``). A callee's
-    frame is taken from the storage pool for the duration of the call. The result is the
-    high-water mark of both pools, i.e. what the process really touches.
-
-    Pages are 4 KiB on CPUs. On GPUs (``gpu``), a new block of at least ``GPU_SMALL_ALLOC``
-    (1 MiB) costs whole ``GPU_ALLOC_GRANULARITY`` (2 MiB) pages (smaller ones their size: the
-    driver packs them into shared pages), and a callee's frame its size in whole pages; the
-    pool still matches a request to a freed block by its 4 KiB-rounded size (so a freed 9 MiB
-    block serves no 0.1 MiB request), and a callee's frame, which is several allocations of its
-    own sizes, is reused only by calls of the same function. An H200 measured up to 4 MiB more
-    than a simpler model (every block and frame matched by its 2 MiB-rounded size) predicted;
-    this one covers the 7 chunked builds measured there (README "GPU (H200)").
-    """
-    page = GPU_ALLOC_GRANULARITY if gpu else PAGE
-    n = analysis.num_bindings
-    starts: dict[int, list[tuple]] = {}
-    ends: dict[int, list[tuple]] = {}
-    for size, lo, hi in analysis.blocks:
-        # (pool key, bytes it costs): on GPUs blocks of 1 MiB and more in whole 2 MiB pages,
-        # smaller ones packed (the CUDA driver sub-allocates them from shared pages)
-        cost = _pages(size, page) if gpu and size >= GPU_SMALL_ALLOC else _pages(size)
-        blk = ((None, _pages(size)), cost)
-        starts.setdefault(lo, []).append(blk)
-        ends.setdefault(min(hi, n), []).append(blk)
-    for ev in analysis.events:
-        if ev.callee and callee_peak.get(ev.callee):
-            r = _pages(callee_peak[ev.callee], page)
-            blk = ((ev.callee if gpu else None, r), r)
-            starts.setdefault(ev.index, []).append(blk)
-            ends.setdefault(ev.index, []).append(blk)
-    free: dict[tuple, int] = {}
-    wsp = _WorkspacePool()
-    total = peak = 0
-    for i in range(n + 1):
-        for key, cost in sorted(starts.get(i, ()), key=lambda b: (b[1], b[0][1]), reverse=True):
-            if free.get(key):
-                free[key] -= 1
-            else:
-                total += cost
-        taken = [wsp.alloc(b) for b in analysis.workspace_by_index.get(i, ())]
-        peak = max(peak, total + wsp.total)
-        for b in reversed(taken):
-            wsp.release(b)
-        for key, _cost in ends.get(i, ()):
-            free[key] = free.get(key, 0) + 1
-    return peak

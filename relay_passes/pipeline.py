@@ -1,277 +1,30 @@
-"""The TVM pipelines we build with, as lists of named phases.
+"""The ``autochunk`` pipeline, registered with ``relax.get_pipeline``.
 
-``llvm`` follows what ``tvm.compile(mod, target)`` runs for CPU targets (TVM's
-``default_build_pipeline``: LegalizeOps without FuseOps/FuseTIR, TIR left unscheduled).
-``cuda`` (and other GPU targets) follow TVM's target pipeline: LegalizeOps, FuseOps, FuseTIR
-and dlight scheduling. The memory estimator and the ground-truth planner both use these lists,
-so what we estimate is what gets built.
+``relax.get_pipeline("autochunk", budget_bytes=N)`` is the build driver
+(``driver.AutochunkPipeline``): AutoChunk, then TVM's Relax pipeline for the target in scope,
+with TVM's plan held to the budget. ``tvm_autochunk.build`` runs the same pass, so both pick
+the same plan, make the same checks and raise the same errors. Without a budget it is TVM's
+pipeline, with the plan read.
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import relax
 
-from .errors import AutochunkError, BuildError, UnsupportedTargetError
+from .driver import AutochunkPipeline
+from .lowering import as_target
 
 
-def as_target(target) -> tvm.target.Target:
-    """A ``tvm.target.Target`` from a Target, a TVM target dict, or a bare kind name."""
-    if isinstance(target, tvm.target.Target):
-        return target
-    if isinstance(target, dict):
-        return tvm.target.Target(target)
-    if isinstance(target, str):
-        try:
-            return tvm.target.Target(target)
-        except Exception as e:  # TVM raises its own error type for bad strings
-            raise UnsupportedTargetError(
-                f"cannot make a TVM target from {target!r} ({e}). Use 'llvm', 'cuda', a tag such "
-                "as 'nvidia/nvidia-h100', or a dict like {'kind': 'llvm', 'mcpu': 'skylake'}."
-            ) from e
-    raise UnsupportedTargetError(
-        f"target must be a tvm.target.Target, a dict or a string, got {type(target).__name__}"
+def autochunk_pipeline(target=None, budget_bytes: int | None = None, **kw) -> AutochunkPipeline:
+    """The build pipeline as one module pass (what ``tvm.compile(relax_pipeline=...)`` takes).
+    ``kw``: ``entry``, ``chunk_plan``, ``options``, ``progress`` (see ``AutochunkPipeline``)."""
+    return AutochunkPipeline(
+        as_target(target) if target is not None else None, budget_bytes, **kw
     )
 
 
-def is_gpu(target: tvm.target.Target) -> bool:
-    return "gpu" in target.keys
-
-
-def _backend(target: tvm.target.Target):
-    kind = target.kind.name
-    if kind == "llvm":
-        return None  # tvm.compile's default_build_pipeline
-    if kind == "cuda":
-        import tvm.relax.backend.cuda.pipeline as be
-
-        return be
-    if is_gpu(target):
-        import tvm.relax.backend.gpu_generic.pipeline as be
-
-        return be
-    raise UnsupportedTargetError(
-        f"target kind {kind!r} is not supported: use an 'llvm' (CPU, incl. cross-compiled "
-        "aarch64) or 'cuda' target"
-    )
-
-
-def lowering_passes(target: tvm.target.Target) -> list:
-    """Library dispatch and legalization: high-level Relax ops become call_tir of PrimFuncs."""
-    be = _backend(target)
-    if be is None:
-        return [
-            relax.backend.DispatchSampling(),
-            relax.backend.DispatchSortScan(),
-            relax.transform.LegalizeOps(),
-        ]
-    return be.library_dispatch_passes(target) + be.legalize_passes(target)
-
-
-def estimate_passes(target: tvm.target.Target, *, rewrite_reshape: bool = True) -> list:
-    """The part of the pipeline the memory estimator models the module after.
-
-    Same as ``lowering_passes`` but without GPU scheduling (dlight only changes loop structure,
-    never which tensors exist), plus ``RewriteDataflowReshape`` which decides which reshapes
-    become free views (``rewrite_reshape=False`` leaves it out: the CPU estimator makes its
-    rewrites itself while it walks, ``liveness.FrameWalker(dataflow_reshape=True)``).
-    LegalizeOps and FoldConstant are ``legalize_cache``'s memoised wrappers: the same lowering
-    and folding (the search estimates many near-identical modules); on CPU a dispatch pass is
-    skipped when the module has none of its ops (``cpu_lowering``).
-    """
-    from .legalize_cache import CachedFoldConstant, CachedLegalizeOps, cpu_lowering
-
-    be = _backend(target)
-    if be is None:
-        # without RewriteDataflowReshape the walk decides which kernels are views: the ops it
-        # models as TVM lowers them are left unlowered for it (cpu_lowering, keep_ops)
-        passes = [cpu_lowering(lowering_passes(target), keep_ops=not rewrite_reshape)]
-    else:
-        passes = [
-            *be.library_dispatch_passes(target),
-            CachedLegalizeOps,
-            relax.transform.AnnotateTIROpPattern(),
-            CachedFoldConstant,
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ]
-    return [*passes, relax.transform.RewriteDataflowReshape()] if rewrite_reshape else passes
-
-
-def dataflow_lower_passes(target: tvm.target.Target) -> list:
-    be = _backend(target)
-    if be is None:
-        return [
-            relax.transform.RewriteDataflowReshape(),
-            relax.transform.ToNonDataflow(),
-            relax.transform.RemovePurityChecking(),
-            relax.transform.CallTIRRewrite(),
-        ]
-    return be.dataflow_lower_passes(target)
-
-
-def planning_passes(target: tvm.target.Target) -> list:
-    """Everything up to and including TVM's static memory planner."""
-    return [
-        *lowering_passes(target),
-        *dataflow_lower_passes(target),
-        relax.transform.StaticPlanBlockMemory(),
-    ]
-
-
-def finalize_passes(target: tvm.target.Target) -> list:
-    be = _backend(target)
-    if be is None:
-        return [
-            relax.transform.StaticPlanBlockMemory(),
-            relax.transform.RewriteCUDAGraph(),
-            relax.transform.LowerAllocTensor(),
-            relax.transform.KillAfterLastUse(),
-            relax.transform.LowerRuntimeBuiltin(),
-            relax.transform.ComputePrimValue(),
-            relax.transform.VMShapeLower(),
-            relax.transform.AttachGlobalSymbol(),
-        ]
-    return be.finalize_passes(target)
-
-
-def build_passes(target: tvm.target.Target) -> list:
-    """The whole Relax pipeline, as ``tvm.compile`` would run it for this target."""
-    return [*lowering_passes(target), *dataflow_lower_passes(target), *finalize_passes(target)]
-
-
-def run_passes(mod: tvm.IRModule, passes: list, target: tvm.target.Target) -> tvm.IRModule:
-    """Run ``passes``; a failure inside TVM becomes a ``BuildError`` naming the op TVM could
-    not lower (TVM's own errors are not ours to show: they name C++ checks, not the model)."""
-    with target:
-        try:
-            return tvm.transform.Sequential(passes)(mod)
-        except AutochunkError:
-            raise
-        except Exception as e:
-            raise BuildError(_lowering_failure(e, mod, target)) from e
-
-
-def _lowering_failure(e: Exception, mod: tvm.IRModule, target: tvm.target.Target) -> str:
-    import traceback
-
-    what = " ".join(str(e).split()) or type(e).__name__
-    what = f"{type(e).__name__}: {what[:300]}"
-    kind = target.kind.name
-    # TVM's traceback (synthetic frames) names the legalization function that failed, e.g.
-    # legalize_ops/nn.py _nn_rms_norm for relax.nn.rms_norm: find that op's first binding
-    legal = [
-        f.f_code.co_name
-        for f, _ in traceback.walk_tb(e.__traceback__)
-        if "legalize_ops" in f.f_code.co_filename
-    ]
-    if legal:
-        hits = []  # bindings of the op whose legalization failed
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
-                continue
-            for block in func.body.blocks:
-                for b in block.bindings:
-                    name = str(getattr(getattr(b.value, "op", None), "name", ""))
-                    if name and "_" + name.removeprefix("relax.").replace(".", "_") == legal[-1]:
-                        hits.append((gv.name_hint, b))
-        if len(hits) > 1:  # legalize each alone to find the one that fails
-            failing = [h for h in hits if not _legalizes(h[1].value, target)]
-            hits = failing or hits
-        if hits:
-            fn, b = hits[0]
-            args = ", ".join(str(getattr(a, "ty", "?")) for a in b.value.args)
-            return (
-                f"TVM cannot lower {b.value.op.name} (binding '{b.var.name}' of '{fn}', "
-                f"arguments {args}) for {kind}: its legalization failed with {what}. Remedy: "
-                "replace or reshape this op in the model; TVM's lowering does not support it "
-                "with these arguments."
-            )
-        return (
-            f"TVM cannot lower the module for {kind}: its legalization {legal[-1]} failed with "
-            f"{what}. Remedy: replace that op in the model."
-        )
-    return (
-        f"TVM's pipeline for {kind} failed on the module: {what}. Remedy: check that the model "
-        "builds with tvm.compile, and report it with the model if it does."
-    )
-
-
-def _legalizes(call, target: tvm.target.Target) -> bool:
-    """Whether TVM legalizes ``call`` on its own (its Var arguments become parameters)."""
-    params, args = [], []
-    for a in call.args:
-        if isinstance(a, relax.Var):
-            p = relax.Var(str(a.name), a.ty)
-            params.append(p)
-            args.append(p)
-        else:
-            args.append(a)
-    try:
-        bb = relax.BlockBuilder()
-        with bb.function("main", params):
-            bb.emit_func_output(bb.emit(relax.Call(call.op, args, call.attrs, call.ty_args)))
-        with target:
-            relax.transform.LegalizeOps()(bb.get())
-    except Exception:
-        return False
-    return True
-
-
-def autochunk_build_passes(
-    target: tvm.target.Target, *, budget_bytes=None, on_plan=None, pre_passes=()
-) -> list:
-    """Our build pipeline: [pre_passes (e.g. AutoChunk)] + TVM's pipeline for the target, with
-    ``VerifyMemoryBudget`` right after ``StaticPlanBlockMemory``."""
-    from .verify_memory_budget import VerifyMemoryBudget
-
-    fin = finalize_passes(target)
-    verify = VerifyMemoryBudget(budget_bytes, target, on_plan=on_plan)
-    return [
-        *pre_passes,
-        *lowering_passes(target),
-        *dataflow_lower_passes(target),
-        fin[0],  # StaticPlanBlockMemory
-        verify,
-        *fin[1:],
-    ]
-
-
-def autochunk_pipeline(target: tvm.target.Target, **kw) -> tvm.transform.Pass:
-    """The build pipeline as one module pass (what ``tvm.compile(relax_pipeline=...)`` takes)."""
-    passes = autochunk_build_passes(target, **kw)
-
-    @tvm.transform.module_pass(opt_level=0, name="AutochunkPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with target:
-            return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline
-
-
-def _autochunk_pipeline_factory(budget_bytes: int | None = None, target=None):
-    """``relax.get_pipeline("autochunk", budget_bytes=N)``: AutoChunk, then TVM's pipeline for
-    the target in scope (``tvm.compile`` enters it), with the plan verified against the budget.
-    With no budget it is TVM's pipeline plus the verification pass."""
-
-    @tvm.transform.module_pass(opt_level=0, name="AutochunkRegisteredPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        tgt = as_target(target) if target is not None else tvm.target.Target.current()
-        if tgt is None:
-            raise UnsupportedTargetError(
-                "the 'autochunk' pipeline needs a target: call it through "
-                "tvm.compile(mod, target, relax_pipeline=...) or pass target=..."
-            )
-        pre = []
-        if budget_bytes is not None:
-            from .auto_chunk import AutoChunk
-
-            pre = [AutoChunk(int(budget_bytes), tgt)]
-        passes = autochunk_build_passes(tgt, budget_bytes=budget_bytes, pre_passes=pre)
-        with tgt:
-            return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline
+def _factory(budget_bytes: int | None = None, target=None, **kw) -> tvm.transform.Pass:
+    return autochunk_pipeline(target, None if budget_bytes is None else int(budget_bytes), **kw)
 
 
 def register_autochunk_pipeline() -> None:
@@ -279,7 +32,7 @@ def register_autochunk_pipeline() -> None:
     from tvm.relax import pipeline as rp
 
     if "autochunk" not in rp.PIPELINE_MAP:
-        rp.register_pipeline("autochunk")(_autochunk_pipeline_factory)
+        rp.register_pipeline("autochunk")(_factory)
 
 
 register_autochunk_pipeline()

@@ -5,15 +5,30 @@ Nothing here imports TVM, so reports can be built, compared and serialised anywh
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 
+_BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB")
 
-def human_bytes(n: int) -> str:
-    """``1.50 GiB`` / ``12.00 MiB`` / ``3.00 KiB`` / ``12 B`` (for messages)."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
+
+def format_bytes(n: int) -> str:
+    """A byte count for people: ``"12 B"``, ``"512.00 MiB"``, ``"1.50 GiB"``.
+
+    Binary units up to TiB, so every output parses back as a budget (for positive ``n``).
+    Negative counts (deltas) keep their sign.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"format_bytes expects an int number of bytes, got {n!r}")
+    n = int(n)
+    sign, mag = ("-" if n < 0 else ""), abs(n)
+    if mag < 1024:
+        return f"{sign}{mag} B"
+    for i, unit in enumerate(_BINARY_UNITS):
+        scaled = mag / 1024 ** (i + 1)
+        # promote when rounding would print "1024.00 KiB" instead of "1.00 MiB"
+        if round(scaled, 2) < 1024 or i == len(_BINARY_UNITS) - 1:
+            return f"{sign}{scaled:.2f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,7 @@ class MemoryProfile:
     workspace_bytes: int
     workspace_func: str | None
     # simulated run-time high-water mark (VM pools; <= peak_bytes on CPUs; on GPUs each block
-    # takes whole 2 MiB pages, liveness.GPU_ALLOC_GRANULARITY, and it can exceed peak_bytes)
+    # takes whole 2 MiB pages, runtime_memory.GPU_ALLOC_GRANULARITY, and it can exceed peak_bytes)
     runtime_peak_bytes: int
     live_peak_bytes: int  # peak of the liveness timeline (ideal reuse; <= peak_bytes)
     peak_index: int

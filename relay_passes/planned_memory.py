@@ -14,7 +14,8 @@ import tvm
 from tvm import relax
 
 from . import _compat as C
-from .pipeline import as_target, is_gpu, planning_passes, run_passes
+from . import caches
+from .lowering import as_target, is_gpu, planning_passes, run_passes
 from .plan import FrameMemory, PlannedMemory, fold_callees
 
 _ALLOC_STORAGE = C.Op.get("relax.memory.alloc_storage")
@@ -106,6 +107,7 @@ def read_plan(planned: tvm.IRModule, entry: str, target) -> PlannedMemory:
     )
 
 
+@caches.scoped
 def planned_memory(mod: tvm.IRModule, target="llvm", *, entry: str = "main") -> PlannedMemory:
     """Run TVM's pipeline for ``target`` up to StaticPlanBlockMemory and read the plan."""
     tgt = as_target(target)

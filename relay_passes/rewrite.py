@@ -31,9 +31,11 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import _compat as C
+from . import caches
 from .alias import reusable_inputs
-from .chunk_region import RegionAnalysis, analyze_region, bindings_by_name
+from .chunk_region import RegionAnalysis, analyze_region
 from .errors import PassContractError
+from .ir_index import bindings_by_name
 from .plan import ChunkPlan, ChunkRegion
 
 
@@ -47,11 +49,9 @@ def make_write_slice(dtype: str, rank: int, dim: int):
     every chunk on CUDA, where FuseOps bound the function's result to it.)
 
     Built with TVMScript's IR builder, statement for statement what the TVMScript source in
-    ``tests/test_inplace.py`` parses to (its test
-    ``test_write_slice_built_without_the_parser_equals_its_tvmscript`` checks that they are
-    structurally equal and print alike), without the parser: the ``@T.prim_func`` decorator
-    calls ``inspect.stack()``, which reads the source of every frame above it and scans
-    ``sys.modules``: 50-110 ms inside a build, against 5 ms here.
+    the tests parse to (``test_write_slice_built_without_the_parser_equals_its_tvmscript``
+    checks that they are structurally equal), without the parser: the ``@T.prim_func``
+    decorator calls ``inspect.stack()``, which is slow inside a build.
     """
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as B
@@ -299,22 +299,19 @@ def check_well_formed(mod: tvm.IRModule, what: str) -> None:
         ) from e
 
 
-# (module, function, region, seed, dim) -> (module, function, reusable_inputs): the alias
-# analysis of the whole function does not depend on the chunk size, and the search tries one
-# region of one module at two or more sizes (4-5 ms each on a chunked Evoformer). Keyed by
-# handles; the entry holds the module and function, so their handles are not reused meanwhile.
-_REUSE: dict = {}
-
-
 def _reusable_inputs(mod, func, ra: RegionAnalysis, inputs: list) -> dict:
+    # memoised per (module, function, region): the alias analysis does not depend on the chunk
+    # size, and the search tries one region at several sizes. The entry holds the module and
+    # function, so their handles are not reused meanwhile.
     key = (mod.__chandle__(), func.__chandle__(), ra.start, ra.end, ra.seed.name, ra.seed.dim)
-    hit = _REUSE.get(key)
+    cache = caches.current().reuse
+    hit = cache.get(key)
     if hit is not None:
         return hit[2]
     out = reusable_inputs(mod, ra, inputs)
-    if len(_REUSE) >= 8:
-        _REUSE.pop(next(iter(_REUSE)))
-    _REUSE[key] = (mod, func, out)
+    if len(cache) >= 8:
+        cache.pop(next(iter(cache)))
+    cache[key] = (mod, func, out)
     return out
 
 
@@ -322,8 +319,8 @@ def apply_region(
     mod: tvm.IRModule, region: ChunkRegion, *, reuse_inputs: bool = True, check: bool = True
 ):
     """Rewrite one region; ``reuse_inputs=False`` always allocates fresh output buffers.
-    ``check=False`` skips the ``well_formed`` check of the result (5 ms on a chunked
-    Evoformer): for the search's trial rewrites, whose chosen module it checks once."""
+    ``check=False`` skips the ``well_formed`` check of the result: for the search's trial
+    rewrites, whose chosen module it checks once."""
     ra = analyze_region(
         mod, region.start, region.end, region.seed, region.dim, function=region.function
     )
@@ -367,6 +364,7 @@ def apply_region(
     return out
 
 
+@caches.scoped
 def apply_chunk_plan(
     mod: tvm.IRModule, plan: ChunkPlan, *, reuse_inputs: bool = True, check: bool = True
 ):

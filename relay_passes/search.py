@@ -23,68 +23,50 @@ class SearchOptions:
     window_before: int = 48  # bindings before a hot binding where a region may start
     window_after: int = 64  # bindings after it where a region may end
     evaluate_top: int = 2  # candidates whose chunk size is fitted exactly, per stage
-    # a later candidate that is the best one's region started later is not estimated when it
-    # would cost less than this share less at the best's chunk (auto_chunk._shorter_copy)
+    # a later start of the best region is not estimated unless it could save this share
+    # (candidates.shorter_copy)
     beat_min_saving: float = 0.05
     max_evals_per_candidate: int = 8
-    # the many-chunks probe: after the guesses below (or, with the peak before the stage
-    # unknown, after two chunks)
+    # calls of the many-chunks probe (fit_chunk)
     probe_chunks: int = 32
-    # with the peak before the stage known, estimates at the fewest calls predicted to fit
-    # come before the probes (memory proportional to the chunk, then the line through the
-    # last two tried), at most this many (search.fit_chunk)
+    # estimates at the fewest calls predicted to fit, before the probes (fit_chunk)
     guess_probes: int = 3
     chunk_tolerance: float = 0.1  # stop refining when at most 10% fewer calls could fit
     max_calls: int = 1024  # chunk calls of one stage (all copies) at most
-    # the chunk for n calls: "short" = the largest (the last chunk as short as possible),
-    # "balanced" = ceil(extent / n) (other kernel shapes: the build's fallback when TVM
-    # cannot compile a kernel of the first plan; see chunk_for_calls)
+    # the chunk for n calls: "short" (the last chunk as short as possible) or "balanced"
+    # (other kernel shapes: build's fallback when TVM cannot compile a kernel; chunk_for_calls)
     last_chunk: str = "short"
-    # a region that cannot reach the budget alone may leave the peak this far (and at least
-    # 1 MiB above 32 MiB) above its smallest, for fewer chunks; a search that then misses the
-    # budget is repeated with 0 (auto_chunk)
+    # how far above its floor a region that cannot reach the budget alone may stay, for
+    # fewer chunks (a search that then misses is repeated with 0: stage_search)
     floor_slack: float = 0.03
     min_extent: int = 8  # do not chunk dims shorter than this
     time_limit_s: float = 300.0
-    # joint re-fit of a plan of several stages (refit_calls): estimates per stage at most.
-    # 0 (off) on CPUs: fewer, longer chunks save a few microseconds of calls there but lose
-    # cache locality; measured on llvm here (benchmarks/refit.py), Evoformer N=256 at 10% ran
-    # 0.723x the unchunked time with 256 calls, 0.798x with the re-fitted 64 (N=128 at 20%:
-    # 0.775x with 128, 0.804x with 64).
-    # GPU_OPTIONS turns it on, where every call is kernel launches.
+    # estimates per stage of the joint re-fit (refit_calls); off on CPUs, where fewer, longer
+    # chunks lose cache locality (benchmarks/refit.py), on for GPUs (launches per call)
     refit_evals: int = 0
-    # the search aims this far under the budget: the run-time model has been seen up to ~3%
-    # under the measured peak on chunked modules (GPT S=4096 at 5% of its peak)
+    # the search aims this far under the budget: the run-time model can be a few percent
+    # under the measured peak (docs/design.md)
     safety_margin: float = 0.03
-    # cost model: microseconds added per chunk (README "AutoChunk cost model"). The defaults
-    # are this machine's llvm build, measured by benchmarks/calibrate_cost.py (its summary
-    # row in benchmarks/results/cost_calibration.jsonl; a test keeps them together); CUDA's
-    # were measured on an H200 (CUDA_COSTS, for_target)
+    # cost model, microseconds added per chunk (docs/design.md "AutoChunk cost model"):
+    # llvm's from benchmarks/calibrate_cost.py (a test keeps them equal to its results)
     call_overhead: float = 2.46  # per chunk: the Relax call, slicing, the in-place write
     op_overhead: float = 0.227  # per op per chunk: one more kernel call
     # per KiB per chunk of the tensors each chunk reads whole (weights, keys and values, ...)
     reread_overhead: float = 0.0118
-    small_rows: int = 16  # chunk extents below this lose matmul efficiency
+    small_rows: int = 16  # chunks shorter than this may be charged small_penalty
     small_penalty: float = 1.0  # x the per-chunk cost below small_rows rows
 
     @classmethod
     def for_target(cls, gpu: bool, **kw) -> SearchOptions:
         """The defaults for a GPU target (``GPU_OPTIONS``: the CUDA cost constants, joint
         re-fit on) or a CPU one (the measured llvm defaults); ``kw`` overrides either.
-        ``pipeline.is_gpu(target)`` tells which (this module imports nothing from TVM)."""
+        ``lowering.is_gpu(target)`` tells which (this module imports nothing from TVM)."""
         return cls(**{**(GPU_OPTIONS if gpu else {}), **kw})
 
 
-# Measured on an NVIDIA H200 (sm_90, TVM's default dlight schedules) by
-# benchmarks/calibrate_cost.py --export-cuda + benchmarks/gpu/run_gpu.py --calibration
-# (benchmarks/results/cost_calibration_cuda.jsonl; a test keeps these equal to its summary):
-# a chunk costs ~22 us whatever its ops (the VM call plus the slice, one fused kernel and the
-# in-place write: FuseOps merges a chunk's elementwise ops, so more Relax ops add no launches);
-# a tensor read whole per chunk streams at ~2.5 TB/s (0.0004 us per KiB); 1-row chunks cost
-# no more per chunk than long ones (even a 1024-wide matmul's: 0.47x the line, GEMV kernels).
-# Not captured: kernels TVM schedules with dlight's Fallback rule (a reduction it has no rule
-# for, one thread per row) take their full latency in every chunk; GPT S=16384 at 10% runs
-# 4.6x its unchunked time on the H200 for that reason (README "GPU").
+# The CUDA cost constants, from benchmarks/results/cost_calibration_cuda.jsonl (a test keeps
+# them equal): a chunk costs about the same whatever its ops, since FuseOps merges them
+# (docs/gpu.md has the measurements and what the model does not capture).
 CUDA_COSTS = {
     "call_overhead": 22.0,
     "op_overhead": 0.0,
@@ -174,8 +156,7 @@ def chunk_for_calls(extent: int, n: int, gran: int = 1, *, balanced: bool = Fals
     VM's pool keeps that function's frame beside the full chunk's (another size: no reuse).
     So n calls of ``c`` rows plus a short tail hold about one frame of ``c`` rows, while
     balanced chunks (``ceil(extent / n)`` rows each, the last nearly as long) hold two frames
-    of about ``extent / n`` rows: GPT S=4096, 12 calls, estimated peak 171 MiB with 372-row
-    chunks (last 4) against 263 MiB with 342-row ones (last 334). Two calls over an odd
+    of about ``extent / n`` rows (docs/design.md "Chunk sizes"). Two calls over an odd
     extent are balanced (the two frames then weigh about as much as one of ``extent - 1``).
     ``balanced``: always ``ceil(extent / n)`` rounded up to ``gran`` (the previous choice).
     """
@@ -218,7 +199,7 @@ def fit_chunk(
     If even ``probe_chunks`` chunks do not fit, 8x as many are tried, then the smallest chunk
     (the granularity, or more rows so that the stage makes at most ``opts.max_calls`` calls
     over every copy of the region): if that does not fit either (other parts of the graph set
-    a floor), the target becomes "within ``opts.floor_slack`` (max(1 MiB, 3%)) of that floor"
+    a floor), the target becomes "within ``opts.floor_slack`` of that floor" (``_slack``)
     (best effort: the largest chunk that gets there, not chunk 1).
 
     ``unchunked``: the (static plan, run-time) peaks before this stage. That point (one call)
@@ -307,9 +288,8 @@ def fit_chunk(
         bracket for the refinement; ``lo`` is then never estimated); else ``lo``, or the
         smallest chunk tried when the last line says that ``lo`` cannot fit either (it is then
         the many-chunks probe). The proportional line is optimistic (memory that does not
-        shrink with the chunk is left out): GPT, ViT, Evoformer and UNet at half their peak
-        take one estimate, where the fixed probe took two; when it misses, the secant puts the
-        next try about where the probe's chord would have."""
+        shrink with the chunk is left out); when it misses, the secant puts the next try about
+        where the probe's chord would have."""
         def last_line() -> Callable[[int], float]:
             ks = tried()  # none fits
             if not ks:
@@ -319,9 +299,7 @@ def fit_chunk(
                 # the run-time peak rose on chunking (the chunk call's frame is held beside
                 # what lived before): its line through the unchunked point would say that no
                 # shorter chunk fits. Shorter chunks shrink that frame, so the run-time peak is
-                # taken as at p (no higher), the static plan on its line (Evoformer N=256 at
-                # 10%, second stage: two calls miss by 5%; the line then says four fit, and
-                # they do: one estimate, where the probe of 32 calls and a refinement took two)
+                # taken as at p (no higher), the static plan on its line
                 s_p, s_q, r_p = parts[p][0], parts[q][0], parts[p][1]
                 return lambda k: max(s_p + (s_q - s_p) * (k - p) / (q - p), r_p)
             return line(p, q, parts)
@@ -329,8 +307,7 @@ def fit_chunk(
         def even(c: int) -> int:
             """``c``, or a chunk that divides the extent for at most a third more calls (the
             first guess only: it is crude): an estimate with a last, shorter chunk legalizes
-            and walks a second function (GPT S=4096: 80-120 ms, against 60-65 ms). The
-            refinement below may still try fewer calls."""
+            and walks a second function. The refinement below may still try fewer calls."""
             n = n_of(c)
             if cand.extent % c == 0:
                 return c
@@ -407,9 +384,7 @@ def fit_chunk(
     smallest = snap(-(-cand.extent * cand.n_regions // max(1, opts.max_calls)))
     if seen[lo] > target and lo > smallest:
         # 8x more chunks before the smallest chunk (on long dims that one is costly to
-        # evaluate: one call per row), but not under small_rows rows (where matmuls lose
-        # efficiency on GPUs, CUDA_COSTS: the fit stops there when it can; ViT-2304 at 10%:
-        # 16 rows fit, and 9 rows were an estimate for nothing)
+        # evaluate: one call per row), but not under small_rows rows
         lo2 = snap(max(-(-cand.extent // (8 * max(2, opts.probe_chunks))), opts.small_rows))
         floor = ev(lo2) if smallest < lo2 < lo and ev(lo2) <= target else ev(smallest)
         if floor > target:
@@ -464,11 +439,10 @@ def refit_calls(
     """Fewer calls for one stage of a plan that fits, the other stages in place.
 
     A greedy stage is fitted before the later stages exist: a region that cannot reach the
-    budget alone is driven to its floor (Evoformer N=256 at 10%: the triangle attention in
-    256 calls, at 100.7 MiB, over the 85.7 MiB target), and the next stage then chunks the
-    region whose tensors set that floor. With that second region chunked, the first one
-    meets the budget in 64 calls. This halves the calls of the stage while the whole plan
-    still fits (256 -> 128 -> 64; 32 does not), at most ``opts.refit_evals`` estimates: a
+    budget alone is driven to its floor, and the next stage then chunks the region whose
+    tensors set that floor; with it chunked, the first one may need far fewer calls
+    (docs/design.md). This halves the calls of the stage while the whole plan
+    still fits, at most ``opts.refit_evals`` estimates: a
     stage that cannot do with half its calls costs one estimate. ``evaluate(chunk)`` is the
     whole plan's peak with this stage at ``chunk`` (None: the plan cannot be applied so, e.g.
     a later stage names a binding this one's rewrite made). Returns the fewest calls found

@@ -12,12 +12,8 @@ from __future__ import annotations
 import tvm
 
 from .errors import BudgetInfeasibleError
-from .plan import human_bytes
+from .lowering import as_target, is_gpu
 from .planned_memory import read_plan
-
-
-def _fmt(n: int) -> str:
-    return human_bytes(n)
 
 
 @tvm.transform.module_pass(opt_level=0, name="VerifyMemoryBudget")
@@ -35,11 +31,14 @@ class VerifyMemoryBudget:
         if self.budget_bytes is not None and plan.peak_bytes > self.budget_bytes:
             f = plan.frame(self.entry)
             raise BudgetInfeasibleError(
-                f"TVM's memory plan needs {_fmt(plan.peak_bytes)} ({plan.peak_bytes} bytes) per "
-                f"call, over the budget of {_fmt(self.budget_bytes)} ({self.budget_bytes} bytes): "
-                f"storage {_fmt(f.storage_bytes)}, run-time allocations "
-                f"{_fmt(f.unplanned_bytes)}, largest callee {_fmt(f.callee_bytes)}, kernel "
-                f"workspace {_fmt(plan.workspace_bytes)}. Remedy: raise the budget or let "
-                "AutoChunk chunk more of the graph."
+                budget=self.budget_bytes,
+                planned_peak=int(plan.peak_bytes),
+                plan_parts={
+                    "storage": f.storage_bytes,
+                    "run-time allocations": f.unplanned_bytes,
+                    "largest callee": f.callee_bytes,
+                    "kernel workspace": plan.workspace_bytes,
+                },
+                gpu=is_gpu(as_target(self.target)),
             )
         return mod

@@ -25,6 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import attention as _attention
+from _helpers import op
+from _helpers import relax_module as _module
+from _helpers import same_arrays as _same
 
 import tvm_autochunk as ac
 from tvm_autochunk import cli
@@ -630,3 +634,53 @@ def test_aarch64_kernels_run_under_qemu(arm_art, small, tmp_path):
                                mm, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.fromfile(tmp_path / "sm.bin.out", "float32").reshape(4, 32),
                                ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ac.InputError,
+    reason="Artifact lists only the first num_input parameters as inputs and has no way to "
+    "pass weight parameters (keep_params_as_input / relax.frontend.nn modules)",
+)
+def test_artifact_call_with_weight_parameters():
+    mod = _module(lambda bb, x, wt: op.matmul(x, wt), [(4, 8), (8, 8)], attrs={"num_input": 1})
+    x, w = np.ones((4, 8), "float32"), np.eye(8, dtype="float32")
+    assert _same(ac.build(mod)(x, w), x)
+
+
+@pytest.fixture(scope="module")
+def small_artifact():
+    return ac.build(_module(_attention, [(16, 4)]))
+
+
+def test_failed_export_leaves_no_partial_artifact(small_artifact, tmp_path, monkeypatch):
+    art = small_artifact
+    dst = tmp_path / "model.so"
+
+    def broken(path, *a, **kw):  # writes half a library, then fails (a compiler crash, say)
+        with open(path, "wb") as f:
+            f.write(b"\x7fELF partial")
+        raise RuntimeError("the linker was killed")
+
+    monkeypatch.setattr(art._exec, "export_library", broken)
+    with pytest.raises(ac.ArtifactError, match="exporting the library failed: the linker"):
+        art.export(dst)
+    assert os.listdir(tmp_path) == []
+    dst.write_bytes(b"the previous, good artifact")  # an existing artifact is left as it was
+    with pytest.raises(ac.ArtifactError):
+        art.export(dst)
+    assert (
+        os.listdir(tmp_path) == ["model.so"] and dst.read_bytes() == b"the previous, good artifact"
+    )
+
+
+def test_export_write_error_is_an_artifact_error(small_artifact, tmp_path, monkeypatch):
+    def full(src, dst, *a, **kw):
+        with open(dst, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(ac.ArtifactError, match="No space left on device"):
+        small_artifact.export(tmp_path / "model.so")
+    assert os.listdir(tmp_path) == []

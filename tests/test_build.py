@@ -13,6 +13,8 @@ import tvm
 
 import tvm_autochunk as ac
 from benchmarks.models import FAMILIES, SMALL_SIZES
+from relay_passes.auto_chunk import need_bytes
+from relay_passes.estimate_memory import estimate_memory
 from tvm_autochunk.measure import measure_peak
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -155,3 +157,16 @@ def test_measured_peak_follows_estimate(tmp_path):
     assert abs(m.peak_bytes - rt) <= 0.05 * m.peak_bytes, json.dumps(
         {"measured": m.peak_bytes, "runtime_estimate": rt, "plan": art.report.planned_peak_bytes}
     )
+
+
+def test_build_with_budget_chunks_and_keeps_outputs(gpt):
+    mod, x, ref = gpt
+    need = need_bytes(estimate_memory(mod, "llvm"))
+    budget = int(need * 0.6)
+    art = ac.build(mod, "llvm", budget=budget)
+    assert art.report.planned_peak_bytes <= budget  # TVM's own plan
+    assert art.report.peak_bytes <= budget
+    regions = art.report.chunking["regions"]
+    assert regions and all(r["chunk"] > 1 for r in regions)
+    out = art(x)
+    assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-5

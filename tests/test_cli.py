@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tvm
+from _helpers import onnx_model as _onnx_model
 
 import tvm_autochunk as ac
 from tvm_autochunk import cli
@@ -337,3 +339,45 @@ def test_python_m_help():
     assert proc.stdout.startswith("usage: python -m tvm_autochunk")
     for command in ("estimate", "build", "inspect", "run"):
         assert command in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("empty.onnx", "the file is empty (0 bytes)"),
+        ("garbage.onnx", "cannot parse"),
+        ("weights.pt2", "not a torch.export archive"),
+        ("celu.onnx", "cannot import operator 'Celu'"),
+        ("missing.onnx", "no such file"),
+    ],
+)
+def test_cli_bad_model_exits_2_and_writes_nothing(bad_files, capsys, name, match):
+    out = bad_files / "out" / "m.so"
+    out.parent.mkdir()
+    before = set(os.listdir(bad_files))
+    assert cli.main(["build", str(bad_files / name), "-o", str(out), "--budget", "1MiB"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and name in lines[0] and match in lines[0], err
+    assert "Traceback" not in err
+    assert os.listdir(out.parent) == [] and set(os.listdir(bad_files)) == before | {"out"}
+
+
+def test_cli_failed_export_exits_2_and_writes_nothing(bad_files, capsys, monkeypatch):
+    import onnx
+
+    model = bad_files / "softmax.onnx"
+    onnx.save(_onnx_model("Softmax"), str(model))
+    out = bad_files / "o" / "m.so"
+    out.parent.mkdir()
+
+    def broken(self, path, *a, **kw):
+        with open(path, "wb") as f:
+            f.write(b"\x7fELF partial")
+        raise RuntimeError("the linker was killed")
+
+    monkeypatch.setattr(tvm.runtime.Executable, "export_library", broken)
+    assert cli.main(["build", str(model), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "error: exporting the library failed: the linker was killed" in err
+    assert "Traceback" not in err and os.listdir(out.parent) == []

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from torch.export import Dim
 from tvm import relax
 
+import tvm_autochunk as ac
 from benchmarks.models import FAMILIES, SIZES, SMALL_SIZES, Workload, gpt, vit
 from relay_passes.errors import FrontendError, UnsupportedOpError
 from tvm_autochunk import frontends as fe
@@ -301,3 +302,26 @@ def test_package_imports_without_torch_and_onnx() -> None:
 
 if __name__ == "__main__":
     tvm.testing.main()
+
+
+@pytest.mark.parametrize("name", ["empty.onnx", "empty.pt2"])
+def test_empty_model_file_says_it_is_empty(bad_files, name):
+    with pytest.raises(
+        ac.FrontendError, match=rf"'.*{name}': the file is empty \(0 bytes\).*Remedy"
+    ):
+        ac.build(bad_files / name)
+
+
+def test_garbage_onnx_is_a_clear_frontend_error(bad_files):
+    with pytest.raises(
+        ac.FrontendError, match=r"cannot parse '.*garbage\.onnx'.*not an ONNX protobuf.*Remedy"
+    ):
+        ac.estimate(bad_files / "garbage.onnx")
+
+
+def test_zip_that_is_not_an_export_archive(bad_files):
+    with pytest.raises(ac.FrontendError) as ei:
+        ac.build(bad_files / "weights.pt2")
+    msg = str(ei.value)
+    assert "weights.pt2" in msg and "not a torch.export archive" in msg and "hello.txt" in msg
+    assert "torch.export.save(ep, path) (not torch.save)" in msg

@@ -13,11 +13,11 @@ Bugs the fuzzer found, each with its minimized regression test below (symptom; f
            search.py applies the 1 MiB slack only above 32 MiB.
   (small)  a refusal suggested min_budget above the unchunked peak; auto_chunk.py caps it.
   seed 65  build(budget=e.min_budget) refused again (greedy, budget-dependent search);
-           api.search_chunks confirms a refusal's min_budget by searching at it.
+           driver.confirm_min_budget confirms a refusal's min_budget by searching at it.
   seed 266 ValueError from Reshape: a softmax along the chunked dim was sunk into the chunk;
            chunk_region._sink_sliced never sinks a dim an op makes by mixing its inputs.
   seed 426 raw tvm InternalError from legalizing rms_norm of a 1-D tensor;
-           pipeline.run_passes turns TVM pass failures into BuildError naming the op.
+           lowering.run_passes turns TVM pass failures into BuildError naming the op.
   seed 504 ValueError "Cannot find global var main_..._chunk1": a deduplicated per-chunk
            function; rewrite.py uses the GlobalVar the BlockBuilder returns.
 """
@@ -254,7 +254,7 @@ def test_regression_min_budget_of_a_refusal_builds():
     """Fuzz seed 65: a refusal suggested min_budget M, but build(budget=M) was refused too. The
     search is greedy and its path depends on the budget: aiming at 0.55 x the peak it reaches
     96 KiB (so M = 96 KiB / 0.97), aiming at M it takes another first stage and reaches nothing.
-    Fixed in api.search_chunks (used by build): a refusal's min_budget is confirmed by searching
+    Fixed in relay_passes.driver (used by build): a refusal's min_budget is confirmed by searching
     at it, else the next suggestion (at worst the unchunked peak, which needs no chunking)."""
     g = from_recipe(_SEED65)
     need = ac.estimate(g.mod).peak_bytes
@@ -266,40 +266,37 @@ def test_regression_min_budget_of_a_refusal_builds():
     assert art.report.planned_peak_bytes <= e.min_budget and art.report.peak_bytes <= e.min_budget
 
 
-def test_search_chunks_confirms_the_suggested_min_budget(monkeypatch):
+def test_a_refusal_s_min_budget_is_confirmed_by_searching_at_it():
     """The logic of the fix, independent of the search's current path choices."""
-    import relay_passes.auto_chunk as acm
-    from tvm_autochunk.api import search_chunks
+    from relay_passes.driver import confirm_min_budget
 
     calls = []
 
-    def fake(mod, tgt, budget, function="main", profile=None, options=None):
+    def search(budget):
         calls.append(budget)
         if budget >= 900:
-            return mod, "fit"
-        mb = {100: 500, 500: 900}[budget]
+            return "fit"
+        mb = {500: 900}[budget]
         raise BudgetInfeasibleError(
-            f"cannot fit; Remedy: raise the budget to at least {mb} bytes, or shorten the input.",
-            unchunked_peak=1000,
-            best_peak=mb - 10,
-            min_budget=mb,
+            budget=budget, unchunked_peak=1000, best_peak=mb - 10, min_budget=mb
         )
 
-    monkeypatch.setattr(acm, "auto_chunk", fake)
-    with pytest.raises(BudgetInfeasibleError) as ei:
-        search_chunks(None, None, 100)
-    assert calls == [100, 500, 900]
-    assert ei.value.min_budget == 900 and ei.value.best_peak == 490
-    assert "at least 900 bytes (the search is greedy" in str(ei.value)
-    assert "aiming at 500 bytes it reaches only 890 bytes" in str(ei.value)
-    assert search_chunks(None, None, 950) == (None, "fit")
+    first = BudgetInfeasibleError(budget=100, unchunked_peak=1000, best_peak=490, min_budget=500)
+    e = confirm_min_budget(first, search)
+    assert calls == [500, 900]
+    assert e.min_budget == 900 and e.best_peak == 490 and e.aimed == (500, 890)
+    assert "at least 900 bytes (the search is greedy" in str(e)
+    assert "aiming at 500 bytes it reaches only 890 bytes" in str(e)
+    calls.clear()
+    fits = BudgetInfeasibleError(budget=100, unchunked_peak=1000, best_peak=940, min_budget=950)
+    assert confirm_min_budget(fits, search) is fits and calls == [950]
 
 
 def test_regression_tvm_lowering_failure_is_a_build_error_naming_the_op():
     """Fuzz seed 426: rms_norm of a 1-D tensor made TVM's legalization (TOPI) fail with a raw
     tvm.error.InternalError ("Check failed: shape.size() == indices.size()") out of
     estimate/build: not one of our errors, and it named a C++ check, not the model. Fixed in
-    pipeline.run_passes: failures inside TVM's passes become BuildError naming the op, its
+    lowering.run_passes: failures inside TVM's passes become BuildError naming the op, its
     binding and its argument types."""
     g = from_recipe(
         Recipe(

@@ -12,6 +12,7 @@ from tvm import relax
 import tvm_autochunk as ac
 from benchmarks.fuzz_graphs import RandomDraw, generate
 from benchmarks.models import FAMILIES
+from relay_passes import caches
 from relay_passes import legalize_cache as L
 from relay_passes.estimate_memory import estimate_memory
 from relay_passes.plan import ChunkPlan, ChunkRegion
@@ -47,12 +48,12 @@ def _same(a, b) -> bool:
 
 
 def _both(mod, target="llvm"):
-    with tvm.target.Target(target):
+    with tvm.target.Target(target), caches.scope() as c:
         want = relax.transform.LegalizeOps()(mod)
         L.CachedLegalizeOps(mod)  # fills the memo
-        before = dict(L.stats)
+        before = dict(c.stats)
         got = L.CachedLegalizeOps(mod)  # served from it
-    return want, got, L.stats["hits"] - before["hits"]
+    return want, got, c.stats["hits"] - before["hits"]
 
 
 @pytest.mark.parametrize(
@@ -78,10 +79,11 @@ def test_same_module_per_target():
     call = next(b.value for b in mod["main"].body.blocks[0].bindings
                 if isinstance(b.value, relax.Call) and L._key(b.value) is not None)
     keys = []
-    for target in ("llvm", "cuda", "llvm"):
-        L._TARGET[0] = str(tvm.target.Target({"kind": target}))
-        keys.append(L._call_key(call))
-        assert keys[-1] == L._key(call)
+    with caches.scope() as c:
+        for target in ("llvm", "cuda", "llvm"):
+            c.target = str(tvm.target.Target({"kind": target}))
+            keys.append(L._call_key(call))
+            assert keys[-1] == L._key(call)
     assert keys[0] == keys[2] != keys[1]
 
 
@@ -138,11 +140,12 @@ def test_memoised_primfuncs_have_names_of_their_own_and_estimates_show_tvms():
     _, got, hits = _both(mod)
     assert hits > 0
     names = [gv.name_hint for gv in got.get_global_vars()]
-    assert any(L._SUFFIX in n for n in names)
+    assert any(L.SUFFIX in n for n in names)
     assert len(set(names)) == len(names)
     cuda = {"kind": "cuda", "arch": "sm_90"}
-    estimate_memory(mod, cuda)
-    prof = estimate_memory(mod, cuda)  # served from the memo
+    with caches.scope():
+        estimate_memory(mod, cuda)
+        prof = estimate_memory(mod, cuda)  # served from the memo
     assert any(e.op.startswith("fused_") for e in prof.timeline)
     assert not any("acmemo" in e.op for e in prof.timeline)
 
@@ -183,8 +186,8 @@ def test_ops_left_unlowered_estimate_as_tvm_lowers_them(monkeypatch):
     mods += [generate(RandomDraw(rng.randrange(10**9))).mod for _ in range(30)]
     evo = mods[3]
     mods.append(apply_chunk_plan(evo, ChunkPlan((ChunkRegion("lv54", "lv119", "lv53", 0, 64),))))
-    before = dict(L.stats)
-    kept = [_estimate_key(estimate_memory(m, "llvm")) for m in mods]
+    with caches.scope() as c:
+        kept = [_estimate_key(estimate_memory(m, "llvm")) for m in mods]
     for op, least in (
         ("relax.reshape", 20),
         ("relax.strided_slice", 2),
@@ -195,7 +198,7 @@ def test_ops_left_unlowered_estimate_as_tvm_lowers_them(monkeypatch):
         ("relax.add", 20),
         ("relax.multiply", 5),
     ):
-        assert L.stats.get(f"kept {op}", 0) - before.get(f"kept {op}", 0) >= least, op
+        assert c.stats.get(f"kept {op}", 0) >= least, op
     monkeypatch.setattr(L, "_keep_for_the_walk", lambda op, legalize: legalize)
     lowered = [_estimate_key(estimate_memory(m, "llvm")) for m in mods]
     assert kept == lowered
@@ -362,13 +365,13 @@ def test_cached_fold_constant_equals_fold_constant_and_restores_tirx_build():
     w = FAMILIES["gpt"](128, layers=1)
     mod = ac.from_torch(w.module, w.inputs)
     orig = tvm_ffi.get_global_func("tirx.build")
-    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}), caches.scope() as c:
         low = relax.transform.LegalizeOps()(mod)
         want = relax.transform.FoldConstant()(low)
         L.CachedFoldConstant(low)
-        before = L.stats.get("fold_build_hits", 0)
+        before = c.stats.get("fold_build_hits", 0)
         got = L.CachedFoldConstant(low)
-    assert L.stats.get("fold_build_hits", 0) > before  # served from the memo
+    assert c.stats.get("fold_build_hits", 0) > before  # served from the memo
     assert tvm_ffi.structural_equal(want, got)
     assert tvm_ffi.get_global_func("tirx.build").same_as(orig)
 
@@ -395,7 +398,7 @@ def test_types_whose_structural_hashes_collide_get_their_own_primfunc():
 
 
 def _tvm_lowering(mod, target="llvm"):
-    from relay_passes.pipeline import as_target, lowering_passes
+    from relay_passes.lowering import as_target, lowering_passes
 
     tgt = as_target(target)
     with tgt:
@@ -403,7 +406,7 @@ def _tvm_lowering(mod, target="llvm"):
 
 
 def _cpu_lowering(mod, target="llvm"):
-    from relay_passes.pipeline import as_target, lowering_passes
+    from relay_passes.lowering import as_target, lowering_passes
 
     tgt = as_target(target)
     with tgt:

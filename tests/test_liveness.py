@@ -1,8 +1,7 @@
-"""Liveness estimator on hand-written Relax: exact bytes, peak sites, and TVM's own plan.
-
-Sizes are whole KiB so every expectation is exact. Each case is also checked against the
-ground truth read off TVM's StaticPlanBlockMemory (``planned_memory``).
-"""
+"""relay_passes.liveness, the frame walk behind ``estimate_memory``, on hand-written Relax: exact
+bytes, views, storage reuse and growth, workspace, callee frames, peak sites, and the walk's own
+RewriteDataflowReshape. Sizes are whole KiB so every expectation is exact; each case is also
+checked against the ground truth read off TVM's StaticPlanBlockMemory (``planned_memory``)."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from tvm.script import tirx as T
 from relay_passes.errors import PassContractError, SymbolicShapeError
 from relay_passes.estimate_memory import estimate_memory
 from relay_passes.liveness import DataflowReshapeUnknown
-from relay_passes.pipeline import as_target, estimate_passes, run_passes
+from relay_passes.lowering import as_target, estimate_passes, run_passes
 from relay_passes.planned_memory import planned_memory
 
 KIB = 1024
@@ -108,18 +107,6 @@ class Dynamic:
             d = R.add(b, a)
             R.output(d)
         return d
-
-
-@I.ir_module
-class Big:  # storages of 3.8 MiB: 4 MiB in whole pages on a GPU
-    @R.function
-    def main(x: R.Tensor((1000, 1000), "float32")):
-        with R.dataflow():
-            y = R.matmul(x, x)
-            z = R.matmul(y, x)
-            w = R.add(z, y)
-            R.output(w)
-        return w
 
 
 @I.ir_module
@@ -354,50 +341,3 @@ def test_walk_defers_to_tvms_pass_on_a_reshape_of_several_arguments():
     low = run_passes(TwoInputReshape, estimate_passes(_LLVM, rewrite_reshape=False), _LLVM)
     with pytest.raises(DataflowReshapeUnknown):
         _em.analyze_frames(low, "main", _LLVM, dataflow_reshape=True)
-
-
-def test_gpu_run_time_peak_counts_whole_2mib_pages():
-    """On a GPU a device allocation of 1 MiB or more takes whole 2 MiB pages (an H200 measured
-    ViT-4096 chunked into 0.01-9 MiB storages at 48 MiB where TVM's plan said 39.9): the
-    simulated run-time peak, which the budget is checked against with the static plan, rounds
-    such blocks to them there, and to 4 KiB pages on a CPU."""
-    from relay_passes.liveness import GPU_ALLOC_GRANULARITY, PAGE
-
-    gpu_t = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
-    gpu, cpu = estimate_memory(Big, gpu_t), estimate_memory(Big, "llvm")
-    assert gpu.runtime_peak_bytes % GPU_ALLOC_GRANULARITY == 0
-    assert cpu.runtime_peak_bytes % PAGE == 0
-    assert any("2 MiB pages" in n for n in gpu.notes)
-    assert not any("2 MiB pages" in n for n in cpu.notes)
-
-
-def test_gpu_pool_matches_blocks_by_their_own_size_and_callees_by_function():
-    """The run-time simulation on a GPU: a new block of 1 MiB or more costs whole 2 MiB pages
-    (a smaller one its size), but TVM's pool
-    hands a freed block only to a request of the same (4 KiB-rounded) size, and a callee's
-    frame (several allocations of its own sizes) is reused only by calls of the same
-    function. Matching by the 2 MiB-rounded size instead predicted 36 MiB for a ViT-4096
-    build an H200 measured at 40 (README "GPU (H200)")."""
-    from relay_passes.liveness import (
-        FrameAnalysis,
-        FrameMemory,
-        _Event,
-        runtime_peak,
-    )
-
-    mib = 2**20
-    # a 9 MiB block dies at 1; a 1.5 MiB and a 0.5 MiB block are born at 2; then two calls of
-    # f and one of g
-    fa = FrameAnalysis(
-        memory=FrameMemory("main", 0, 0, 0, 0, 0, None), protos=(),
-        events=(_Event(3, "c1", "call f", callee="f"), _Event(4, "c2", "call f", callee="f"),
-                _Event(5, "c3", "call g", callee="g")),
-        callees=("f", "g"), workspace_by_index={}, num_bindings=6,
-        blocks=((9 * mib, 0, 1), (3 * mib // 2, 2, 6), (mib // 2, 2, 6)),
-    )
-    callee = {"f": 4 * mib, "g": 4 * mib}
-    # GPU: 10 (9 MiB in pages) + 2 (the 1.5 MiB block: no freed block of its size) + 0.5 (a
-    # small block, packed) + 4 (f, reused by its second call) + 4 (g: f's frame is not g's)
-    assert runtime_peak(fa, callee, gpu=True) == 20 * mib + mib // 2
-    # CPU: the same pool rules, in 4 KiB pages, and frames of equal size reused (as measured)
-    assert runtime_peak(fa, callee, gpu=False) == 9 * mib + 2 * mib + 4 * mib

@@ -1,4 +1,6 @@
-"""Smoke tests of benchmarks/report.py on copies of the results (no model is built or run)."""
+"""Reports: ``tvm_autochunk.report`` (the readable text and the JSON of an estimate's and a
+build's report; these two tests build a model) and ``benchmarks/report.py`` (smoke tests on
+copies of the results; no model is built or run for those)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from _helpers import family_module as _mod  # (family, size) -> Relax module, built once
 
+import tvm_autochunk as ac
 from benchmarks import report
+from benchmarks.models import SMALL_SIZES
+from relay_passes.auto_chunk import need_bytes
+from relay_passes.estimate_memory import estimate_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -199,3 +206,31 @@ def test_odd_rows_do_not_crash(tmp_path, capsys):
     assert "| gpt | 64 | min (0.0 MiB) |" in b and "4x16" in b
     assert "| gpt | 95.0% | 64, min | 1.010 | >= 90% | met |" in b
     assert "5.0% (min)" in b
+
+
+def test_report_prints_the_plan_one_line_per_stage(gpt):
+    mod, _, _ = gpt
+    need = need_bytes(estimate_memory(mod, "llvm"))
+    art = ac.build(mod, "llvm", budget=int(need * 0.5))
+    text = str(art.report)
+    ch = art.report.chunking
+    stages = {r["stage"] for r in ch["regions"]}
+    lines = [ln.strip() for ln in text.splitlines()]
+    assert sum(ln.startswith("stage ") for ln in lines) == len(stages) >= 1
+    r = ch["regions"][0]
+    assert f"{r['n_chunks']} chunks of {r['chunk']} rows" in text
+    assert any(ln.startswith("predicted added run time ") for ln in lines)
+    assert "{" not in text  # no JSON dumped into the readable report
+
+
+def test_report_is_readable_and_serialisable():
+    import json
+
+    rep = ac.estimate(_mod("gpt", SMALL_SIZES["gpt"]), target="llvm")
+    assert isinstance(rep.peak_bytes, int) and rep.peak_bytes > 0
+    text = str(rep)
+    assert "peak (one call)" in text and rep.peak_binding in text
+    d = json.loads(rep.to_json())
+    assert d["peak_bytes"] == rep.peak_bytes
+    assert d["estimate"]["timeline"], "timeline must not be empty"
+    assert d["weight_bytes"] > 0 and d["input_bytes"] > 0

@@ -1,155 +1,53 @@
-"""Robustness (issue 7): bad inputs fail with a clear message (what was wrong, where, what to do),
-budgets are never silently exceeded, and nothing is lost (the caller's module, the output path).
-
-Covered elsewhere and not repeated here:
-  test_frontends.py: missing / truncated .onnx and .pt2, wrong suffix, unsupported torch and
-    ONNX ops (UnsupportedOpError), an IRModule without main (load_model), torch.export failures;
-  test_budget.py: the budget grammar and every rejected form (BudgetError, with the value and
-    the accepted forms); test_build.py: bad budgets through build, impossible budgets (peak,
-    site, blocker), an unbounded torch dynamic dim, wrong call inputs, not mutating the module
-    on an unbudgeted build; test_cli.py: exit status 2 for missing files, bad budgets, an
-    impossible budget (no .so written), a missing output folder, argparse misuse;
-  test_chunking.py: an op without a dim-flow rule is a barrier for the region analysis;
-  test_fuzz.py: random graphs (several outputs, reshapes, barriers) against every promise.
-"""
+"""Robustness (issue 7), across modules: bad inputs fail with a clear message (what was wrong,
+where, what to do), budgets are never silently exceeded, and nothing is lost (the caller's
+module, the output path). Covered elsewhere and not repeated here: test_frontends.py (missing,
+empty, truncated or garbage .onnx and .pt2 files, a zip that is not an export archive, wrong
+suffixes, unsupported torch and ONNX ops, an IRModule without main, torch.export failures);
+test_budget.py (the budget grammar and every rejected form); test_build.py (bad and impossible
+budgets through build, an unbounded torch dynamic dim, wrong call inputs, not mutating the
+module on an unbudgeted build); test_cli.py (exit status 2 and nothing written for bad or
+missing model files, bad budgets, an impossible budget, a failed export, a missing output
+folder, argparse misuse); test_artifacts.py (a failed export leaves no partial artifact;
+weight parameters cannot be passed to an artifact); test_driver.py (peaks no chunking can
+lower: the outputs, tensors computed from weights alone); test_chunk_region.py (an op without
+a dim-flow rule is a barrier for the region analysis); test_fuzz.py (random graphs: several
+outputs, reshapes, barriers, against every promise)."""
 
 from __future__ import annotations
 
 import math
-import os
 import resource
-import shutil
 import time
-import zipfile
 
 import ml_dtypes
 import numpy as np
 import pytest
 import tvm
 import tvm_ffi
+from _helpers import attention as _attention
+from _helpers import relax_module as _module
+from _helpers import same_arrays as _same
 from tvm import relax
 
 import tvm_autochunk as ac
-from tvm_autochunk import cli
 
 op = relax.op
+
+
 RNG = np.random.default_rng(0)
-
-
-def _module(body, shapes, dtype="float32", attrs=None):
-    """A Relax module: ``main(x0, x1, ...)`` whose dataflow block is built by ``body(bb, *xs)``."""
-    bb = relax.BlockBuilder()
-    xs = [relax.Var(f"x{i}", relax.TensorType(s, dtype)) for i, s in enumerate(shapes)]
-    with bb.function("main", xs, attrs=attrs):
-        with bb.dataflow():
-            gv = bb.emit_output(body(bb, *xs))
-        bb.emit_func_output(gv)
-    return bb.get()
-
-
-def _same(a, b) -> bool:
-    """Nested tuples of arrays, bit for bit."""
-    if isinstance(a, tuple) or isinstance(b, tuple):
-        return (
-            isinstance(a, tuple)
-            and isinstance(b, tuple)
-            and len(a) == len(b)
-            and all(_same(x, y) for x, y in zip(a, b))
-        )
-    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
-
-
-def _attention(bb, x):
-    """softmax(x x^T) x: the (S, S) scores are the peak; chunkable along the rows."""
-    s = bb.emit(op.matmul(x, bb.emit(op.permute_dims(x, [1, 0]), "xt")), "s")
-    p = bb.emit(op.nn.softmax(s, axis=-1), "p")
-    return op.matmul(p, x)
 
 
 def _snapshot(mod):
     return tvm_ffi.structural_hash(mod), mod.script(show_meta=True)
 
 
-# ------------------------------------------------------------------------------------ files
-def _onnx_model(op_type="Softmax"):
-    import onnx
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 4])
-    node = helper.make_node(op_type, ["x"], ["y"], name=f"{op_type.lower()}0")
-    graph = helper.make_graph([node], "g", [x], [y])
-    return helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-
-
-@pytest.fixture
-def bad_files(tmp_path):
-    import onnx
-
-    files = {
-        "empty.onnx": b"",
-        "empty.pt2": b"",
-        "garbage.onnx": bytes(RNG.integers(0, 256, 300, dtype=np.uint8)),
-    }
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    with zipfile.ZipFile(tmp_path / "weights.pt2", "w") as z:  # a zip, not an export archive
-        z.writestr("hello.txt", "not an exported program")
-    onnx.save(_onnx_model("Celu"), str(tmp_path / "celu.onnx"))  # TVM has no Celu converter
-    return tmp_path
-
-
-@pytest.mark.parametrize("name", ["empty.onnx", "empty.pt2"])
-def test_empty_model_file_says_it_is_empty(bad_files, name):
-    with pytest.raises(
-        ac.FrontendError, match=rf"'.*{name}': the file is empty \(0 bytes\).*Remedy"
-    ):
-        ac.build(bad_files / name)
-
-
-def test_garbage_onnx_is_a_clear_frontend_error(bad_files):
-    with pytest.raises(
-        ac.FrontendError, match=r"cannot parse '.*garbage\.onnx'.*not an ONNX protobuf.*Remedy"
-    ):
-        ac.estimate(bad_files / "garbage.onnx")
-
-
-def test_zip_that_is_not_an_export_archive(bad_files):
-    with pytest.raises(ac.FrontendError) as ei:
-        ac.build(bad_files / "weights.pt2")
-    msg = str(ei.value)
-    assert "weights.pt2" in msg and "not a torch.export archive" in msg and "hello.txt" in msg
-    assert "torch.export.save(ep, path) (not torch.save)" in msg
-
-
-@pytest.mark.parametrize(
-    "name, match",
-    [
-        ("empty.onnx", "the file is empty (0 bytes)"),
-        ("garbage.onnx", "cannot parse"),
-        ("weights.pt2", "not a torch.export archive"),
-        ("celu.onnx", "cannot import operator 'Celu'"),
-        ("missing.onnx", "no such file"),
-    ],
-)
-def test_cli_bad_model_exits_2_and_writes_nothing(bad_files, capsys, name, match):
-    out = bad_files / "out" / "m.so"
-    out.parent.mkdir()
-    before = set(os.listdir(bad_files))
-    assert cli.main(["build", str(bad_files / name), "-o", str(out), "--budget", "1MiB"]) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and name in lines[0] and match in lines[0], err
-    assert "Traceback" not in err
-    assert os.listdir(out.parent) == [] and set(os.listdir(bad_files)) == before | {"out"}
-
-
+# -------------------------------------------------------------------------------------------- files
 def test_budget_is_checked_before_the_model_is_read(bad_files):
     with pytest.raises(ac.BudgetError, match="invalid budget '2 parsecs'"):
         ac.build(bad_files / "garbage.onnx", budget="2 parsecs")
 
 
-# --------------------------------------------------------------- ops without a dim-flow rule
+# ---------------------------------------------------------------------- ops without a dim-flow rule
 def _einsum_attention(bb, x):
     s = bb.emit(op.einsum((x, x), "ik,jk->ij"), "s")  # einsum has no dim-flow rule
     p = bb.emit(op.nn.softmax(s, axis=-1), "p")
@@ -177,7 +75,7 @@ def test_op_without_dim_rule_in_the_peak_region_is_chunked_around_or_named():
     assert ac.build(mod, budget=ei.value.min_budget).report.peak_bytes <= ei.value.min_budget
 
 
-# ------------------------------------------------------------------------- symbolic dims
+# ------------------------------------------------------------------------------------ symbolic dims
 def test_unbounded_symbolic_dim_with_a_budget():
     n = tvm.tirx.Var("n", "int64")
     bb = relax.BlockBuilder()
@@ -208,7 +106,7 @@ def test_unbounded_symbolic_dim_with_a_budget():
     np.testing.assert_allclose(art(xs), ref, rtol=1e-6)
 
 
-# -------------------------------------------------------------------------------- dtypes
+# ------------------------------------------------------------------------------------------- dtypes
 def _mlp(dtype):
     np_dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
 
@@ -281,7 +179,7 @@ def test_bool_and_half_region_outputs_are_written_in_place():
     assert _same(art(x), ac.build(mod)(x))
 
 
-# ------------------------------------------------------------------------- outputs
+# ------------------------------------------------------------------------------------------ outputs
 def test_several_and_nested_tuple_outputs_chunked():
     def body(bb, x):
         s = bb.emit(op.matmul(x, bb.emit(op.permute_dims(x, [1, 0]))), "s")
@@ -302,55 +200,7 @@ def test_several_and_nested_tuple_outputs_chunked():
     assert art.report.planned_peak_bytes <= base.report.peak_bytes // 2
 
 
-# ------------------------------------------------- peaks no chunking can lower (floors)
-def test_peak_is_the_output_no_chunking_can_help():
-    mod = _module(lambda bb, x: op.multiply(x, relax.const(2.0)), [(256, 256)])
-    with pytest.raises(ac.BudgetInfeasibleError) as ei:
-        ac.build(mod, budget="64KiB")
-    e, msg = ei.value, str(ei.value)
-    assert "No chunking can help here" in msg
-    assert "256.00 KiB are the module's outputs ('gv' 256x256 float32)" in msg
-    assert "the budget is below them alone" in msg and "return smaller outputs" in msg
-    assert e.min_budget == e.unchunked_peak == 256 * 256 * 4
-    art = ac.build(mod, budget=e.min_budget)
-    assert art.report.chunking is None and art.report.peak_bytes <= e.min_budget
-
-
-def test_outputs_set_the_floor_after_chunking():
-    """Chunking lowers the peak, but the two outputs (160 KiB) are most of what is left."""
-
-    def body(bb, x):
-        return relax.Tuple([bb.emit(_attention(bb, x), "a"), op.tanh(x)])
-
-    mod = _module(body, [(128, 160)])
-    with pytest.raises(ac.BudgetInfeasibleError) as ei:
-        ac.build(mod, budget="1KiB")
-    e, msg = ei.value, str(ei.value)
-    assert e.best_peak < e.unchunked_peak
-    assert "Chunking cannot go lower: of the smallest peak, 160.00 KiB are the module's " in msg
-    assert "outputs ('a' 128x160 float32, " in msg and "return smaller outputs" in msg
-    art = ac.build(mod, budget=e.min_budget)
-    assert art.report.chunking["regions"] and art.report.planned_peak_bytes <= e.min_budget
-
-
-def test_peak_computed_from_weights_alone():
-    """A transposed 512x512 constant weight (1 MiB) is the peak: it depends on no parameter,
-    so there is no dim to chunk it along."""
-    w = (RNG.standard_normal((512, 512)) / 23).astype("float32")
-    mod = _module(
-        lambda bb, x: op.matmul(x, bb.emit(op.permute_dims(relax.const(w), [1, 0]), "wt_t")),
-        [(4, 512)],
-    )
-    assert ac.estimate(mod).weight_bytes == 512 * 512 * 4  # listed apart, not in the budget
-    with pytest.raises(ac.BudgetInfeasibleError) as ei:
-        ac.build(mod, budget="64KiB")
-    msg = str(ei.value)
-    assert "No chunking can help here" in msg
-    assert "1.00 MiB are tensors computed from weights alone ('wt_t' 512x512 float32)" in msg
-    assert "precompute the weight-only tensors offline" in msg
-    assert ei.value.min_budget == ei.value.unchunked_peak
-
-
+# ------------------------------------------------------------------------------------------ weights
 def test_weight_parameter_peak_is_chunked_along_the_weight():
     """The same with the weight as a parameter (relax.frontend.nn style, num_input=1): a region
     can be chunked along the weight's rows, so the budget is met."""
@@ -374,18 +224,6 @@ def test_weight_parameter_peak_is_chunked_along_the_weight():
     assert _same(run(art), run(ac.build(mod)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ac.InputError,
-    reason="Artifact lists only the first num_input parameters as inputs and has no way to "
-    "pass weight parameters (keep_params_as_input / relax.frontend.nn modules)",
-)
-def test_artifact_call_with_weight_parameters():
-    mod = _module(lambda bb, x, wt: op.matmul(x, wt), [(4, 8), (8, 8)], attrs={"num_input": 1})
-    x, w = np.ones((4, 8), "float32"), np.eye(8, dtype="float32")
-    assert _same(ac.build(mod)(x, w), x)
-
-
 def test_inputs_and_weights_are_not_counted_against_the_budget():
     w = RNG.standard_normal((256, 256)).astype("float32")
     x = RNG.standard_normal((256, 256)).astype("float32")
@@ -397,7 +235,7 @@ def test_inputs_and_weights_are_not_counted_against_the_budget():
     assert _same(a, x) and _same(b, w)
 
 
-# ------------------------------------------------------------------------- empty graphs
+# ------------------------------------------------------------------------------------- empty graphs
 def test_main_returning_its_input():
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((3, 5), "float32"))
@@ -437,7 +275,7 @@ def test_module_without_a_relax_main(which):
             call(mod)
 
 
-# ------------------------------------------------------------------------- nothing lost
+# ------------------------------------------------------------------------------------- nothing lost
 def test_build_never_mutates_the_callers_module():
     from relay_passes.plan import ChunkPlan, ChunkRegion
 
@@ -456,65 +294,7 @@ def test_build_never_mutates_the_callers_module():
     assert _snapshot(mod) == before
 
 
-@pytest.fixture(scope="module")
-def small_artifact():
-    return ac.build(_module(_attention, [(16, 4)]))
-
-
-def test_failed_export_leaves_no_partial_artifact(small_artifact, tmp_path, monkeypatch):
-    art = small_artifact
-    dst = tmp_path / "model.so"
-
-    def broken(path, *a, **kw):  # writes half a library, then fails (a compiler crash, say)
-        with open(path, "wb") as f:
-            f.write(b"\x7fELF partial")
-        raise RuntimeError("the linker was killed")
-
-    monkeypatch.setattr(art._exec, "export_library", broken)
-    with pytest.raises(ac.ArtifactError, match="exporting the library failed: the linker"):
-        art.export(dst)
-    assert os.listdir(tmp_path) == []
-    dst.write_bytes(b"the previous, good artifact")  # an existing artifact is left as it was
-    with pytest.raises(ac.ArtifactError):
-        art.export(dst)
-    assert (
-        os.listdir(tmp_path) == ["model.so"] and dst.read_bytes() == b"the previous, good artifact"
-    )
-
-
-def test_export_write_error_is_an_artifact_error(small_artifact, tmp_path, monkeypatch):
-    def full(src, dst, *a, **kw):
-        with open(dst, "wb") as f:
-            f.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(shutil, "copyfile", full)
-    with pytest.raises(ac.ArtifactError, match="No space left on device"):
-        small_artifact.export(tmp_path / "model.so")
-    assert os.listdir(tmp_path) == []
-
-
-def test_cli_failed_export_exits_2_and_writes_nothing(bad_files, capsys, monkeypatch):
-    import onnx
-
-    model = bad_files / "softmax.onnx"
-    onnx.save(_onnx_model("Softmax"), str(model))
-    out = bad_files / "o" / "m.so"
-    out.parent.mkdir()
-
-    def broken(self, path, *a, **kw):
-        with open(path, "wb") as f:
-            f.write(b"\x7fELF partial")
-        raise RuntimeError("the linker was killed")
-
-    monkeypatch.setattr(tvm.runtime.Executable, "export_library", broken)
-    assert cli.main(["build", str(model), "-o", str(out), "-q"]) == 2
-    err = capsys.readouterr().err
-    assert "error: exporting the library failed: the linker was killed" in err
-    assert "Traceback" not in err and os.listdir(out.parent) == []
-
-
-# ------------------------------------------------------------------------- huge graphs
+# -------------------------------------------------------------------------------------- huge graphs
 def _gpt(layers, S=128, D=64, H=2, seed=0):
     """A GPT-2 style decoder written with BlockBuilder (no torch): pre-LN attention with a
     causal mask and a 4x GELU MLP per layer; about 29 bindings per layer."""

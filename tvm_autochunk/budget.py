@@ -24,6 +24,7 @@ import reprlib
 from fractions import Fraction
 
 from relay_passes.errors import BudgetError
+from relay_passes.plan import format_bytes
 
 __all__ = ["UNITS", "format_bytes", "parse_budget"]
 
@@ -113,25 +114,3 @@ def parse_budget(value: object) -> int | None:
         raise _invalid(value, "must be at least 1 byte")
     return n
 
-
-_BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB")
-
-
-def format_bytes(n: int) -> str:
-    """Format a byte count for reports: ``"12 B"``, ``"512.00 MiB"``, ``"1.50 GiB"``.
-
-    Uses binary units up to TiB, so every output can be fed back to :func:`parse_budget`
-    (for positive ``n``). Negative counts (deltas) keep their sign.
-    """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"format_bytes expects an int number of bytes, got {n!r}")
-    n = int(n)
-    sign, mag = ("-" if n < 0 else ""), abs(n)
-    if mag < 1024:
-        return f"{sign}{mag} B"
-    for i, unit in enumerate(_BINARY_UNITS):
-        scaled = mag / 1024 ** (i + 1)
-        # Promote when rounding would print "1024.00 KiB" instead of "1.00 MiB".
-        if round(scaled, 2) < 1024 or i == len(_BINARY_UNITS) - 1:
-            return f"{sign}{scaled:.2f} {unit}"
-    raise AssertionError("unreachable")  # pragma: no cover

@@ -7,7 +7,7 @@ dim is not a source, so that argument stays whole. Nothing is reduced.
 
 from __future__ import annotations
 
-from ..dimflow import OpFlow, identity_flow, register_dim_rule
+from ..dimflow import OpFlow, builtin_rule, identity_flow
 
 
 def _elementwise(tensor_args: tuple[int, ...]):
@@ -42,8 +42,8 @@ BINARY = (
 TERNARY = ("where",)
 
 for _name in UNARY:
-    register_dim_rule(f"relax.{_name}", _unary)
+    builtin_rule(f"relax.{_name}", _unary)
 for _name in BINARY:
-    register_dim_rule(f"relax.{_name}", _binary)
+    builtin_rule(f"relax.{_name}", _binary)
 for _name in TERNARY:
-    register_dim_rule(f"relax.{_name}", _ternary)
+    builtin_rule(f"relax.{_name}", _ternary)

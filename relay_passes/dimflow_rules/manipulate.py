@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from ..dimflow import OpFlow, Src, identity_flow, register_dim_rule
-from . import norm_axes, norm_axis, pairs, same_dims, tuple_arg_ints
+from ..dimflow import OpFlow, Src, builtin_rule, identity_flow
+from .common import norm_axes, norm_axis, pairs, same_dims, tuple_arg_ints
 
 
 def _flow(dims, reduced=()) -> OpFlow:
@@ -30,7 +30,7 @@ def _flow(dims, reduced=()) -> OpFlow:
 # ---------------------------------------------------------------------------- layout
 
 
-@register_dim_rule("relax.permute_dims")
+@builtin_rule("relax.permute_dims")
 def permute_dims(call, arg_shapes, out_shapes) -> OpFlow:
     nd = len(arg_shapes[0])
     axes = call.attrs.axes
@@ -38,7 +38,7 @@ def permute_dims(call, arg_shapes, out_shapes) -> OpFlow:
     return _flow([(Src(0, k),) for k in perm])
 
 
-@register_dim_rule("relax.expand_dims")
+@builtin_rule("relax.expand_dims")
 def expand_dims(call, arg_shapes, out_shapes) -> OpFlow:
     nd_out = len(out_shapes[0])
     inserted = set(norm_axes(call.attrs.axis, nd_out))
@@ -49,7 +49,7 @@ def expand_dims(call, arg_shapes, out_shapes) -> OpFlow:
     return _flow(dims)
 
 
-@register_dim_rule("relax.squeeze")
+@builtin_rule("relax.squeeze")
 def squeeze(call, arg_shapes, out_shapes) -> OpFlow:
     shape = arg_shapes[0]
     axis = call.attrs.axis
@@ -61,7 +61,7 @@ def squeeze(call, arg_shapes, out_shapes) -> OpFlow:
     return _flow([(Src(0, k),) for k in kept])
 
 
-@register_dim_rule("relax.broadcast_to")
+@builtin_rule("relax.broadcast_to")
 def broadcast_to(call, arg_shapes, out_shapes) -> OpFlow:
     out = out_shapes[0]
     return identity_flow(len(out), (0,), arg_shapes, out)
@@ -105,13 +105,13 @@ def reshape_flow(in_shape, out_shape) -> OpFlow:
     return _flow(dims, pairs(0, (k for k in ins if k not in mapped)))
 
 
-@register_dim_rule("relax.reshape")
+@builtin_rule("relax.reshape")
 def reshape(call, arg_shapes, out_shapes) -> OpFlow:
     # arg 1 is the target ShapeExpr; the rewriter replaces it by the chunked shape.
     return reshape_flow(arg_shapes[0], out_shapes[0])
 
 
-@register_dim_rule("relax.flatten")
+@builtin_rule("relax.flatten")
 def flatten(call, arg_shapes, out_shapes) -> OpFlow:
     return reshape_flow(arg_shapes[0], out_shapes[0])
 
@@ -119,7 +119,7 @@ def flatten(call, arg_shapes, out_shapes) -> OpFlow:
 # -------------------------------------------------------------------------- slicing
 
 
-@register_dim_rule("relax.strided_slice")
+@builtin_rule("relax.strided_slice")
 def strided_slice(call, arg_shapes, out_shapes) -> OpFlow | None:
     in_shape, out = arg_shapes[0], out_shapes[0]
     axes = tuple_arg_ints(call.args[1])
@@ -136,7 +136,7 @@ def strided_slice(call, arg_shapes, out_shapes) -> OpFlow | None:
     return _flow(same_dims(0, len(out), reduced), pairs(0, reduced))
 
 
-@register_dim_rule("relax.split")
+@builtin_rule("relax.split")
 def split(call, arg_shapes, out_shapes) -> OpFlow:
     nd = len(arg_shapes[0])
     axis = norm_axis(call.attrs.axis, nd)
@@ -146,7 +146,7 @@ def split(call, arg_shapes, out_shapes) -> OpFlow:
     return OpFlow(per_out, frozenset({(0, axis)}))
 
 
-@register_dim_rule("relax.take")
+@builtin_rule("relax.take")
 def take(call, arg_shapes, out_shapes) -> OpFlow:
     data, idx = arg_shapes[0], arg_shapes[1]
     axis = 0 if call.attrs.axis is None else norm_axis(call.attrs.axis, len(data))
@@ -156,8 +156,8 @@ def take(call, arg_shapes, out_shapes) -> OpFlow:
     return _flow(dims, {(0, axis)})
 
 
-@register_dim_rule("relax.tril")
-@register_dim_rule("relax.triu")
+@builtin_rule("relax.tril")
+@builtin_rule("relax.triu")
 def tril_triu(call, arg_shapes, out_shapes) -> OpFlow:
     nd = len(arg_shapes[0])
     last2 = tuple(range(max(nd - 2, 0), nd))
@@ -176,6 +176,6 @@ def _fresh(call, arg_shapes, out_shapes) -> OpFlow:
 
 
 for _name in ("full_like", "zeros_like", "ones_like"):
-    register_dim_rule(f"relax.{_name}", _like)
+    builtin_rule(f"relax.{_name}", _like)
 for _name in ("full", "zeros", "ones", "arange"):
-    register_dim_rule(f"relax.{_name}", _fresh)
+    builtin_rule(f"relax.{_name}", _fresh)

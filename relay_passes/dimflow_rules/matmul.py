@@ -10,10 +10,10 @@ dim ``ndim_b-1``; K is contracted, so it is reduced in both operands.
 
 from __future__ import annotations
 
-from ..dimflow import OpFlow, Src, register_dim_rule
+from ..dimflow import OpFlow, Src, builtin_rule
 
 
-@register_dim_rule("relax.matmul")
+@builtin_rule("relax.matmul")
 def matmul(call, arg_shapes, out_shapes) -> OpFlow:
     a, b = arg_shapes[0], arg_shapes[1]
     out = out_shapes[0]

@@ -18,8 +18,8 @@
 
 from __future__ import annotations
 
-from ..dimflow import OpFlow, Src, register_dim_rule
-from . import const_ints, norm_axes, norm_axis, pairs, same_dims
+from ..dimflow import OpFlow, Src, builtin_rule
+from .common import const_ints, norm_axes, norm_axis, pairs, same_dims
 
 # ------------------------------------------------------------------- normalisations
 
@@ -37,10 +37,10 @@ def _normalize_over(axes_of):
 
 _softmax = _normalize_over(lambda call: (call.attrs.axis,))
 for _name in ("nn.softmax", "nn.log_softmax"):
-    register_dim_rule(f"relax.{_name}", _softmax)
-register_dim_rule("relax.nn.layer_norm", _normalize_over(lambda call: call.attrs.axes))
-register_dim_rule("relax.nn.rms_norm", _normalize_over(lambda call: call.attrs.axes))
-register_dim_rule(
+    builtin_rule(f"relax.{_name}", _softmax)
+builtin_rule("relax.nn.layer_norm", _normalize_over(lambda call: call.attrs.axes))
+builtin_rule("relax.nn.rms_norm", _normalize_over(lambda call: call.attrs.axes))
+builtin_rule(
     "relax.nn.group_norm",
     _normalize_over(lambda call: (*call.attrs.axes, call.attrs.channel_axis)),
 )
@@ -80,8 +80,8 @@ def _resize(call, arg_shapes, out_shapes) -> OpFlow | None:
 
 
 for _name in ("nn.max_pool2d", "nn.avg_pool2d", "nn.adaptive_avg_pool2d"):
-    register_dim_rule(f"relax.{_name}", _pool)
-register_dim_rule("relax.image.resize2d", _resize)
+    builtin_rule(f"relax.{_name}", _pool)
+builtin_rule("relax.image.resize2d", _resize)
 
 
 # ----------------------------------------------------------------------- convolution
@@ -95,7 +95,7 @@ def _conv_layouts(call, kernel_letters: str):
     return None if d is None or w is None or o is None else (d, w, o)
 
 
-@register_dim_rule("relax.nn.conv2d")
+@builtin_rule("relax.nn.conv2d")
 def conv2d(call, arg_shapes, out_shapes) -> OpFlow | None:
     lay = _conv_layouts(call, "OIHW")
     if lay is None:
@@ -116,7 +116,7 @@ def conv2d(call, arg_shapes, out_shapes) -> OpFlow | None:
     return OpFlow((tuple(dims),), frozenset(reduced))
 
 
-@register_dim_rule("relax.nn.conv2d_transpose")
+@builtin_rule("relax.nn.conv2d_transpose")
 def conv2d_transpose(call, arg_shapes, out_shapes) -> OpFlow | None:
     lay = _conv_layouts(call, "IOHW")
     if lay is None:
@@ -135,7 +135,7 @@ def conv2d_transpose(call, arg_shapes, out_shapes) -> OpFlow | None:
 # ---------------------------------------------------------------------------- dropout
 
 
-@register_dim_rule("relax.nn.dropout")
+@builtin_rule("relax.nn.dropout")
 def dropout(call, arg_shapes, out_shapes) -> OpFlow:
     return OpFlow(tuple(tuple(same_dims(0, len(s))) for s in out_shapes))
 
@@ -174,4 +174,4 @@ def _attention(call, arg_shapes, out_shapes) -> OpFlow | None:
 
 
 for _name in ("nn.attention", "nn.attention_bias"):
-    register_dim_rule(f"relax.{_name}", _attention)
+    builtin_rule(f"relax.{_name}", _attention)

@@ -8,8 +8,8 @@ flattens the input first, which no chunk survives: barrier.
 
 from __future__ import annotations
 
-from ..dimflow import OpFlow, Src, register_dim_rule
-from . import norm_axes, norm_axis, pairs, same_dims
+from ..dimflow import OpFlow, Src, builtin_rule
+from .common import norm_axes, norm_axis, pairs, same_dims
 
 
 def _reduce_over(nd: int, axes: tuple[int, ...], keepdims: bool) -> OpFlow:
@@ -43,8 +43,8 @@ def _scan(call, arg_shapes, out_shapes) -> OpFlow | None:
 
 
 for _name in ("sum", "mean", "max", "min", "prod", "variance", "std"):
-    register_dim_rule(f"relax.{_name}", _statistical)
+    builtin_rule(f"relax.{_name}", _statistical)
 for _name in ("argmax", "argmin"):
-    register_dim_rule(f"relax.{_name}", _arg_reduce)
+    builtin_rule(f"relax.{_name}", _arg_reduce)
 for _name in ("cumsum", "cumprod"):
-    register_dim_rule(f"relax.{_name}", _scan)
+    builtin_rule(f"relax.{_name}", _scan)

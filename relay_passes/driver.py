@@ -1,0 +1,266 @@
+"""The one build driver: what ``build()`` and the registered ``autochunk`` pipeline run.
+
+``AutochunkPipeline(target, budget_bytes)`` is a module pass that takes a high-level Relax
+module through TVM's whole Relax pipeline for the target, under the budget:
+
+1. estimate the module (``estimate_memory``); over the budget, search chunk regions
+   (``auto_chunk``). A refusal's ``min_budget`` is checked by searching at it
+   (``confirm_min_budget``), and it names what sets the floor (``floor_note``);
+2. lower and plan (``lowering.planning_passes``), then read TVM's own plan: over the budget,
+   search again aiming 5% lower, at most ``MAX_ATTEMPTS`` times, then refuse;
+3. finish TVM's pipeline (``lowering.finalize_passes``).
+
+It keeps what a report needs (``profile``, ``result``, ``plan``, ``module``) and the error it
+raised (``error``: with its fields; through TVM's FFI a caller sees its type and message).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import tvm
+from tvm import relax
+
+from . import caches
+from .auto_chunk import AutoChunkResult, auto_chunk, need_bytes
+from .errors import BudgetInfeasibleError, UnsupportedTargetError
+from .estimate_memory import estimate_memory
+from .lowering import (
+    as_target,
+    dataflow_lower_passes,
+    finalize_passes,
+    is_gpu,
+    lowering_passes,
+    run_passes,
+)
+from .plan import ChunkPlan, format_bytes
+from .planned_memory import read_plan
+from .rewrite import apply_chunk_plan
+from .search import SearchOptions
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # searches aiming lower when TVM's plan misses the budget
+MIN_BUDGET_CHECKS = 2  # searches that check a refusal's suggested budget
+
+
+def confirm_min_budget(err: BudgetInfeasibleError, search: Callable) -> BudgetInfeasibleError:
+    """``err`` with a ``min_budget`` that builds. The search is greedy and its path depends
+    on the budget: aiming at a refusal's suggestion it can take another path and miss it
+    (found by fuzzing). So the suggestion is searched at (adopting each new refusal's), at
+    most ``MIN_BUDGET_CHECKS`` times; failing that, it becomes the unchunked peak."""
+    suggest, top = err.min_budget, err.unchunked_peak
+    if suggest is None or top is None or suggest >= top:
+        return err  # the unchunked module fits the suggestion: nothing to check
+    reached = None
+    for _ in range(MIN_BUDGET_CHECKS):
+        try:
+            search(suggest)
+            break
+        except BudgetInfeasibleError as again:
+            reached = again.best_peak if reached is None else reached
+            suggest = again.min_budget
+            if suggest is None or suggest >= top:
+                suggest = top
+                break
+    else:
+        suggest = top  # not confirmed: only the unchunked peak is sure to work
+    if reached is None:
+        return err
+    return _with(err, min_budget=suggest, aimed=(err.min_budget, reached))
+
+
+def _with(err: BudgetInfeasibleError, **changes) -> BudgetInfeasibleError:
+    return BudgetInfeasibleError(**{**err.fields(), **changes})
+
+
+def floor_note(mod, prof, budget: int, best: int, unchunked: int | None, entry: str):
+    """(what sets the floor, extra remedies) when chunking cannot help: most of the smallest
+    peak is the module's outputs (one call allocates them whole) or tensors computed from
+    weights alone (they depend on no input, so no dim could be chunked). ("", ()) else."""
+    func = mod[entry]
+    # what depends on a parameter; weights passed as parameters count too
+    dep = set(func.params)
+    from_weights: set[str] = set()
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if set(relax.analysis.free_vars(b.value)) & dep:
+                dep.add(b.var)
+            else:
+                from_weights.add(str(b.var.name))
+    outs = [o for o in prof.outputs if o.nbytes]
+    const = [
+        r for r in prof.live_at_peak if r.kind != "output" and r.name in from_weights and r.nbytes
+    ]
+    out_bytes = sum(o.nbytes for o in outs)
+    const_bytes = sum(r.nbytes for r in const)
+    if not best or 2 * (out_bytes + const_bytes) < best:
+        return "", ()
+
+    def desc(rs):
+        shown = ", ".join(
+            f"'{r.name}' {'x'.join(map(str, r.shape)) or 'scalar'} {r.dtype}" for r in rs[:4]
+        )
+        return shown + (f" and {len(rs) - 4} more" if len(rs) > 4 else "")
+
+    parts, fixes = [], []
+    if out_bytes:
+        parts.append(
+            f"{format_bytes(out_bytes)} are the module's outputs ({desc(outs)}), "
+            "which one call must allocate whole"
+        )
+        fixes.append("return smaller outputs")
+    if const_bytes:
+        parts.append(
+            f"{format_bytes(const_bytes)} are tensors computed from weights alone "
+            f"({desc(const)}), which depend on no input dim that could be chunked"
+        )
+        fixes.append("precompute the weight-only tensors offline (e.g. store a weight transposed)")
+    head = (
+        "No chunking can help here"
+        if unchunked is not None and best >= unchunked
+        else "Chunking cannot go lower"
+    )
+    below = ", and the budget is below them alone" if budget < out_bytes + const_bytes else ""
+    return f"{head}: of the smallest peak, {'; and '.join(parts)}{below}", tuple(fixes)
+
+
+def chunk_to_budget(
+    mod, target, aim: int, *, entry="main", profile=None, options=None, budget=None
+) -> tuple[tvm.IRModule, AutoChunkResult]:
+    """``auto_chunk`` aiming at ``aim`` bytes, whose refusal has a ``min_budget`` that builds
+    (``confirm_min_budget``) and says what sets the floor (``floor_note``). ``budget``: the
+    user's budget, named in the refusal (default ``aim``)."""
+    budget = aim if budget is None else budget
+    profile = profile or estimate_memory(mod, target, entry=entry)
+
+    def search(b: int):
+        return auto_chunk(mod, target, b, function=entry, profile=profile, options=options)
+
+    try:
+        return search(aim)
+    except BudgetInfeasibleError as e:
+        err = confirm_min_budget(e, search)
+        floor, fixes = floor_note(
+            mod, profile, budget, err.best_peak, err.unchunked_peak, entry
+        )
+        if floor:
+            err = _with(err, floor=floor, remedies=fixes)
+        if err.budget != budget:  # a search that aimed lower: name the user's budget
+            err = _with(err, budget=budget)
+        raise err from None
+
+
+@tvm.transform.module_pass(opt_level=0, name="AutochunkPipeline")
+class AutochunkPipeline:
+    """TVM's Relax pipeline for ``target`` with AutoChunk first and TVM's plan held to
+    ``budget_bytes`` (None: no budget, the plan is only read). ``target`` None: the target in
+    scope (``tvm.compile`` enters it). ``chunk_plan``: regions applied before anything else.
+    ``options``: the search's ``SearchOptions`` (default: the target's)."""
+
+    def __init__(
+        self,
+        target=None,
+        budget_bytes: int | None = None,
+        *,
+        entry: str = "main",
+        chunk_plan: ChunkPlan | None = None,
+        options: SearchOptions | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.target = target
+        self.budget_bytes = budget_bytes
+        self.entry = entry
+        self.chunk_plan = chunk_plan
+        self.options = options
+        self.progress = progress or log.info
+        self.profile = None  # the estimate of the module built
+        self.result: AutoChunkResult | None = None  # the search's, when it chunked
+        self.plan = None  # TVM's plan (planned_memory.PlannedMemory)
+        self.module = None  # the module built, before lowering (chunked)
+        self.error: Exception | None = None
+
+    @property
+    def chunking(self) -> dict | None:
+        """The chunk plan as report data: the search's, or the caller's ``chunk_plan``."""
+        if self.result is not None:
+            return self.result.to_dict()
+        if self.chunk_plan is not None and self.chunk_plan.regions:
+            return self.chunk_plan.to_dict()
+        return None
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        tgt = as_target(self.target) if self.target is not None else tvm.target.Target.current()
+        if tgt is None:
+            raise UnsupportedTargetError(
+                "the 'autochunk' pipeline needs a target: call it through "
+                "tvm.compile(mod, target, relax_pipeline=...) or pass target=..."
+            )
+        try:
+            with caches.scope():
+                planned = self._plan(mod, tgt)
+            return run_passes(planned, finalize_passes(tgt)[1:], tgt)
+        except Exception as e:
+            self.error = e
+            raise
+
+    def _plan(self, mod: tvm.IRModule, tgt) -> tvm.IRModule:
+        """The module lowered and planned by TVM, within the budget (or raise)."""
+        budget, entry = self.budget_bytes, self.entry
+        if self.chunk_plan is not None and self.chunk_plan.regions:
+            self.progress(f"applying a chunk plan of {len(self.chunk_plan.regions)} region(s)")
+            mod = apply_chunk_plan(mod, self.chunk_plan)
+        self.progress(f"estimating memory for {tgt.kind.name}")
+        base = estimate_memory(mod, tgt, entry=entry)
+        aim = budget
+        for attempt in range(MAX_ATTEMPTS):
+            chunked, prof, self.result = mod, base, None
+            if aim is not None and need_bytes(base) > aim:
+                self.progress(
+                    f"peak {format_bytes(need_bytes(base))} is over the budget "
+                    f"{format_bytes(aim)}: searching chunk regions"
+                )
+                chunked, self.result = chunk_to_budget(
+                    mod, tgt, aim, entry=entry, profile=base, options=self.options, budget=budget
+                )
+                prof = self.result.profile
+                self.progress(
+                    f"chunked {len(self.result.stages)} region(s) in "
+                    f"{self.result.search_seconds:.1f}s: estimated peak "
+                    f"{format_bytes(self.result.final_peak)}"
+                )
+            self.progress(f"lowering and planning with TVM for {tgt.kind.name}")
+            planned = run_passes(
+                chunked,
+                [
+                    *lowering_passes(tgt),
+                    *dataflow_lower_passes(tgt),
+                    finalize_passes(tgt)[0],  # StaticPlanBlockMemory
+                ],
+                tgt,
+            )
+            self.profile, self.module = prof, chunked
+            self.plan = read_plan(planned, entry, tgt)
+            peak = max(int(self.plan.peak_bytes), int(prof.runtime_peak_bytes))
+            if budget is None or peak <= budget:
+                return planned
+            if self.result is None or attempt == MAX_ATTEMPTS - 1:
+                f = self.plan.frame(entry)
+                raise BudgetInfeasibleError(
+                    budget=budget,
+                    planned_peak=peak,
+                    plan_parts={
+                        "static plan": int(self.plan.peak_bytes),
+                        "storage": f.storage_bytes,
+                        "run-time allocations": f.unplanned_bytes,
+                        "largest callee": f.callee_bytes,
+                        "kernel workspace": self.plan.workspace_bytes,
+                        "simulated run-time peak": int(prof.runtime_peak_bytes),
+                    },
+                    gpu=is_gpu(tgt),
+                )
+            # the promise is checked on TVM's own plan: aim lower and search again
+            aim = int(aim * 0.95)
+            self.progress(f"TVM's plan is over the budget; searching again for {aim} bytes")
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,64 @@
+"""relay_passes.driver: peaks no chunking can lower (the floors). A refusal names what is left
+(the module's outputs, tensors computed from weights alone) and what to do, and its
+``min_budget`` builds (``driver.floor_note``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _helpers import attention as _attention
+from _helpers import relax_module as _module
+from tvm import relax
+
+import tvm_autochunk as ac
+
+op = relax.op
+RNG = np.random.default_rng(0)
+
+
+def test_peak_is_the_output_no_chunking_can_help():
+    mod = _module(lambda bb, x: op.multiply(x, relax.const(2.0)), [(256, 256)])
+    with pytest.raises(ac.BudgetInfeasibleError) as ei:
+        ac.build(mod, budget="64KiB")
+    e, msg = ei.value, str(ei.value)
+    assert "No chunking can help here" in msg
+    assert "256.00 KiB are the module's outputs ('gv' 256x256 float32)" in msg
+    assert "the budget is below them alone" in msg and "return smaller outputs" in msg
+    assert e.min_budget == e.unchunked_peak == 256 * 256 * 4
+    art = ac.build(mod, budget=e.min_budget)
+    assert art.report.chunking is None and art.report.peak_bytes <= e.min_budget
+
+
+def test_outputs_set_the_floor_after_chunking():
+    """Chunking lowers the peak, but the two outputs (160 KiB) are most of what is left."""
+
+    def body(bb, x):
+        return relax.Tuple([bb.emit(_attention(bb, x), "a"), op.tanh(x)])
+
+    mod = _module(body, [(128, 160)])
+    with pytest.raises(ac.BudgetInfeasibleError) as ei:
+        ac.build(mod, budget="1KiB")
+    e, msg = ei.value, str(ei.value)
+    assert e.best_peak < e.unchunked_peak
+    assert "Chunking cannot go lower: of the smallest peak, 160.00 KiB are the module's " in msg
+    assert "outputs ('a' 128x160 float32, " in msg and "return smaller outputs" in msg
+    art = ac.build(mod, budget=e.min_budget)
+    assert art.report.chunking["regions"] and art.report.planned_peak_bytes <= e.min_budget
+
+
+def test_peak_computed_from_weights_alone():
+    """A transposed 512x512 constant weight (1 MiB) is the peak: it depends on no parameter,
+    so there is no dim to chunk it along."""
+    w = (RNG.standard_normal((512, 512)) / 23).astype("float32")
+    mod = _module(
+        lambda bb, x: op.matmul(x, bb.emit(op.permute_dims(relax.const(w), [1, 0]), "wt_t")),
+        [(4, 512)],
+    )
+    assert ac.estimate(mod).weight_bytes == 512 * 512 * 4  # listed apart, not in the budget
+    with pytest.raises(ac.BudgetInfeasibleError) as ei:
+        ac.build(mod, budget="64KiB")
+    msg = str(ei.value)
+    assert "No chunking can help here" in msg
+    assert "1.00 MiB are tensors computed from weights alone ('wt_t' 512x512 float32)" in msg
+    assert "precompute the weight-only tensors offline" in msg
+    assert ei.value.min_budget == ei.value.unchunked_peak
