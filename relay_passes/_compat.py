@@ -245,7 +245,10 @@ def structural_memo(cache: dict, key, obj, compute, max_entries: int | None = No
 
 def _workspace(pf, target, bounds: dict[str, int]) -> tuple[int, ...]:
     if not _has_global_alloc(pf):
-        return ()
+        return ()  # the schedule rules add no global buffer: none after scheduling either
+    scheduled = pf.attrs is not None and "tirx.is_scheduled" in pf.attrs
+    if target.kind.name == "llvm" and not scheduled:
+        pf = schedule_cpu(pf, target)  # as the build will (lowering.lowering_passes)
     lowered = _lower_for_workspace(pf, target)
     sizes: list[int] = []
 
@@ -272,6 +275,15 @@ def _workspace(pf, target, bounds: dict[str, int]) -> tuple[int, ...]:
 
     tvm_ffi.structural_visit(lowered.body, [(tvm.tirx.stmt.AllocBuffer, on_alloc)])
     return tuple(sizes)
+
+
+def schedule_cpu(pf, target):
+    """``pf`` as the CPU pipeline schedules it (``cpu_schedules.schedule_pass``)."""
+    from . import cpu_schedules
+
+    mod = tvm.IRModule({"main": pf})
+    with target:
+        return cpu_schedules.schedule_pass()(mod)["main"]
 
 
 def _has_global_alloc(pf) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from . import cpu_schedules
 from .errors import AutochunkError, BuildError, UnsupportedTargetError
 from .legalize_cache import CachedFoldConstant, CachedLegalizeOps, cpu_lowering
 
@@ -57,8 +58,9 @@ def _backend(target: tvm.target.Target):
     )
 
 
-def lowering_passes(target: tvm.target.Target) -> list:
-    """Library dispatch and legalization: high-level Relax ops become call_tir of PrimFuncs."""
+def legalize_passes(target: tvm.target.Target) -> list:
+    """Library dispatch and legalization: high-level Relax ops become call_tir of PrimFuncs
+    (on GPUs also fused and scheduled, as TVM's target pipeline does)."""
     be = _backend(target)
     if be is None:
         return [
@@ -67,6 +69,16 @@ def lowering_passes(target: tvm.target.Target) -> list:
             relax.transform.LegalizeOps(),
         ]
     return be.library_dispatch_passes(target) + be.legalize_passes(target)
+
+
+def lowering_passes(target: tvm.target.Target) -> list:
+    """``legalize_passes``, then on CPUs our schedule rules (``cpu_schedules``): TVM's default
+    CPU pipeline leaves every kernel a serial naive loop. Scheduling changes no tensor of the
+    Relax program, only loops and a kernel's internal buffers (``prim_func_workspace``
+    schedules a PrimFunc the same way before it measures them)."""
+    if _backend(target) is None:
+        return [*legalize_passes(target), cpu_schedules.schedule_pass()]
+    return legalize_passes(target)
 
 
 def estimate_passes(target: tvm.target.Target, *, rewrite_reshape: bool = True) -> list:
@@ -84,7 +96,7 @@ def estimate_passes(target: tvm.target.Target, *, rewrite_reshape: bool = True) 
     if be is None:
         # without RewriteDataflowReshape the walk decides which kernels are views: the ops it
         # models as TVM lowers them are left unlowered for it (cpu_lowering, keep_ops)
-        passes = [cpu_lowering(lowering_passes(target), keep_ops=not rewrite_reshape)]
+        passes = [cpu_lowering(legalize_passes(target), keep_ops=not rewrite_reshape)]
     else:
         passes = [
             *be.library_dispatch_passes(target),

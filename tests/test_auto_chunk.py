@@ -37,7 +37,7 @@ def test_a_stage_driven_to_its_floor_is_refitted_with_the_later_stage_in_place(e
     m, res = auto_chunk(mod, "llvm", budget, options=SearchOptions(refit_evals=3))
     first = res.stages[0]
     assert greedy.stages[0].n_chunks == first.refit_from > first.n_chunks >= 2
-    assert [s.refit_from for s in greedy.stages] == [0, 0]
+    assert all(s.refit_from == 0 for s in greedy.stages)  # the greedy plan: no re-fit
     assert res.stages[-1].refit_from == 0  # the last stage is never re-fitted
     assert sum(s.cost for s in res.stages) < sum(s.cost for s in greedy.stages)
     assert res.final_peak <= budget and res.evaluations > greedy.evaluations
@@ -192,7 +192,7 @@ def test_small_rows_alternative_is_not_estimated_when_the_fit_peaks_at_its_chunk
 
 
 @pytest.mark.parametrize(
-    "family,size", [("gpt", 256), ("vit", 576), ("evoformer", 32), ("unet", 16)]
+    "family,size", [("gpt", 512), ("vit", 576), ("evoformer", 32), ("unet", 16)]
 )
 def test_chunking_keeps_the_weights_the_result_reports(family, size):
     # the search reports the caller's weights (it does not scan the chunked module again):

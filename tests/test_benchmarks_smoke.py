@@ -135,3 +135,17 @@ def test_gpu_scripts_dry_run_on_cpu(tmp_path):
     assert calibrate_cost.main(["--fit-timings", str(cal), "--out", str(fit)]) == 0
     summary = json.loads(fit.read_text().splitlines()[-1])
     assert summary["target"] == "llvm" and summary["call_overhead"] >= 0
+
+
+def test_cpu_speed_smoke(tmp_path):
+    """benchmarks/cpu_speed.py --quick: torch, TVM's default build and ours side by side."""
+    import json
+
+    from benchmarks import cpu_speed
+
+    out = tmp_path / "cpu_speed.jsonl"
+    assert cpu_speed.main(["--quick", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["threads"] >= 1 and row["torch_ms"] > 0 and row["tvm_default_ms"] > 0
+    assert row["ours_ms"] > 0 and row["ours_vs_torch"] > 0
+    assert max(row["max_rel_err_vs_torch"].values()) < 1e-4

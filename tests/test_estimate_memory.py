@@ -35,7 +35,9 @@ def test_estimate_within_2pct_of_tvm_plan_llvm(family, size):
     assert est.workspace_bytes == plan.workspace_bytes
     # the live-set view is consistent with the totals
     assert 0 < est.live_peak_bytes <= est.peak_bytes + est.workspace_bytes
-    assert est.runtime_peak_bytes >= est.frame.storage_bytes
+    # the run-time pool holds at least the largest tensor live at the peak (not always every
+    # storage: blocks freed after their last use are reused, KillAfterLastUse)
+    assert est.runtime_peak_bytes >= max(r.nbytes for r in est.live_at_peak)
     assert sum(r.nbytes for r in est.live_at_peak) <= est.live_peak_bytes
 
 

@@ -185,7 +185,8 @@ def test_dtypes_do_not_share_storage():
 
 def test_softmax_workspace_counted_on_cpu_not_gpu():
     cpu = estimate_memory(Softmax, "llvm")
-    assert cpu.workspace_bytes >= 64 * 512 * 4  # the exp buffer
+    # the scheduled kernel (cpu_schedules: rows in parallel) keeps one row of its exp buffer
+    assert cpu.workspace_bytes == 512 * 4
     assert cpu.peak_bytes == planned_memory(Softmax, "llvm").peak_bytes
     gpu_t = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
     gpu = estimate_memory(Softmax, gpu_t)

@@ -61,10 +61,10 @@ def test_op_without_dim_rule_in_the_peak_region_is_chunked_around_or_named():
     base = ac.build(mod)
     need = base.report.peak_bytes
     # a budget the region after the einsum can meet: chunked around it
-    art = ac.build(mod, budget=need // 2)
+    art = ac.build(mod, budget=need * 2 // 3)
     regions = art.report.chunking["regions"]
     assert regions and all(r["start"] != "s" for r in regions), regions
-    assert art.report.planned_peak_bytes <= need // 2
+    assert art.report.planned_peak_bytes <= need * 2 // 3
     assert _same(art(x), base(x))
     # a budget only chunking through the einsum could meet: the einsum is named as the blocker
     with pytest.raises(ac.BudgetInfeasibleError) as ei:
@@ -188,16 +188,16 @@ def test_several_and_nested_tuple_outputs_chunked():
         b = bb.emit(op.sum(p, axis=[1]), "b")
         return relax.Tuple([relax.Tuple([a, b]), op.tanh(a)])
 
-    mod = _module(body, [(128, 16)])
-    x = RNG.standard_normal((128, 16)).astype("float32")
+    mod = _module(body, [(512, 16)])
+    x = RNG.standard_normal((512, 16)).astype("float32")
     base = ac.build(mod)
-    art = ac.build(mod, budget=base.report.peak_bytes // 2)
+    art = ac.build(mod, budget=base.report.peak_bytes * 2 // 3)
     assert art.report.chunking["regions"]
     assert [o["name"] for o in art.meta["outputs"]] == ["output[0][0]", "output[0][1]", "output[1]"]
     out = art(x)
     assert isinstance(out, tuple) and isinstance(out[0], tuple)
     assert _same(out, base(x))
-    assert art.report.planned_peak_bytes <= base.report.peak_bytes // 2
+    assert art.report.planned_peak_bytes <= base.report.peak_bytes * 2 // 3
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -279,10 +279,10 @@ def test_module_without_a_relax_main(which):
 def test_build_never_mutates_the_callers_module():
     from relay_passes.plan import ChunkPlan, ChunkRegion
 
-    mod = _module(_attention, [(96, 16)])
+    mod = _module(_attention, [(256, 16)])
     before = _snapshot(mod)
     need = ac.estimate(mod).peak_bytes
-    art = ac.build(mod, budget=need // 2)  # searched and chunked
+    art = ac.build(mod, budget=need * 2 // 3)  # searched and chunked
     assert art.report.chunking["regions"]
     assert _snapshot(mod) == before
     with pytest.raises(ac.BudgetInfeasibleError):  # refused after a search

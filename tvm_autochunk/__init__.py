@@ -26,6 +26,9 @@ from relay_passes.errors import (
 
 from .artifact import Artifact, load, read_metadata
 from .budget import format_bytes, parse_budget
+from .threads import prepare_pool
+
+prepare_pool()  # before TVM makes its thread pool (see threads.py)
 
 __version__ = "0.1.0"
 
@@ -44,6 +47,7 @@ _LAZY = {
     "ChunkPlan": ("api", "ChunkPlan"),
     "ChunkRegion": ("api", "ChunkRegion"),
     "legal_dims": ("api", "legal_dims"),
+    "set_threads": ("threads", "set_threads"),
 }
 
 __all__ = [

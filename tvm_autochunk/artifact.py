@@ -223,13 +223,18 @@ def _as_numpy(x, i: int) -> np.ndarray:
 class Artifact:
     """A built (or loaded) model: callable on numpy arrays; ``.report``; ``.export(path)``."""
 
-    def __init__(self, executable, meta: dict, report=None, device=None, path: str | None = None):
+    def __init__(
+        self, executable, meta: dict, report=None, device=None, path: str | None = None,
+        threads: int | None = None,
+    ):
         self._exec = executable
         self.meta = meta
         self._report = report
         self.path = path
         self._device = device
         self._vm = None
+        self._threads = threads  # None: the environment, else every core (threads.resolve)
+        self.threads: int | None = None  # the CPU threads its calls run on, once it ran
 
     # ------------------------------------------------------------ properties
     @property
@@ -276,6 +281,10 @@ class Artifact:
                     f"this artifact runs on {dev} ({self.meta['target']}), but no such device is "
                     "present on this host; run it on a machine with that device"
                 )
+            if int(dev.dlpack_device_type()) == 1:  # CPU kernels run on TVM's thread pool
+                from .threads import set_threads
+
+                self.threads = set_threads(self._threads)
             self._vm = VirtualMachine(self._exec, dev)
         return self._vm
 
@@ -395,8 +404,12 @@ def _to_numpy(res):
     return res
 
 
-def load(path: str | os.PathLike, device=None) -> Artifact:
-    """Load an exported artifact (needs only the TVM runtime)."""
+def load(path: str | os.PathLike, device=None, threads: int | None = None) -> Artifact:
+    """Load an exported artifact (needs only the TVM runtime). ``threads``: the CPU threads its
+    calls run on (default: ``TVM_AUTOCHUNK_THREADS``, else every core; see ``threads``)."""
+    from .threads import resolve
+
+    resolve(threads)  # a bad value is refused now, not at the first call
     meta = read_metadata(path)
     import tvm
 
@@ -409,7 +422,7 @@ def load(path: str | os.PathLike, device=None) -> Artifact:
             "rebuild the artifact with this TVM."
         )
     if meta.get("cross"):
-        return Artifact(None, meta, device=device, path=str(path))
+        return Artifact(None, meta, device=device, path=str(path), threads=threads)
     source = False
     if meta["target"].get("kind") == "cuda":
         why = _cuda_runtime_problem()
@@ -430,7 +443,7 @@ def load(path: str | os.PathLike, device=None) -> Artifact:
                     "TVM_CUDA_COMPILE_MODE=nvcc, or cuda-bindings for nvrtc. Remedy: rebuild "
                     "it on a host with nvcc, which embeds a fatbin)")
         raise ArtifactError(f"cannot load {path}: {e}{hint}") from e
-    return Artifact(lib, meta, device=device, path=str(path))
+    return Artifact(lib, meta, device=device, path=str(path), threads=threads)
 
 
 def _cuda_runtime_problem() -> str | None:

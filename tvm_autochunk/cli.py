@@ -5,7 +5,7 @@ Subcommands::
     estimate MODEL [--target T] [--arch A] [--json]
     build    MODEL -o OUT.so [--target T] [--arch A] [--budget B] [--json-report FILE] [-q]
     inspect  ART.so [--json]
-    run      ART.so --inputs FILE.npz [-o OUT.npz]
+    run      ART.so --inputs FILE.npz [-o OUT.npz] [--threads N]
 
 ``MODEL`` is a ``.onnx`` or ``.pt2`` (``torch.export.save``) file. ``main(argv)`` returns the exit
 status: 0 on success; 2 when argparse rejects the command line or a tvm_autochunk error
@@ -322,14 +322,15 @@ def _cmd_run(args) -> int:
 
     if args.output:
         _check_writable_parent(args.output, "outputs")
-    art = load(args.artifact)
+    art = load(args.artifact, threads=args.threads)
     arrays = _read_inputs(args.inputs, art.inputs)
     t = time.perf_counter()
     res = art(*arrays)
     secs = time.perf_counter() - t
     outs = res if isinstance(res, tuple) else (res,)
     specs = art.outputs
-    print(f"ran {args.artifact} in {secs * 1000:.1f} ms; {len(outs)} output(s):")
+    on = f" on {art.threads} CPU thread(s)" if art.threads else ""
+    print(f"ran {args.artifact} in {secs * 1000:.1f} ms{on}; {len(outs)} output(s):")
     for i, o in enumerate(outs):
         o = np.asarray(o)
         name = specs[i].name if i < len(specs) else f"output[{i}]"
@@ -405,6 +406,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="arrays keyed by input name, or arg0..argN in input order")
     p.add_argument("-o", "--output", metavar="OUT.npz", default=None,
                    help="write the outputs as out0..outN to this .npz")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: $TVM_AUTOCHUNK_THREADS, else every core)")
     p.set_defaults(func=_cmd_run)
     return parser
 

@@ -30,9 +30,9 @@ def resolve_target(target="llvm", arch: str | None = None):
         raise UnsupportedTargetError(f"invalid target {target!r}: expected {ACCEPTED}")
     name = target.strip().lower()
     if name in ("llvm", "cpu"):
-        if arch is not None:
-            return tvm.target.Target({"kind": "llvm", "mcpu": arch})
-        return tvm.target.Target("llvm")
+        # the host's CPU by default (like -march=native): a plain llvm target leaves the vector
+        # units half used (SSE2); arch= names another CPU, "generic" any x86-64
+        return tvm.target.Target({"kind": "llvm", "mcpu": arch or host_cpu()})
     if name == "cuda":
         a = arch or DEFAULT_CUDA_ARCH
         if not a.startswith("sm_") or not a[3:].rstrip("a").isdigit():
@@ -53,6 +53,13 @@ def resolve_target(target="llvm", arch: str | None = None):
         return tvm.target.Target(target)
     except Exception as e:
         raise UnsupportedTargetError(f"unknown target {target!r}: expected {ACCEPTED}") from e
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (e.g. "skylake-avx512")."""
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return str(llvm_get_system_cpu()) or "generic"
 
 
 def is_cross(target) -> bool:

@@ -1,0 +1,80 @@
+"""Helpers shared by the CPU schedule rules (dlight's shape: one rule family per module)."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, get_extent
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+
+class CPURule(ScheduleRule):
+    """A rule for llvm targets. ``schedule`` returns the schedule or None; a schedule error
+    (an unexpected PrimFunc shape) makes the rule decline, so the next rule is tried."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None:
+                return None
+            return self.schedule(sch, infos, target)
+        except (s_tir.ScheduleError, ValueError, AssertionError):
+            return None
+
+    def schedule(self, sch, infos, target):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
+    bits = llvm_get_vector_width(target)
+    return max(2, (bits if bits > 0 else 128) // dtype_bits)
+
+
+def static_extent(sch, loop) -> int | None:
+    e = get_extent(sch, loop)
+    return e if isinstance(e, int) else None
+
+
+# TVM 0.27's llvm codegen rejects vector stores of these (bfloat16x16 into a uint16 buffer)
+NO_VECTORS = ("bfloat16", "float16")
+
+
+def vectorizable(sch, block) -> bool:
+    stmt = sch.get(block)
+    return not any(str(w.source.dtype) in NO_VECTORS for w in stmt.writes) and not any(
+        str(r.source.dtype) in NO_VECTORS for r in stmt.reads
+    )
+
+
+def dtype_bits(sch, block) -> int:
+    stmt = sch.get(block)
+    return stmt.writes[0].source.dtype.bits if stmt.writes else 32
+
+
+def parallel_vectorize(sch, block, lanes: int, keep_inner: int = 1) -> None:
+    """An injective block's loops: the outer ones fused and run in parallel; the innermost
+    ``keep_inner`` ones fused, split by ``lanes`` and vectorized when they are long enough."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-keep_inner:] if len(loops) > keep_inner else loops
+    outer = loops[: len(loops) - len(inner)]
+    vec = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+    n = static_extent(sch, vec) if vectorizable(sch, block) else None
+    if n is not None and n >= lanes and n % lanes == 0:
+        vo, vi = sch.split(vec, factors=[None, lanes])
+        sch.vectorize(vi)
+        outer = [*outer, vo]
+    elif n is not None and 2 <= n <= lanes:
+        sch.vectorize(vec)
+    else:
+        outer = [*outer, vec]
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])

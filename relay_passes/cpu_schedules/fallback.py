@@ -1,0 +1,24 @@
+"""Whatever no other rule takes (pooling, resize, gathers, odd reductions): each block's
+outermost spatial loop runs in parallel. Never fails: a block it cannot touch stays serial."""
+
+from __future__ import annotations
+
+from .common import CPURule, static_extent
+
+
+class Fallback(CPURule):
+    def schedule(self, sch, infos, target):
+        for info in infos:
+            kind = info.dom_kind()
+            if not kind or kind[0] != "S":
+                continue
+            loops = sch.get_loops(info.block_rv)
+            if not loops or len(loops) != len(kind):
+                continue
+            n = static_extent(sch, loops[0])
+            if n is None or n > 1:
+                try:
+                    sch.parallel(loops[0])
+                except Exception:  # a loop shared with another block: leave it serial
+                    continue
+        return sch

@@ -1,0 +1,159 @@
+"""relay_passes.cpu_schedules: every op family scheduled, with outputs equal to TVM's own
+(unscheduled) build; chunked modules with odd and one-row chunks; which rule takes each
+kernel of the four benchmark families."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax import op
+
+import tvm_autochunk as ac
+from benchmarks.models import FAMILIES, SMALL_SIZES
+from relay_passes import cpu_schedules
+from relay_passes.lowering import as_target, legalize_passes, lowering_passes
+from relay_passes.plan import ChunkPlan, ChunkRegion
+
+RNG = np.random.default_rng(0)
+
+
+def _module(body, shapes):
+    params = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, *params))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _tvm_default(mod, args):
+    ex = tvm.compile(mod, target=tvm.target.Target("llvm"))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+CASES = {
+    "matmul": (lambda bb, a, b: op.matmul(a, b), [(64, 96), (96, 128)]),
+    "matmul_odd": (lambda bb, a, b: op.matmul(a, b), [(1025, 64), (64, 1025)]),
+    "matmul_odd_rows": (lambda bb, a, b: op.matmul(a, b), [(51, 32), (32, 48)]),
+    "matmul_one_row": (lambda bb, a, b: op.matmul(a, b), [(1, 32), (32, 64)]),
+    "matmul_batched": (lambda bb, a, b: op.matmul(a, b), [(2, 3, 17, 16), (2, 3, 16, 40)]),
+    "matmul_narrow": (lambda bb, a, b: op.matmul(a, b), [(16, 8), (8, 3)]),
+    "conv2d": (lambda bb, x, w: op.nn.conv2d(x, w, padding=1), [(1, 3, 20, 24), (8, 3, 3, 3)]),
+    "conv2d_stride": (
+        lambda bb, x, w: op.nn.conv2d(x, w, strides=2, padding=1), [(1, 4, 17, 33), (8, 4, 3, 3)]
+    ),
+    "elementwise": (
+        lambda bb, a, b: op.nn.gelu(op.add(op.exp(a), b)), [(3, 37, 24), (37, 24)]
+    ),
+    "softmax": (lambda bb, a: op.nn.softmax(a, axis=-1), [(4, 33, 70)]),
+    "layer_norm": (
+        lambda bb, a: op.nn.layer_norm(
+            a, relax.const(RNG.standard_normal(48).astype("float32")),
+            relax.const(RNG.standard_normal(48).astype("float32")), axes=[-1],
+        ),
+        [(5, 9, 48)],
+    ),
+    "rms_norm": (
+        lambda bb, a: op.nn.rms_norm(a, relax.const(RNG.standard_normal(40).astype("float32")),
+                                     axes=[-1]),
+        [(7, 40)],
+    ),
+    "sum": (lambda bb, a: op.sum(a, axis=[2]), [(3, 5, 70)]),
+    "mean_middle": (lambda bb, a: op.mean(a, axis=[1]), [(3, 50, 7)]),
+    "max": (lambda bb, a: op.max(a, axis=[-1], keepdims=True), [(6, 33)]),
+    "take": (
+        lambda bb, a: op.take(a, relax.const(np.array([3, 0, 5], "int64")), axis=1), [(4, 8, 5)]
+    ),
+    "concat": (lambda bb, a, b: op.concat([a, b], axis=1), [(3, 5, 17), (3, 2, 17)]),
+    "permute": (lambda bb, a: op.permute_dims(a, [0, 2, 1]), [(2, 33, 40)]),
+    "slice": (
+        lambda bb, a: op.strided_slice(a, axes=[1], begin=[3], end=[30]), [(2, 40, 19)]
+    ),
+    "group_norm": (
+        lambda bb, a: op.nn.group_norm(
+            a, relax.const(np.ones(8, "float32")), relax.const(np.zeros(8, "float32")),
+            num_groups=2, channel_axis=1, axes=[2, 3],
+        ),
+        [(1, 8, 12, 12)],
+    ),
+    "resize": (lambda bb, a: op.image.resize2d(a, (24, 20)), [(1, 3, 12, 10)]),
+    "avg_pool": (lambda bb, a: op.nn.avg_pool2d(a, pool_size=2, strides=2), [(1, 4, 16, 16)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_op_family_equals_tvms_unscheduled_build(case):
+    body, shapes = CASES[case]
+    mod = _module(body, shapes)
+    args = [RNG.standard_normal(s).astype("float32") for s in shapes]
+    want = _tvm_default(mod, args)
+    got = ac.build(mod, "llvm")(*args)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["matmul", "matmul_odd", "matmul_odd_rows", "matmul_batched",
+                                  "conv2d", "conv2d_stride"])
+def test_matmul_like_kernels_take_the_register_blocked_rule(case):
+    body, shapes = CASES[case]
+    tgt = ac.resolve_target("llvm")
+    with tgt:
+        low = tvm.transform.Sequential(legalize_passes(tgt))(_module(body, shapes))
+    rules = {
+        gv.name_hint: cpu_schedules.rule_for(f, tgt)
+        for gv, f in low.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    assert "Matmul" in rules.values(), rules
+
+
+def _families():
+    for fam in ("gpt", "vit", "evoformer", "unet"):
+        kw = {"layers": 1} if fam in ("gpt", "vit") else {}
+        w = FAMILIES[fam](SMALL_SIZES[fam], **kw)
+        yield fam, ac.from_torch(w.module, w.inputs)
+
+
+def test_no_kernel_of_the_four_families_is_left_to_the_fallback():
+    tgt = ac.resolve_target("llvm")
+    taken: dict = collections.defaultdict(list)
+    for fam, mod in _families():
+        with tgt:
+            low = tvm.transform.Sequential(legalize_passes(tgt))(mod)
+        for gv, f in low.functions_items():
+            if isinstance(f, tvm.tirx.PrimFunc):
+                taken[cpu_schedules.rule_for(f, tgt)].append(f"{fam}:{gv.name_hint}")
+    assert taken["Matmul"] and taken["Elementwise"]
+    assert taken.get("Fallback", []) == [] and taken.get(None, []) == []
+
+
+def test_the_build_pipeline_schedules_every_kernel():
+    tgt = as_target(ac.resolve_target("llvm"))
+    for _, mod in _families():
+        with tgt:
+            low = tvm.transform.Sequential(lowering_passes(tgt))(mod)
+        unscheduled = [
+            gv.name_hint
+            for gv, f in low.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and "tirx.is_scheduled" not in (f.attrs or {})
+        ]
+        assert unscheduled == []
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_gpt_with_odd_one_row_and_shorter_last_chunks(chunk):
+    """The attention region of GPT S=128 along its rows: 1-row chunks (128 calls), 7 rows (a
+    2-row last chunk), 64 (two calls). Outputs equal the unchunked build's."""
+    w = FAMILIES["gpt"](128, layers=1)
+    mod = ac.from_torch(w.module, w.inputs)
+    x = w.inputs[0].numpy()
+    base = ac.build(mod, "llvm")
+    plan = ChunkPlan((ChunkRegion("lv8", "lv75", "lv7", 1, chunk),))
+    art = ac.build(mod, "llvm", chunk_plan=plan)
+    assert art.report.chunking["regions"][0]["chunk"] == chunk
+    np.testing.assert_allclose(art(x), base(x), rtol=2e-5, atol=2e-5)
