@@ -42,6 +42,7 @@ bench: venv
 	$(PY) benchmarks/budget_sweep.py --case unet:128 --repeats 3 \
 		--out benchmarks/results/budget_sweep_target_unet.jsonl  # ~15 min a budget
 	$(PY) benchmarks/search_time.py
+	$(PY) benchmarks/cpu_speed.py
 	$(PY) benchmarks/max_length.py
 	$(PY) benchmarks/calibrate_cost.py
 	$(PY) benchmarks/refit.py

@@ -53,6 +53,29 @@ def vectorizable(sch, block) -> bool:
     )
 
 
+# kernels with fewer iterations than this run on one thread: a parallel launch (waking the
+# pool, a barrier) costs more than it saves on a small chunk's kernels
+MIN_PARALLEL_WORK = 1 << 15
+
+
+def work(sch, block) -> int | None:
+    """The iterations of ``block``'s loop nest (None: not static)."""
+    n = 1
+    for loop in sch.get_loops(block):
+        e = static_extent(sch, loop)
+        if e is None:
+            return None
+        n *= e
+    return n
+
+
+def parallel(sch, block, loop) -> None:
+    """``loop`` in parallel, unless ``block`` is too small to pay for a parallel launch."""
+    w = work(sch, block)
+    if w is None or w >= MIN_PARALLEL_WORK:
+        sch.parallel(loop)
+
+
 def dtype_bits(sch, block) -> int:
     stmt = sch.get(block)
     return stmt.writes[0].source.dtype.bits if stmt.writes else 32
@@ -77,4 +100,4 @@ def parallel_vectorize(sch, block, lanes: int, keep_inner: int = 1) -> None:
     else:
         outer = [*outer, vec]
     if outer:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        parallel(sch, block, sch.fuse(*outer) if len(outer) > 1 else outer[0])

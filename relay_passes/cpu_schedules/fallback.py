@@ -3,7 +3,7 @@ outermost spatial loop runs in parallel. Never fails: a block it cannot touch st
 
 from __future__ import annotations
 
-from .common import CPURule, static_extent
+from .common import CPURule, parallel, static_extent
 
 
 class Fallback(CPURule):
@@ -18,7 +18,7 @@ class Fallback(CPURule):
             n = static_extent(sch, loops[0])
             if n is None or n > 1:
                 try:
-                    sch.parallel(loops[0])
+                    parallel(sch, info.block_rv, loops[0])
                 except Exception:  # a loop shared with another block: leave it serial
                     continue
         return sch

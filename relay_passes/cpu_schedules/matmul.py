@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 
-from .common import CPURule, dtype_bits, static_extent, vector_lanes, vectorizable
+from .common import CPURule, dtype_bits, parallel, static_extent, vector_lanes, vectorizable
 
 ROWS = 4  # unrolled rows of a tile: 4 x (2 vectors) accumulators fit the vector registers
 
@@ -76,7 +76,7 @@ class Matmul(CPURule):
                 self._tile(sch, b, n_s, rows, cols, local=False)
             else:  # a few rows or columns: in parallel over its first loop (loops of a
                 # partition's tail start past 0, so they are not fused)
-                sch.parallel(sch.get_loops(b)[0])
+                parallel(sch, b, sch.get_loops(b)[0])
         return sch
 
     @staticmethod
@@ -91,7 +91,7 @@ class Matmul(CPURule):
         one_row = static_extent(sch, io) == 1
         par = [*outer, io, jo] if one_row else [*outer, io]
         fused = sch.fuse(*par) if len(par) > 1 else par[0]
-        sch.parallel(fused)
+        parallel(sch, block, fused)
         acc = None
         if local:
             acc = sch.cache_write(block, 0, "local")

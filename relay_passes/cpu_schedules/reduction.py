@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tvm.s_tir.dlight.cpu import Reduction as DlightReduction
 
-from .common import NO_VECTORS, CPURule, dtype_bits, static_extent, vector_lanes
+from .common import NO_VECTORS, CPURule, dtype_bits, parallel, static_extent, vector_lanes
 
 
 class RowsThenInjective(DlightReduction):
@@ -32,7 +32,7 @@ class RowReduction(CPURule):
         if len(loops) != len(kind):
             return None
         spatial = sch.fuse(*loops[:n_s]) if n_s > 1 else loops[0]
-        sch.parallel(spatial)
+        parallel(sch, block, spatial)
         lanes = vector_lanes(target, dtype_bits(sch, block))
         inner = loops[-1]
         n = static_extent(sch, inner)
