@@ -554,11 +554,31 @@ void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int
   for (int i = 0; i < n; ++i) fputs(parts[i], stderr);
   fputc('\n', stderr);
 }
+/* the runtime's parallel launch, as TVM's runtime installs it into a loaded library (the
+   scheduled kernels run their outer loops in parallel): here one task runs the whole range */
+typedef struct { void* sync_handle; int32_t num_task; } TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+static int serial_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
+  TVMParallelGroupEnv env = {NULL, 1};
+  return flambda(0, &env, cdata);
+}
+/* and its workspace pool (kernel-internal buffers): plain aligned heap blocks */
+static void* alloc_workspace(int dev_type, int dev_id, uint64_t nbytes, int code, int bits) {
+  void* p = NULL;
+  return posix_memalign(&p, 64, nbytes ? nbytes : 1) == 0 ? p : NULL;
+}
+static int free_workspace(int dev_type, int dev_id, void* ptr) { free(ptr); return 0; }
 /* harness LIB FUNC FILE:D0xD1... ; every tensor is written back to FILE.out */
 int main(int argc, char** argv) {
   if (argc < 4) return 2;
   void* lib = dlopen(argv[1], RTLD_NOW);
   if (!lib) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 3; }
+  void** launch = (void**)dlsym(lib, "__TVMBackendParallelLaunch");
+  if (launch) *launch = (void*)serial_launch;
+  void** alloc = (void**)dlsym(lib, "__TVMBackendAllocWorkspace");
+  if (alloc) *alloc = (void*)alloc_workspace;
+  void** release = (void**)dlsym(lib, "__TVMBackendFreeWorkspace");
+  if (release) *release = (void*)free_workspace;
   char sym[256];
   snprintf(sym, sizeof sym, "__tvm_ffi_%s", argv[2]);
   SafeCall f = (SafeCall)dlsym(lib, sym);
