@@ -3,6 +3,8 @@ outermost spatial loop runs in parallel. Never fails: a block it cannot touch st
 
 from __future__ import annotations
 
+from tvm import s_tir
+
 from .common import CPURule, parallel, static_extent
 
 
@@ -19,6 +21,6 @@ class Fallback(CPURule):
             if n is None or n > 1:
                 try:
                     parallel(sch, info.block_rv, loops[0])
-                except Exception:  # a loop shared with another block: leave it serial
+                except s_tir.ScheduleError:  # a loop shared with another block: serial
                     continue
         return sch

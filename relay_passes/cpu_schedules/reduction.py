@@ -4,6 +4,7 @@ trailing axes): the spatial axes in parallel, the reduction split to vector-widt
 
 from __future__ import annotations
 
+from tvm import s_tir
 from tvm.s_tir.dlight.cpu import Reduction as DlightReduction
 
 from .common import NO_VECTORS, CPURule, dtype_bits, parallel, static_extent, vector_lanes
@@ -16,7 +17,10 @@ class RowsThenInjective(DlightReduction):
     def apply(self, func, target, tunable):
         if any(str(getattr(p.ty, "dtype", "")) in NO_VECTORS for p in func.params):
             return None
-        return super().apply(func, target, tunable)
+        try:
+            return super().apply(func, target, tunable)
+        except (s_tir.ScheduleError, ValueError):  # an unexpected shape: the next rule
+            return None
 
 
 class RowReduction(CPURule):
