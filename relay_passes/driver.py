@@ -28,16 +28,15 @@ from .errors import BudgetInfeasibleError, UnsupportedTargetError
 from .estimate_memory import estimate_memory
 from .lowering import (
     as_target,
-    dataflow_lower_passes,
     finalize_passes,
-    is_gpu,
-    lowering_passes,
+    planning_passes,
     run_passes,
 )
 from .plan import ChunkPlan, format_bytes
 from .planned_memory import read_plan
 from .rewrite import apply_chunk_plan
 from .search import SearchOptions
+from .verify_memory_budget import plan_refusal
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +199,7 @@ class AutochunkPipeline:
         try:
             with caches.scope():
                 planned = self._plan(mod, tgt)
+            # planning_passes ended with StaticPlanBlockMemory, finalize_passes' first pass
             return run_passes(planned, finalize_passes(tgt)[1:], tgt)
         except Exception as e:
             self.error = e
@@ -231,35 +231,14 @@ class AutochunkPipeline:
                     f"{format_bytes(self.result.final_peak)}"
                 )
             self.progress(f"lowering and planning with TVM for {tgt.kind.name}")
-            planned = run_passes(
-                chunked,
-                [
-                    *lowering_passes(tgt),
-                    *dataflow_lower_passes(tgt),
-                    finalize_passes(tgt)[0],  # StaticPlanBlockMemory
-                ],
-                tgt,
-            )
+            planned = run_passes(chunked, planning_passes(tgt), tgt)
             self.profile, self.module = prof, chunked
             self.plan = read_plan(planned, entry, tgt)
             peak = max(int(self.plan.peak_bytes), int(prof.runtime_peak_bytes))
             if budget is None or peak <= budget:
                 return planned
             if self.result is None or attempt == MAX_ATTEMPTS - 1:
-                f = self.plan.frame(entry)
-                raise BudgetInfeasibleError(
-                    budget=budget,
-                    planned_peak=peak,
-                    plan_parts={
-                        "static plan": int(self.plan.peak_bytes),
-                        "storage": f.storage_bytes,
-                        "run-time allocations": f.unplanned_bytes,
-                        "largest callee": f.callee_bytes,
-                        "kernel workspace": self.plan.workspace_bytes,
-                        "simulated run-time peak": int(prof.runtime_peak_bytes),
-                    },
-                    gpu=is_gpu(tgt),
-                )
+                raise plan_refusal(self.plan, entry, budget, tgt, int(prof.runtime_peak_bytes))
             # the promise is checked on TVM's own plan: aim lower and search again
             aim = int(aim * 0.95)
             self.progress(f"TVM's plan is over the budget; searching again for {aim} bytes")

@@ -7,6 +7,8 @@ Every error carries a message that says what was wrong, where, and what to do ab
 
 from __future__ import annotations
 
+from .plan import format_bytes
+
 
 class AutochunkError(Exception):
     """Base class of every error raised by tvm_autochunk and relay_passes."""
@@ -86,8 +88,7 @@ class BudgetInfeasibleError(AutochunkError):
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def _message(self) -> str:
-        from .plan import format_bytes as fb
-
+        fb = format_bytes
         b = self.budget
         budget = f"the budget of {fb(b)} ({b} bytes)" if b is not None else "the budget"
         gpu = (
