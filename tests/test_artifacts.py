@@ -6,7 +6,9 @@ lib/libtvm_compiler.so) plus tvm_ffi, ml_dtypes and numpy: no torch, no onnx, no
 CUDA builds run without a GPU (they need nvcc) and are checked by reading the device code in
 the exported library; running them needs a GPU (``-m gpu``). aarch64 builds need the
 ``aarch64-linux-gnu-gcc`` cross compiler; with ``qemu-aarch64`` two kernels of the artifact are
-also run under emulation.
+also run under emulation. A model imported with its weights as parameters
+(``keep_params_as_input``) is built at two budgets that share one weights file, written by
+``export(..., params=FILE)`` and loaded, checked, by ``load(..., params=FILE)`` (runtime-only too).
 """
 
 from __future__ import annotations
@@ -656,16 +658,186 @@ def test_aarch64_kernels_run_under_qemu(arm_art, small, tmp_path):
                                ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ac.InputError,
-    reason="Artifact lists only the first num_input parameters as inputs and has no way to "
-    "pass weight parameters (keep_params_as_input / relax.frontend.nn modules)",
-)
-def test_artifact_call_with_weight_parameters():
+# ------------------------------------------------------------ weights outside the library
+def test_artifact_call_with_weight_parameters(tmp_path):
+    """A module whose weights are parameters past ``num_input``, with no values for them: the
+    artifact names them, refuses a call without them, and takes them by name."""
     mod = _module(lambda bb, x, wt: op.matmul(x, wt), [(4, 8), (8, 8)], attrs={"num_input": 1})
     x, w = np.ones((4, 8), "float32"), np.eye(8, dtype="float32")
-    assert _same(ac.build(mod)(x, w), x)
+    art = ac.build(mod)
+    assert [s.name for s in art.inputs] == ["x0"]
+    assert art.meta["params"] == [{"name": "x1", "shape": [8, 8], "dtype": "float32"}]
+    with pytest.raises(ac.ArtifactError, match=r"takes its 1 weight\(s\) \(x1\).*params="):
+        art(x)
+    with pytest.raises(ac.ArtifactError, match=r"holds no weight values.*load_params"):
+        art.export(tmp_path / "m.so", params=tmp_path / "m.params")
+    assert os.listdir(tmp_path) == []  # refused before the library was written
+    assert _same(art.load_params({"x1": w})(x), x)
+    with pytest.raises(ac.InputError, match="expected 1 input"):
+        art(x, w)  # the weights are not call arguments
+
+
+def _linear_attention():
+    """softmax(q(x) k(x)^T) v(x) with three Linear layers: the scores (S x S) are the peak."""
+    import torch
+
+    class Attention(torch.nn.Module):
+        def __init__(self, d: int = 16) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+
+        def forward(self, x):
+            return torch.softmax(self.q(x) @ self.k(x).T, -1) @ self.v(x)
+
+    return Attention().eval()
+
+
+@pytest.fixture(scope="module")
+def weighted(tmp_path_factory):
+    """One model with its weights as parameters, built unchunked and at half its peak; one
+    weights file, written by the first export."""
+    import torch
+
+    d = tmp_path_factory.mktemp("weighted")
+    m = _linear_attention()
+    x = torch.randn(128, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(x).numpy()
+    mod = ac.from_torch(m, (x,), keep_params_as_input=True)
+    full = ac.build(mod)
+    half = ac.build(mod, budget=full.report.peak_bytes // 2)
+    params = d / "attn.params"
+    paths = (full.export(d / "full.so", params=params), half.export(d / "half.so"))
+    np.save(d / "x.npy", x.numpy())
+    return {
+        "module": m,
+        "mod": mod,
+        "x": x.numpy(),
+        "ref": ref,
+        "arts": (full, half),
+        "paths": paths,
+        "params": params,
+        "dir": d,
+    }
+
+
+def test_weights_are_named_in_the_metadata_and_left_out_of_the_library(weighted, tmp_path):
+    import torch
+
+    m, (full, half) = weighted["module"], weighted["arts"]
+    wq = m.q.weight.detach().numpy().tobytes()[:64]
+    names = [f"p_{n}_{k}" for n in "qkv" for k in ("weight", "bias")]
+    specs = [
+        {"name": f"p_{n}_{k}", "shape": [16, 16] if k == "weight" else [16], "dtype": "float32"}
+        for n in "qkv"
+        for k in ("weight", "bias")
+    ]
+    for path in weighted["paths"]:
+        meta = ac.read_metadata(path)
+        assert meta["params"] == specs and [s.name for s in ac.load(path).params] == names
+        assert meta["inputs"] == [{"name": "x", "shape": [128, 16], "dtype": "float32"}]
+        assert wq not in path.read_bytes()  # the weights are not in the library
+    weights = sum(p.numel() * 4 for p in m.parameters())
+    for art in (full, half):  # weights are reported apart, not as inputs or activations
+        assert art.report.weight_bytes == weights and art.report.input_bytes == 128 * 16 * 4
+        assert art.report.estimate.peak_bytes == art.report.planned_peak_bytes
+    # the same model with its weights as constants: the same peak and weights; they are in
+    # its library byte for byte (so the check above can fail)
+    const = ac.build(ac.from_torch(m, (torch.from_numpy(weighted["x"]),)))
+    assert const.report.peak_bytes == full.report.peak_bytes
+    assert const.report.weight_bytes == weights
+    assert wq in const.export(tmp_path / "const.so").read_bytes()
+
+
+def test_one_weights_file_serves_several_budgets(weighted):
+    full, half = weighted["arts"]
+    assert full.report.chunking is None and half.report.chunking["regions"]
+    assert half.report.peak_bytes <= full.report.peak_bytes // 2
+    outs = [ac.load(p, params=weighted["params"])(weighted["x"]) for p in weighted["paths"]]
+    np.testing.assert_allclose(outs[0], weighted["ref"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+
+
+def _bad_weights(weighted, how):
+    """The exported weights, changed: one missing, one extra, a wrong shape or dtype."""
+    import tvm
+
+    good = {
+        k: v.numpy()
+        for k, v in tvm.runtime.load_param_dict_from_file(str(weighted["params"])).items()
+    }
+    if how == "missing":
+        del good["p_k_bias"]
+    elif how == "extra":
+        good["p_o_weight"] = np.zeros((16, 16), "float32")
+    elif how == "shape":
+        good["p_q_weight"] = good["p_q_weight"][:8]
+    else:
+        good["p_v_bias"] = good["p_v_bias"].astype("float16")
+    return good
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("missing", r"missing 'p_k_bias' \(expected 16 float32\)"),
+        ("extra", r"extra 'p_o_weight' \(16x16 float32\): no such parameter"),
+        ("shape", r"'p_q_weight' is 8x16 float32, expected 16x16 float32"),
+        ("dtype", r"'p_v_bias' is 16 float16, expected 16 float32"),
+    ],
+)
+def test_wrong_weights_are_named(weighted, tmp_path, how, match):
+    import tvm
+
+    bad = tmp_path / f"{how}.params"
+    tvm.runtime.save_param_dict_to_file(
+        {k: tvm.runtime.tensor(v) for k, v in _bad_weights(weighted, how).items()}, str(bad)
+    )
+    with pytest.raises(ac.ArtifactError, match=match) as ei:
+        ac.load(weighted["paths"][1], params=bad)
+    assert str(bad) in str(ei.value) and "Remedy" in str(ei.value)
+    with pytest.raises(ac.ArtifactError, match=match):  # a mapping is checked the same way
+        ac.load(weighted["paths"][0]).load_params(_bad_weights(weighted, how))
+
+
+def test_weights_file_errors(weighted, small_artifact, tmp_path):
+    path = weighted["paths"][0]
+    with pytest.raises(ac.ArtifactError, match=r"no weights file at .*not found"):
+        ac.load(path, params=tmp_path / "none.params")
+    with pytest.raises(ac.ArtifactError, match="not a readable TVM parameter file"):
+        ac.load(path, params=path)  # the library is not a weights file
+    trunc = tmp_path / "trunc.params"
+    trunc.write_bytes(weighted["params"].read_bytes()[:100])
+    with pytest.raises(ac.ArtifactError, match="truncated, corrupted"):
+        ac.load(path, params=trunc)
+    art = ac.load(path)
+    with pytest.raises(ac.ArtifactError, match=r"takes its 6 weight\(s\).*params="):
+        art(weighted["x"])
+    # an artifact with its weights built in takes no weights file
+    with pytest.raises(ac.ArtifactError, match=r"takes none.*extra 'p_q_weight'"):
+        small_artifact.load_params(weighted["params"])
+    with pytest.raises(ac.ArtifactError, match="takes no weights"):
+        small_artifact.export(tmp_path / "c.so", params=tmp_path / "c.params")
+
+
+def test_runtime_only_copy_loads_library_and_weights(weighted, tmp_path):
+    """A deploy host with the TVM runtime only loads the library plus its weights file."""
+    site = _runtime_only_site(tmp_path / "site")
+    y = tmp_path / "y.npy"
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import tvm_autochunk as ac
+        art = ac.load({str(weighted["paths"][1])!r}, params={str(weighted["params"])!r})
+        np.save({str(y)!r}, art(np.load({str(weighted["dir"] / "x.npy")!r})))
+        import tvm
+        assert tvm.base._RUNTIME_ONLY and "tvm_compiler" not in tvm.base._LOADED_LIBS
+        assert "tvm.relax" not in sys.modules and "torch" not in sys.modules
+    """)
+    proc = _bare_python(site, ["-c", code], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    np.testing.assert_allclose(np.load(y), weighted["ref"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -704,3 +876,15 @@ def test_export_write_error_is_an_artifact_error(small_artifact, tmp_path, monke
     with pytest.raises(ac.ArtifactError, match="No space left on device"):
         small_artifact.export(tmp_path / "model.so")
     assert os.listdir(tmp_path) == []
+
+
+def test_measure_peak_with_weights_file(weighted):
+    """measure_peak runs a library that takes its weights from a file; the outputs match."""
+    from tvm_autochunk.measure import measure_peak
+
+    m = measure_peak(
+        weighted["paths"][1], [weighted["x"]], keep_outputs=True, params=weighted["params"]
+    )
+    assert m.peak_bytes >= 0 and m.outputs_path
+    with np.load(m.outputs_path) as z:
+        np.testing.assert_allclose(z["arr_0"], weighted["ref"], rtol=1e-5, atol=1e-5)

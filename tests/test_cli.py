@@ -381,3 +381,31 @@ def test_cli_failed_export_exits_2_and_writes_nothing(bad_files, capsys, monkeyp
     err = capsys.readouterr().err
     assert "error: exporting the library failed: the linker was killed" in err
     assert "Traceback" not in err and os.listdir(out.parent) == []
+
+
+# ------------------------------------------------------------------ weights outside the library
+def test_build_and_run_with_weights_outside_the_library(model, tmp_path, capsys):
+    """build --params: the weights go to their own file; run --params loads and checks them."""
+    so, params, inp, outp = (tmp_path / n for n in ("w.so", "w.params", "in.npz", "out.npz"))
+    assert (
+        cli.main(["build", str(model["onnx"]), "-o", str(so), "--params", str(params), "-q"]) == 0
+    )
+    meta = ac.read_metadata(so)
+    assert sorted((p["name"], p["shape"]) for p in meta["params"]) == [
+        ("fc.bias", [32]),
+        ("fc.weight", [32, 16]),
+    ]
+    assert [s["name"] for s in meta["inputs"]] == ["x", "y"]
+    assert cli.main(["inspect", str(so)]) == 0
+    assert "params        2 weight tensor(s) in a separate file" in capsys.readouterr().out
+    np.savez(inp, x=model["inputs"][0], y=model["inputs"][1])
+    argv = ["run", str(so), "--inputs", str(inp), "-o", str(outp)]
+    assert cli.main([*argv, "--params", str(params)]) == 0
+    with np.load(outp) as got:
+        for k, r in zip(("out0", "out1"), model["ref"]):
+            np.testing.assert_allclose(got[k], r, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert cli.main(argv) == 2  # without its weights: a clear error naming the remedy
+    assert "takes its 2 weight(s)" in (e := _error(capsys)) and "run --params FILE" in e
+    assert cli.main([*argv, "--params", str(model["dir"] / "tiny.onnx")]) == 2
+    assert "not a readable TVM parameter file" in _error(capsys)

@@ -62,3 +62,25 @@ def test_peak_computed_from_weights_alone():
     assert "1.00 MiB are tensors computed from weights alone ('wt_t' 512x512 float32)" in msg
     assert "precompute the weight-only tensors offline" in msg
     assert ei.value.min_budget == ei.value.unchunked_peak
+
+
+def test_weight_parameter_is_chunked_along_its_own_dims():
+    """The same model with the weight as a parameter past ``num_input`` (keep_params_as_input):
+    it counts as a weight (not an input), and unlike a constant its transpose is chunked along
+    the weight's own dims, so the budget a constant cannot meet builds, and computes the same.
+    (So ``floor_note`` counts weight parameters as parameters: no floor there.)"""
+    from relay_passes.estimate_memory import estimate_memory
+
+    mod = _module(
+        lambda bb, x, w: op.matmul(x, bb.emit(op.permute_dims(w, [1, 0]), "wt_t")),
+        [(4, 512), (512, 512)],
+        attrs={"num_input": 1},
+    )
+    prof = estimate_memory(mod)
+    assert prof.weight_bytes == 512 * 512 * 4 and prof.input_bytes == 4 * 512 * 4
+    assert prof.peak_bytes >= 512 * 512 * 4  # unchunked, the transpose is the peak
+    art = ac.build(mod, budget="64KiB")
+    assert art.report.chunking["regions"] and art.report.peak_bytes <= 64 * 1024
+    x = RNG.standard_normal((4, 512)).astype("float32")
+    w = (RNG.standard_normal((512, 512)) / 23).astype("float32")
+    np.testing.assert_allclose(art.load_params({"x1": w})(x), x @ w.T, rtol=1e-5, atol=1e-5)

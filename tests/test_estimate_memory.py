@@ -71,3 +71,21 @@ def test_dynamic_dim_estimated_at_upper_bound():
     assert est.peak_bytes == planned_memory(dyn, "llvm").peak_bytes
     # planned at the bound: the same order as the static model at that length
     assert 0.8 * static.peak_bytes <= est.peak_bytes <= 1.25 * static.peak_bytes
+
+
+def test_weight_parameters_estimate_matches_tvm_plan():
+    """keep_params_as_input: the weights are parameters past ``num_input``, detached as build()
+    does. They count as weights (not inputs, not activations), and the estimate still equals
+    TVM's plan and the peak of the same model with its weights as constants."""
+    from tvm_autochunk.weights import detach
+
+    w = FAMILIES["gpt"](SMALL_SIZES["gpt"])
+    mod, weights = detach(ac.from_torch(w.module, w.inputs, keep_params_as_input=True))
+    assert len(weights) == len(mod["main"].params) - 1 == len(list(w.module.parameters()))
+    est, plan = estimate_memory(mod, "llvm"), planned_memory(mod, "llvm")
+    assert est.peak_bytes == plan.peak_bytes > 0
+    assert est.frame.storage_bytes == plan.frame("main").storage_bytes
+    const = estimate_memory(_mod("gpt", SMALL_SIZES["gpt"]), "llvm")
+    assert est.peak_bytes == const.peak_bytes and est.weight_bytes == const.weight_bytes
+    assert est.input_bytes == const.input_bytes == w.inputs[0].numel() * 4
+    assert est.weight_bytes >= sum(t.numpy().nbytes for t in weights)

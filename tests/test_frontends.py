@@ -151,6 +151,27 @@ def test_onnx_round_trip(tiny_gpt: Workload, tmp_path: Path) -> None:
                                atol=ATOL)  # fmt: skip
 
 
+def test_onnx_keep_params_as_input() -> None:
+    """An initializer becomes a trailing parameter of main (values in its "params" attribute),
+    as with from_torch; build() takes it out of the library and the artifact runs with it."""
+    w = np.arange(32, dtype="float32").reshape(4, 8) / 32
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])],
+        initializer=[onnx.numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert [str(p.name) for p in fe.from_onnx(model)["main"].params] == ["x"]
+    main = fe.from_onnx(model, keep_params_as_input=True)["main"]
+    assert [str(p.name) for p in main.params] == ["x", "w"] and int(main.attrs["num_input"]) == 1
+    np.testing.assert_array_equal(main.attrs["params"][0].numpy(), w)
+    art = ac.build(fe.load_model(model, keep_params_as_input=True))
+    assert [s.name for s in art.params] == ["w"]
+    x = np.ones((8, 4), "float32")
+    np.testing.assert_allclose(art(x), x @ w, rtol=1e-6)
+
+
 def test_pt2_round_trip(tiny_gpt: Workload, tmp_path: Path) -> None:
     # Structural equality with the direct import (numerically checked in the family and dynamic
     # tests) is stronger than comparing outputs, and needs no compile.

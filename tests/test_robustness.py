@@ -8,10 +8,10 @@ budgets through build, an unbounded torch dynamic dim, wrong call inputs, not mu
 module on an unbudgeted build); test_cli.py (exit status 2 and nothing written for bad or
 missing model files, bad budgets, an impossible budget, a failed export, a missing output
 folder, argparse misuse); test_artifacts.py (a failed export leaves no partial artifact;
-weight parameters cannot be passed to an artifact); test_driver.py (peaks no chunking can
-lower: the outputs, tensors computed from weights alone); test_chunk_region.py (an op without
-a dim-flow rule is a barrier for the region analysis); test_fuzz.py (random graphs: several
-outputs, reshapes, barriers, against every promise)."""
+missing, extra, mis-shaped or mis-typed weights, and a call without them); test_driver.py
+(peaks no chunking can lower: the outputs, tensors computed from weights alone);
+test_chunk_region.py (an op without a dim-flow rule is a barrier for the region analysis);
+test_fuzz.py (random graphs: several outputs, reshapes, barriers, against every promise)."""
 
 from __future__ import annotations
 

@@ -59,6 +59,8 @@ def signature(mod, entry: str = "main") -> dict:
     from relay_passes import _compat as C
     from relay_passes.estimate_memory import num_inputs
 
+    from .weights import specs_of
+
     func = mod[entry]
 
     def spec(name, ty):
@@ -67,6 +69,7 @@ def signature(mod, entry: str = "main") -> dict:
         return {"name": name, "shape": dims, "dtype": C.tensor_dtype(ty)}
 
     inputs = [spec(str(p.name), p.ty) for p in func.params[: num_inputs(func)]]
+    params = specs_of(func, num_inputs(func))  # weights taken at load time, after the inputs
     outs = []
 
     def walk(ty, prefix):
@@ -77,7 +80,7 @@ def signature(mod, entry: str = "main") -> dict:
                 walk(f, f"{prefix}[{i}]")
 
     walk(func.ret_ty, "output")
-    return {"inputs": inputs, "outputs": outs, "bounds": C.upper_bounds_of(func)}
+    return {"inputs": inputs, "params": params, "outputs": outs, "bounds": C.upper_bounds_of(func)}
 
 
 def _tvm_ffi_version() -> str | None:
@@ -119,17 +122,23 @@ def build(
     """
     import tvm
 
+    from relay_passes.estimate_memory import num_inputs
     from relay_passes.pipeline import autochunk_pipeline
     from relay_passes.search import SearchOptions
 
     from . import __version__
-    from .artifact import Artifact
+    from .artifact import Artifact, TensorSpec
+    from .weights import check as check_weights
+    from .weights import detach as detach_weights
 
     budget_bytes = parse_budget(budget)
     tgt = resolve_target(target, arch)
     t0 = time.perf_counter()
     _progress(progress, "importing model")
     mod = _import(model, example_args)
+    # keep_params_as_input: the weights leave the module (never compiled into the library)
+    # and travel with the artifact, which export(..., params=FILE) writes next to it
+    mod, weights = detach_weights(mod, entry)
 
     def compile_with(options):
         """(driver, executable, device code, seconds), or (driver, the codegen error)."""
@@ -203,4 +212,8 @@ def build(
         progress,
         f"built in {time.perf_counter() - t0:.1f}s; planned peak {format_bytes(report.peak_bytes)}",
     )
-    return Artifact(ex, meta, report=report)
+    if weights is not None:
+        names = [str(p.name) for p in mod[entry].params[num_inputs(mod[entry]) :]]
+        specs = [TensorSpec.from_dict(d) for d in meta["params"]]
+        weights = check_weights(specs, dict(zip(names, weights)), "the module's 'params'")
+    return Artifact(ex, meta, report=report, weights=weights)

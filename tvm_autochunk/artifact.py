@@ -5,6 +5,8 @@
 else a tuple. ``export(path)`` writes a shared library that embeds a JSON metadata record in an
 ELF section named ``.tvm_autochunk`` (signature, target, memory report, versions), readable
 with ``read_metadata(path)`` without loading the library (works for cross-compiled files too).
+Weights kept as parameters (``keep_params_as_input``) live outside the library: ``export(path,
+params=FILE)`` writes them and ``load(path, params=FILE)`` reads them back (see ``weights``).
 ``device_code(path)`` lists the CUDA fatbins a library embeds (archs, SASS/PTX), also without
 loading it. ``load`` checks the TVM version and loads TVM's CUDA runtime library on demand.
 
@@ -25,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from relay_passes.errors import ArtifactError, InputError
+
+from . import weights as W
 
 METADATA_SECTION = ".tvm_autochunk"
 METADATA_SYMBOL = "tvm_autochunk_metadata"
@@ -225,9 +229,10 @@ class Artifact:
 
     def __init__(
         self, executable, meta: dict, report=None, device=None, path: str | None = None,
-        threads: int | None = None,
+        threads: int | None = None, weights: list | None = None,
     ):
         self._exec = executable
+        self._weights = weights  # values of ``params``, in order; None: not given yet
         self.meta = meta
         self._report = report
         self.path = path
@@ -247,6 +252,16 @@ class Artifact:
     @property
     def inputs(self) -> list[TensorSpec]:
         return [TensorSpec.from_dict(d) for d in self.meta["inputs"]]
+
+    @property
+    def params(self) -> list[TensorSpec]:
+        """The weights it takes at load time (``keep_params_as_input``); [] when built in."""
+        return [TensorSpec.from_dict(d) for d in self.meta.get("params", [])]
+
+    def load_params(self, source) -> Artifact:
+        """Give it its weights (the file ``export(..., params=FILE)`` wrote, or {name: array})."""
+        self._weights = W.read(source, self.params)
+        return self
 
     @property
     def outputs(self) -> list[TensorSpec]:
@@ -334,18 +349,23 @@ class Artifact:
         import tvm
 
         arrays = self._check_args(args)
+        W.require(self.params, self._weights)
         vm = self._machine()
         dev = self._dev()
-        res = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
+        if self._weights:  # the weights follow the inputs, as in the function's signature
+            self._weights = W.on_device(self._weights, dev)
+        res = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays], *(self._weights or ()))
         out = _to_numpy(res)
         if isinstance(out, tuple) and len(out) == 1:
             return out[0]
         return out
 
     # ------------------------------------------------------------ export
-    def export(self, path: str | os.PathLike, *, fcompile=None) -> Path:
-        """Write the shared library (with embedded metadata) to ``path`` atomically."""
+    def export(self, path: str | os.PathLike, *, params=None, fcompile=None) -> Path:
+        """Write the library (metadata inside) to ``path`` atomically; weights to ``params``."""
         dst = Path(path)
+        if params is not None:  # refused before the slow library export
+            W.can_save(params, self.params, self._weights)
         if dst.parent and not dst.parent.exists():
             raise ArtifactError(
                 f"cannot export to {str(dst)!r}: folder {dst.parent} does not exist"
@@ -386,6 +406,8 @@ class Artifact:
                 ) from e
             finally:
                 tmp_dst.unlink(missing_ok=True)
+        if params is not None:
+            W.save(params, self.params, self._weights)
         self.path = str(dst)
         return dst
 
@@ -404,9 +426,10 @@ def _to_numpy(res):
     return res
 
 
-def load(path: str | os.PathLike, device=None, threads: int | None = None) -> Artifact:
+def load(path: str | os.PathLike, device=None, threads: int | None = None, params=None) -> Artifact:
     """Load an exported artifact (needs only the TVM runtime). ``threads``: the CPU threads its
-    calls run on (default: ``TVM_AUTOCHUNK_THREADS``, else every core; see ``threads``)."""
+    calls run on (default: ``TVM_AUTOCHUNK_THREADS``, else every core; see ``threads``).
+    ``params``: its weights file (``export(..., params=FILE)``), checked against its metadata."""
     from .threads import resolve
 
     resolve(threads)  # a bad value is refused now, not at the first call
@@ -443,7 +466,8 @@ def load(path: str | os.PathLike, device=None, threads: int | None = None) -> Ar
                     "TVM_CUDA_COMPILE_MODE=nvcc, or cuda-bindings for nvrtc. Remedy: rebuild "
                     "it on a host with nvcc, which embeds a fatbin)")
         raise ArtifactError(f"cannot load {path}: {e}{hint}") from e
-    return Artifact(lib, meta, device=device, path=str(path), threads=threads)
+    art = Artifact(lib, meta, device=device, path=str(path), threads=threads)
+    return art if params is None else art.load_params(params)
 
 
 def _cuda_runtime_problem() -> str | None:

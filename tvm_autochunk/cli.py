@@ -3,9 +3,10 @@
 Subcommands::
 
     estimate MODEL [--target T] [--arch A] [--json]
-    build    MODEL -o OUT.so [--target T] [--arch A] [--budget B] [--json-report FILE] [-q]
+    build    MODEL -o OUT.so [--params OUT.params] [--target T] [--arch A] [--budget B]
+             [--json-report FILE] [-q]
     inspect  ART.so [--json]
-    run      ART.so --inputs FILE.npz [-o OUT.npz] [--threads N]
+    run      ART.so --inputs FILE.npz [--params FILE] [-o OUT.npz] [--threads N]
 
 ``MODEL`` is a ``.onnx`` or ``.pt2`` (``torch.export.save``) file. ``main(argv)`` returns the exit
 status: 0 on success; 2 when argparse rejects the command line or a tvm_autochunk error
@@ -147,6 +148,12 @@ def _cmd_build(args) -> int:
     # Everything we can check cheaply is checked before the (slow) import and build.
     budget = parse_budget(args.budget)
     out = _check_writable_parent(args.output, "artifact")
+    model = args.model
+    if args.params:  # weights as parameters, written to their own file (not into the .so)
+        from .frontends import load_model
+
+        _check_writable_parent(args.params, "weights")
+        model = load_model(args.model, keep_params_as_input=True)
     if args.json_report:
         _check_writable_parent(args.json_report, "JSON report")
 
@@ -163,11 +170,12 @@ def _cmd_build(args) -> int:
         if show:
             progress(msg)
 
-    art = build(args.model, args.target, budget, arch=args.arch,
-                progress=progress if show else None)
+    art = build(model, args.target, budget, arch=args.arch, progress=progress if show else None)
     note(f"exporting to {out}")
-    art.export(out)
+    art.export(out, params=args.params)
     note(f"wrote {out} ({format_bytes(out.stat().st_size)})")
+    if args.params:
+        note(f"wrote its weights to {args.params}")
     if args.json_report:
         _write_text(args.json_report, art.report.to_json(indent=2) + "\n", "JSON report")
         note(f"wrote the memory report to {args.json_report}")
@@ -231,6 +239,11 @@ def format_metadata(meta: dict, path: str | None = None) -> str:
         for s in specs:
             name, shape = s.get("name", "?"), _shape(s.get("shape"))
             lines.append(f"  {name:<16} {shape:<24} {s.get('dtype')}")
+    if meta.get("params"):  # the weights are outside the library
+        lines.append(
+            f"params        {len(meta['params'])} weight tensor(s) in a separate file "
+            "(load(..., params=FILE); run --params FILE)"
+        )
     bounds = meta.get("bounds") or {}
     if bounds:
         lines.append("symbolic dims " + ", ".join(f"{k} <= {v}" for k, v in bounds.items()))
@@ -322,7 +335,7 @@ def _cmd_run(args) -> int:
 
     if args.output:
         _check_writable_parent(args.output, "outputs")
-    art = load(args.artifact, threads=args.threads)
+    art = load(args.artifact, threads=args.threads, params=args.params)
     arrays = _read_inputs(args.inputs, art.inputs)
     t = time.perf_counter()
     res = art(*arrays)
@@ -387,6 +400,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     target_opts(p)
     p.add_argument("--budget", default=None,
                    help="memory budget for one call, e.g. 512MiB, 2GB, 1.5GiB (default: none)")
+    p.add_argument("--params", metavar="OUT.params", default=None,
+                   help="keep the weights out of the library: write them to this file")
     p.add_argument("--json-report", metavar="FILE", default=None,
                    help="also write the memory report as JSON to FILE")
     p.add_argument("-q", "--quiet", action="store_true",
@@ -404,6 +419,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="ART.so")
     p.add_argument("--inputs", required=True, metavar="FILE.npz",
                    help="arrays keyed by input name, or arg0..argN in input order")
+    p.add_argument("--params", metavar="FILE", default=None,
+                   help="the weights file of an artifact built with --params")
     p.add_argument("-o", "--output", metavar="OUT.npz", default=None,
                    help="write the outputs as out0..outN to this .npz")
     p.add_argument("--threads", type=int, default=None, metavar="N",

@@ -337,11 +337,14 @@ def from_onnx(
     shape_dict: Mapping[str, Sequence[int | str]] | None = None,
     *,
     check_model: bool = True,
+    keep_params_as_input: bool = False,
 ) -> tvm.IRModule:
     """Import an ONNX model (``onnx.ModelProto`` or path to a ``.onnx`` file) into Relax.
 
     ``shape_dict`` maps input names to shapes (used for inputs with unknown dims).
     ``check_model`` runs ``onnx.checker.check_model`` first and rejects invalid models.
+    ``keep_params_as_input``: initializers become trailing parameters of ``main`` (values in
+    its ``"params"`` attribute) instead of constants, as for :func:`from_torch`.
     """
     onnx = _import_onnx()
     from google.protobuf.message import DecodeError  # installed with onnx
@@ -378,7 +381,11 @@ def from_onnx(
     captured = io.StringIO()  # TVM's onnx importer print()s the failing op; keep it off stdout
     try:
         with contextlib.redirect_stdout(captured):
-            mod = _tvm_import(model, shape_dict=dict(shape_dict) if shape_dict else None)
+            mod = _tvm_import(
+                model,
+                shape_dict=dict(shape_dict) if shape_dict else None,
+                keep_params_in_input=keep_params_as_input,
+            )
     except Exception as e:
         raise _translate_onnx_error(e, source, captured.getvalue()) from e
     logger.debug("imported %s through the onnx frontend", source)

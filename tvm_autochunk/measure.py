@@ -45,7 +45,7 @@ def _hwm_bytes() -> int:
     raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
-def _worker(lib: str, inputs: str, out_json: str, outputs: str | None) -> None:
+def _worker(lib: str, inputs: str, out_json: str, outputs: str | None, params: str | None) -> None:
     import time
 
     import tvm
@@ -56,6 +56,12 @@ def _worker(lib: str, inputs: str, out_json: str, outputs: str | None) -> None:
     dev = tvm.cpu(0)
     vm = VirtualMachine(tvm.runtime.load_module(lib), dev)
     args = [tvm.runtime.tensor(a, dev) for a in arrays]
+    if params:  # weights outside the library follow the inputs (resident before the reset)
+        from .artifact import TensorSpec, read_metadata
+        from .weights import on_device, read
+
+        specs = [TensorSpec.from_dict(d) for d in read_metadata(lib).get("params", [])]
+        args += on_device(read(params, specs), dev)
     del data
     import gc
 
@@ -83,9 +89,15 @@ def _worker(lib: str, inputs: str, out_json: str, outputs: str | None) -> None:
 
 
 def measure_peak(
-    artifact_path: str | os.PathLike, inputs, *, keep_outputs: bool = False, timeout: float = 1800.0
+    artifact_path: str | os.PathLike,
+    inputs,
+    *,
+    keep_outputs: bool = False,
+    timeout: float = 1800.0,
+    params: str | os.PathLike | None = None,
 ) -> Measurement:
-    """Run one call of the exported library at ``artifact_path`` in a fresh Python process."""
+    """Run one call of the exported library at ``artifact_path`` in a fresh Python process.
+    ``params``: its weights file, when it was exported with ``params=`` (not counted)."""
     tmp = tempfile.mkdtemp(prefix="tvm_autochunk_measure_")
     inp = os.path.join(tmp, "inputs.npz")
     np.savez(inp, **{f"arg{i}": np.asarray(a) for i, a in enumerate(inputs)})
@@ -94,7 +106,16 @@ def measure_peak(
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "tvm_autochunk.measure", str(artifact_path), inp, out_json, outs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tvm_autochunk.measure",
+        str(artifact_path),
+        inp,
+        out_json,
+        outs,
+        str(params or ""),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise ArtifactError(
@@ -106,4 +127,4 @@ def measure_peak(
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] or None)
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] or None, sys.argv[5] or None)
