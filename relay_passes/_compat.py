@@ -195,7 +195,8 @@ def prim_func_workspace(pf, target, bounds: dict[str, int] | None = None) -> tup
     matched by variable name); an extent that stays unbounded raises ``SymbolicShapeError``.
     """
     bounds = bounds or {}
-    key = (str(target.kind.name), tuple(sorted(bounds.items())))
+    # the whole target: the CPU schedules depend on its vector width
+    key = (str(target), tuple(sorted(bounds.items())))
     # the same PrimFunc object (the estimator's memoised legalization hands the same ones back
     # estimate after estimate) is answered without a structural hash, which is slow
     cache = caches.current()
@@ -243,9 +244,25 @@ def structural_memo(cache: dict, key, obj, compute, max_entries: int | None = No
     return value
 
 
+# TVM keeps a kernel's buffers this small on the stack (kMaxStackAlloca), not the workspace
+STACK_BYTES = 1024
+
+
+def kept_matmul_workspace(call, target) -> tuple[int, ...]:
+    """The workspace requests of the CPU kernel TVM lowers a static ``relax.matmul`` to."""
+    from .cpu_schedules.matmul import pack_bytes
+
+    out, b = static_shape(call.ty), static_shape(call.args[1].ty)
+    if out is None or b is None:
+        return ()
+    n = pack_bytes(out, b, str(call.ty.dtype), target)
+    return (n,) if n > STACK_BYTES else ()
+
+
 def _workspace(pf, target, bounds: dict[str, int]) -> tuple[int, ...]:
-    if not _has_global_alloc(pf):
-        return ()  # the schedule rules add no global buffer: none after scheduling either
+    if not _has_global_alloc(pf) and not (target.kind.name == "llvm" and _has_reduction(pf)):
+        # the schedule rules add a global buffer only to a matmul (a packed operand)
+        return ()
     scheduled = pf.attrs is not None and "tirx.is_scheduled" in pf.attrs
     if target.kind.name == "llvm" and not scheduled:
         pf = schedule_cpu(pf, target)  # as the build will (lowering.lowering_passes)
@@ -269,7 +286,7 @@ def _workspace(pf, target, bounds: dict[str, int]) -> tuple[int, ...]:
                     )
                 n *= ub
             b = n * dtype_bytes(str(buf.dtype))
-            if b > 1024:  # TVM keeps tiny buffers on the stack (kMaxStackAlloca)
+            if b > STACK_BYTES:
                 sizes.append(b)
         return vis.default_visit(node)
 
@@ -284,6 +301,19 @@ def schedule_cpu(pf, target):
     mod = tvm.IRModule({"main": pf})
     with target:
         return cpu_schedules.schedule_pass()(mod)["main"]
+
+
+def _has_reduction(pf) -> bool:
+    """Whether a PrimFunc (sblock TIR) has a block with a reduction iter var."""
+    found = False
+
+    def on_block(b, vis):
+        nonlocal found
+        found = found or any(int(iv.iter_type) == 2 for iv in b.iter_vars)  # kCommReduce
+        return vis.default_visit(b)
+
+    tvm_ffi.structural_visit(pf.body, [(tvm.s_tir.stmt.SBlock, on_block)])
+    return found
 
 
 def _has_global_alloc(pf) -> bool:

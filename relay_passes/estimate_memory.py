@@ -150,6 +150,8 @@ def analyze_frames(
     gpu = is_gpu(target)
 
     def workspace_of(gv, bounds) -> tuple[int, ...]:
+        if isinstance(gv, relax.Call):  # a matmul the walk models (static shapes)
+            return () if gpu else C.kept_matmul_workspace(gv, target)
         f = lowered[gv] if gv in lowered.functions else None
         if gpu or not isinstance(f, C.PrimFunc):
             return ()

@@ -259,6 +259,7 @@ DISPATCHED_OPS = {
         {"relax.bucketize", "relax.sort", "relax.argsort", "relax.topk", "relax.cumprod",
          "relax.cumsum"}
     ),
+    "PatchConvToMatmul": frozenset({"relax.nn.conv2d"}),  # ours: patch_conv.CONV2D only
 }
 
 
@@ -287,6 +288,12 @@ COMPUTE_OPS = frozenset(
 # a reshape pattern exactly when ``layout_is_reshape`` says so (RewriteDataflowReshape then
 # makes it a view). tests/test_legalize_cache.py checks that on random shapes and axes.
 LAYOUT_OPS = frozenset({"relax.permute_dims", "relax.broadcast_to", "relax.expand_dims"})
+
+
+def kernel_name(op) -> str:
+    """The name TVM gives the kernel it lowers a kept op to (the walk labels the op so)."""
+    name = str(op.name)
+    return "transpose" if name == "relax.permute_dims" else name.removeprefix("relax.")
 
 
 def layout_is_reshape(call) -> bool:

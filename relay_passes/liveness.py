@@ -13,8 +13,7 @@ The walk mirrors how TVM will execute the frame:
   Planned prototypes are packed into storages with TVM's own 1-D token allocator (pool keyed
   by (scope, dtype), best fit in [size/16, 16*size], smaller blocks grown), so the storage
   total is what the planner will emit; escaping ones are run-time allocations;
-* the logical liveness timeline (a tensor is live from its binding to its last use) gives the
-  peak site and what is live there.
+* the liveness timeline (a tensor lives from its binding to its last use) gives the peak site.
 
 Nothing here mutates IR; results are plain data (``plan.py``).
 """
@@ -54,10 +53,13 @@ _KEPT = {
     for n in names
 }
 _CALL_PURE_PACKED = C.Op.get("relax.call_pure_packed")
+_MATMUL = C.Op.get("relax.matmul")
 _DPS_OPS = (_CALL_TIR, _CALL_DPS_PACKED)
 _VIEW_OPS = tuple(
     C.Op.get(n) for n in ("relax.reshape", "relax.memory.view", "relax.memory.ensure_zero_offset")
 )
+
+
 class FrameWalker:
     """Walk one Relax function at call_tir level; see the module docstring."""
 
@@ -155,8 +157,8 @@ class FrameWalker:
             p.refs += 1
             ev.uses.append(p)
 
-    def _set_workspace(self, ev: Event, gv) -> None:
-        if isinstance(gv, C.GlobalVar):
+    def _set_workspace(self, ev: Event, gv) -> None:  # gv: a PrimFunc, or a kept op's call
+        if isinstance(gv, (C.GlobalVar, relax.Call)):
             ev.ws_allocs = tuple(self.workspace_of(gv, self.bounds))
             ev.workspace = sum(ev.ws_allocs)
 
@@ -256,10 +258,10 @@ class FrameWalker:
             # dtype and element count out, which RewriteDataflowReshape makes a view of a
             # DataflowVar in a dataflow block (_dataflow_reshape_arg); elsewhere a copy. Other
             # layout ops, and a slice at a variable offset: one copy kernel without workspace
-            ev.op = self._op_label(name, str(op.name).removeprefix("relax."))
-            if kept == "compute":
+            ev.op = self._op_label(name, LC.kernel_name(op))
+            if kept == "compute":  # (the CPU matmul kernel may pack an operand: workspace)
                 self._dps_call(var, name, ev, args)
-                return
+                return self._set_workspace(ev, call) if op.same_as(_MATMUL) else None
             view = kept == "reshape" or (kept == "layout" and LC.layout_is_reshape(call))
             if view and self._in_dataflow and isinstance(var, relax.DataflowVar):
                 self.tokens[var.__chandle__()] = self._tokens_of(args[0])

@@ -44,41 +44,54 @@ CASES = {
     "matmul_one_row": (lambda bb, a, b: op.matmul(a, b), [(1, 32), (32, 64)]),
     "matmul_batched": (lambda bb, a, b: op.matmul(a, b), [(2, 3, 17, 16), (2, 3, 16, 40)]),
     "matmul_narrow": (lambda bb, a, b: op.matmul(a, b), [(16, 8), (8, 3)]),
+    # the right operand's rows 1 KiB apart or more: packed into panels
+    "matmul_packed": (lambda bb, a, b: op.matmul(a, b), [(24, 96), (96, 512)]),
+    "matmul_packed_broadcast": (lambda bb, a, b: op.matmul(a, b), [(2, 12, 64), (64, 264)]),
+    "matmul_packed_batched": (lambda bb, a, b: op.matmul(a, b), [(3, 8, 64), (3, 64, 256)]),
     "conv2d": (lambda bb, x, w: op.nn.conv2d(x, w, padding=1), [(1, 3, 20, 24), (8, 3, 3, 3)]),
     "conv2d_stride": (
-        lambda bb, x, w: op.nn.conv2d(x, w, strides=2, padding=1), [(1, 4, 17, 33), (8, 4, 3, 3)]
+        lambda bb, x, w: op.nn.conv2d(x, w, strides=2, padding=1),
+        [(1, 4, 17, 33), (8, 4, 3, 3)],
     ),
-    "elementwise": (
-        lambda bb, a, b: op.nn.gelu(op.add(op.exp(a), b)), [(3, 37, 24), (37, 24)]
-    ),
+    "elementwise": (lambda bb, a, b: op.nn.gelu(op.add(op.exp(a), b)), [(3, 37, 24), (37, 24)]),
     "softmax": (lambda bb, a: op.nn.softmax(a, axis=-1), [(4, 33, 70)]),
     "layer_norm": (
         lambda bb, a: op.nn.layer_norm(
-            a, relax.const(RNG.standard_normal(48).astype("float32")),
-            relax.const(RNG.standard_normal(48).astype("float32")), axes=[-1],
+            a,
+            relax.const(RNG.standard_normal(48).astype("float32")),
+            relax.const(RNG.standard_normal(48).astype("float32")),
+            axes=[-1],
         ),
         [(5, 9, 48)],
     ),
     "rms_norm": (
-        lambda bb, a: op.nn.rms_norm(a, relax.const(RNG.standard_normal(40).astype("float32")),
-                                     axes=[-1]),
+        lambda bb, a: op.nn.rms_norm(
+            a, relax.const(RNG.standard_normal(40).astype("float32")), axes=[-1]
+        ),
         [(7, 40)],
     ),
     "sum": (lambda bb, a: op.sum(a, axis=[2]), [(3, 5, 70)]),
+    # whole vectors long: reduced through rfactor into vector partials
+    "softmax_vectors": (lambda bb, a: op.nn.softmax(a, axis=-1), [(2, 9, 128)]),
+    "sum_vectors": (lambda bb, a: op.sum(a, axis=[1, 2]), [(3, 8, 64)]),
+    "max_vectors": (lambda bb, a: op.max(a, axis=[-1]), [(6, 256)]),
     "mean_middle": (lambda bb, a: op.mean(a, axis=[1]), [(3, 50, 7)]),
     "max": (lambda bb, a: op.max(a, axis=[-1], keepdims=True), [(6, 33)]),
     "take": (
-        lambda bb, a: op.take(a, relax.const(np.array([3, 0, 5], "int64")), axis=1), [(4, 8, 5)]
+        lambda bb, a: op.take(a, relax.const(np.array([3, 0, 5], "int64")), axis=1),
+        [(4, 8, 5)],
     ),
     "concat": (lambda bb, a, b: op.concat([a, b], axis=1), [(3, 5, 17), (3, 2, 17)]),
     "permute": (lambda bb, a: op.permute_dims(a, [0, 2, 1]), [(2, 33, 40)]),
-    "slice": (
-        lambda bb, a: op.strided_slice(a, axes=[1], begin=[3], end=[30]), [(2, 40, 19)]
-    ),
+    "slice": (lambda bb, a: op.strided_slice(a, axes=[1], begin=[3], end=[30]), [(2, 40, 19)]),
     "group_norm": (
         lambda bb, a: op.nn.group_norm(
-            a, relax.const(np.ones(8, "float32")), relax.const(np.zeros(8, "float32")),
-            num_groups=2, channel_axis=1, axes=[2, 3],
+            a,
+            relax.const(np.ones(8, "float32")),
+            relax.const(np.zeros(8, "float32")),
+            num_groups=2,
+            channel_axis=1,
+            axes=[2, 3],
         ),
         [(1, 8, 12, 12)],
     ),
@@ -97,8 +110,9 @@ def test_every_op_family_equals_tvms_unscheduled_build(case):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("case", ["matmul", "matmul_odd", "matmul_odd_rows", "matmul_batched",
-                                  "conv2d", "conv2d_stride"])
+@pytest.mark.parametrize(
+    "case", ["matmul", "matmul_odd", "matmul_odd_rows", "matmul_batched", "conv2d", "conv2d_stride"]
+)
 def test_matmul_like_kernels_take_the_register_blocked_rule(case):
     body, shapes = CASES[case]
     tgt = ac.resolve_target("llvm")
@@ -110,6 +124,56 @@ def test_matmul_like_kernels_take_the_register_blocked_rule(case):
         if isinstance(f, tvm.tirx.PrimFunc)
     }
     assert "Matmul" in rules.values(), rules
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["softmax", "softmax_vectors", "layer_norm", "rms_norm", "sum_vectors", "max_vectors", "max"],
+)
+def test_row_reductions_take_the_row_rule_not_the_matmul_rule(case):
+    # a one-operand reduction over trailing axes looks like a matmul's loop nest (S..SR)
+    body, shapes = CASES[case]
+    tgt = ac.resolve_target("llvm")
+    with tgt:
+        low = tvm.transform.Sequential(legalize_passes(tgt))(_module(body, shapes))
+    rules = {
+        cpu_schedules.rule_for(f, tgt)
+        for _, f in low.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    assert rules == {"RowChain"}, rules
+
+
+def test_packed_workspace_is_what_the_estimator_predicts():
+    """``matmul.pack_bytes`` (the estimator's walk leaves matmuls unlowered and asks it) equals
+    the workspace of the scheduled kernel TVM lowers the matmul to, on random shapes."""
+    import random
+
+    from relay_passes import _compat as C
+
+    rng = random.Random(3)
+    tgt = ac.resolve_target("llvm")
+    packed = 0
+    for _ in range(40):
+        m, k, n = (
+            rng.choice([1, 5, 12, 16, 64, 97]),
+            rng.choice([8, 64, 130]),
+            rng.choice([3, 16, 100, 256, 264, 520]),
+        )
+        batch = [rng.choice([1, 2, 3])] * rng.randint(0, 1)
+        shapes = [
+            [*batch, m, k],
+            [*([rng.choice([1, *batch])] if batch and rng.random() < 0.5 else batch), k, n],
+        ]
+        mod = _module(lambda bb, a, b: op.matmul(a, b), shapes)
+        call = mod["main"].body.blocks[0].bindings[0].value
+        want = C.kept_matmul_workspace(call, tgt)
+        with tgt:
+            low = tvm.transform.Sequential(legalize_passes(tgt))(mod)
+        (f,) = [f for _, f in low.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        assert C.prim_func_workspace(f, tgt) == want, shapes
+        packed += bool(want)
+    assert packed >= 6
 
 
 def _families():

@@ -4,7 +4,7 @@ tried in order, the first that applies schedules the PrimFunc.
 TVM's default CPU pipeline schedules nothing (every kernel a serial naive loop, 15-95x
 slower than torch eager on our models); dlight's CPU rules cover only GEMV and row
 reductions. ``default_rules`` adds a register-blocked matmul (conv2d too), parallel and
-vectorized injective kernels and single reductions, and a parallel fallback.
+vectorized injective kernels and row reductions, and a parallel fallback.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 from .elementwise import Elementwise
 from .fallback import Fallback
 from .matmul import Matmul
-from .reduction import RowReduction, RowsThenInjective
+from .reduction import RowChain, RowReduction
 
 
 def default_rules() -> list:
     """The rules, most specific first (dlight's Reduction would also claim a matmul)."""
-    return [Matmul(), Elementwise(), RowsThenInjective(), RowReduction(), Fallback()]
+    return [Matmul(), Elementwise(), RowChain(), RowReduction(), Fallback()]
 
 
 def rule_for(func, target) -> str | None:
@@ -39,8 +39,8 @@ __all__ = [
     "Elementwise",
     "Fallback",
     "Matmul",
+    "RowChain",
     "RowReduction",
-    "RowsThenInjective",
     "default_rules",
     "rule_for",
     "schedule_pass",

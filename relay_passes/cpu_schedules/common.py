@@ -6,7 +6,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, get_extent
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
+from tvm.target.codegen import target_has_features
 
 
 class CPURule(ScheduleRule):
@@ -32,9 +32,15 @@ class CPURule(ScheduleRule):
         raise NotImplementedError
 
 
+def register_bits(target: Target) -> int:
+    """The width of the target's vector registers. Not ``llvm_get_vector_width``: it says 512
+    for every x86 CPU, and a matmul tile sized for 512-bit registers spills on AVX2."""
+    wide = [(512, "avx512f"), (256, "avx")]
+    return next((b for b, f in wide if target_has_features(f, target)), 128)
+
+
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
-    bits = llvm_get_vector_width(target)
-    return max(2, (bits if bits > 0 else 128) // dtype_bits)
+    return max(2, register_bits(target) // dtype_bits)
 
 
 def static_extent(sch, loop) -> int | None:
@@ -101,3 +107,14 @@ def parallel_vectorize(sch, block, lanes: int, keep_inner: int = 1) -> None:
         outer = [*outer, vec]
     if outer:
         parallel(sch, block, sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def inputs(sch, block) -> list:
+    """The distinct buffers ``block`` reads besides its output (by identity, not name: two
+    parameters may share one, matmul(b, b))."""
+    stmt = sch.get(block)
+    seen = [stmt.writes[0].source]
+    for r in stmt.reads:
+        if not any(r.source.same_as(b) for b in seen):
+            seen.append(r.source)
+    return seen[1:]

@@ -5,6 +5,11 @@ outputs is accumulated over the whole reduction, ``cols`` vector lanes wide and 
 ``rows`` unrolled; the loops outside the tile run in parallel. Injective producers (a conv's
 padding) are inlined into the reduction.
 
+When the right operand's rows are 1 KiB apart or more, the column panel a tile reads is
+strided by that much and its lines fall into a few cache sets (GPT's 1024-wide weight: 4 KiB
+apart, 2x slower). Then the column panels are the outer loop, and each is first copied into a
+contiguous k x cols buffer (kernel workspace, which the estimator counts: ``pack_bytes``).
+
 Sizes the tile does not divide (ViT's 1025 tokens, a chunk's odd row count) would put a
 predicate on the vector loop, which LLVM then runs scalar (8x slower measured on a 1025 x
 1025 attention score). So i and j are first partitioned into a part the tile divides and the
@@ -13,11 +18,31 @@ few rows or columns left; the divided part is tiled, the rest runs plainly in pa
 
 from __future__ import annotations
 
+import tvm
+from tvm import tirx
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 
-from .common import CPURule, dtype_bits, parallel, static_extent, vector_lanes, vectorizable
+from .common import (
+    NO_VECTORS,
+    CPURule,
+    dtype_bits,
+    inputs,
+    parallel,
+    static_extent,
+    vector_lanes,
+    vectorizable,
+)
 
-ROWS = 4  # unrolled rows of a tile: 4 x (2 vectors) accumulators fit the vector registers
+# unrolled rows of a tile, in order of preference among those that divide the rows: rows x
+# 2 vectors of accumulators plus the loads must fit 16 vector registers (AVX2, NEON's 32 too)
+ROWS = (4, 6, 5, 3, 2)
+PACK_MIN_STRIDE = 1024  # bytes between the right operand's rows from which panels are packed
+PACK_MIN_DEPTH = 64  # shorter reductions re-read too little of a panel to pay for the copy
+PACK_MIN_ROWS = 16  # a panel is copied once per call and re-read by every row
+
+
+def _rows(ni: int) -> int:
+    return next((r for r in ROWS if ni % r == 0), min(ROWS[0], ni))
 
 
 def _cols(nj: int, lanes: int) -> int | None:
@@ -40,16 +65,19 @@ class Matmul(CPURule):
         loops = sch.get_loops(block)
         if len(loops) != len(kind):
             return None
-        if not vectorizable(sch, block):
-            return None
+        if not vectorizable(sch, block) or len(inputs(sch, block)) < 2:
+            return None  # a one-operand reduction (a row sum or max) is RowChain's
         lanes = vector_lanes(target, dtype_bits(sch, block))
         ni, nj = (static_extent(sch, x) for x in loops[n_s - 2 : n_s])
         cols = _cols(nj, lanes) if nj is not None and ni is not None else None
         if cols is None:
             return None  # under 4 columns: the fallback schedules it
-        rows = min(ROWS, ni)
+        rows = _rows(ni)
         if ni % rows == 0 and nj % cols == 0:
-            self._tile(sch, block, n_s, rows, cols, local=True)
+            panel = _panel_operand(sch, block, n_s)
+            if panel is not None and not _packs(ni, panel[1], dtype_bits(sch, block)):
+                panel = None
+            self._tile(sch, block, n_s, rows, cols, local=True, panel=panel and panel[0])
             return sch
         # i and j outermost, then cut off the rows and columns the tile does not divide. A cut
         # loop's parts must own the loops below it, so j is cut above i in the rows' main part
@@ -80,22 +108,33 @@ class Matmul(CPURule):
         return sch
 
     @staticmethod
-    def _tile(sch, block, n_s: int, rows: int, cols: int, *, local: bool) -> None:
+    def _tile(sch, block, n_s: int, rows: int, cols: int, *, local: bool, panel=None) -> None:
         loops = sch.get_loops(block)
         *outer, i, j = loops[:n_s]
         red = loops[n_s:]
         io, ii = sch.split(i, factors=[None, rows])
         jo, ji = sch.split(j, factors=[None, cols])
-        sch.reorder(*outer, io, jo, *red, ii, ji)
+        if panel is not None:  # column panels outermost: each packed once, then every row tile
+            sch.reorder(*outer, jo, io, *red, ii, ji)
+            par, at = [*outer, jo], io
+        else:
+            sch.reorder(*outer, io, jo, *red, ii, ji)
+            one_row = static_extent(sch, io) == 1
+            par = [*outer, io, jo] if one_row else [*outer, io]
+            at = None if one_row else jo
         # the parallel loop first: a local accumulator must be made inside it
-        one_row = static_extent(sch, io) == 1
-        par = [*outer, io, jo] if one_row else [*outer, io]
         fused = sch.fuse(*par) if len(par) > 1 else par[0]
         parallel(sch, block, fused)
         acc = None
         if local:
             acc = sch.cache_write(block, 0, "local")
-            sch.reverse_compute_at(acc, fused if one_row else jo, preserve_unit_loops=True)
+            sch.reverse_compute_at(acc, at or fused, preserve_unit_loops=True)
+        if panel is not None:
+            # by position: two parameters may share a name (matmul(b, b))
+            index = next(n for n, r in enumerate(sch.get(block).reads) if r.source.same_as(panel))
+            copy = sch.cache_read(block, index, "global")
+            sch.compute_at(copy, fused, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(copy)[-1])
         sch.vectorize(ji)  # before decompose_reduction (it needs a complete block)
         if rows > 1:
             sch.unroll(ii)
@@ -103,6 +142,63 @@ class Matmul(CPURule):
         sch.vectorize(sch.get_loops(init)[-1])
         if acc is not None:
             sch.vectorize(sch.get_loops(acc)[-1])
+
+
+def pack_bytes(out_shape, b_shape, dtype: str, target) -> int:
+    """The workspace bytes this rule allocates for TVM's lowering of ``relax.matmul`` with this
+    static output and right operand shape (the estimator leaves matmuls unlowered: its walk
+    asks here): one column panel. Mirrors ``schedule``'s choices; tests/test_cpu_schedules.py
+    checks it against the scheduled kernels' workspace on random shapes."""
+    if len(out_shape) < 2 or len(b_shape) < 2 or dtype in NO_VECTORS or 1 in out_shape[-2:]:
+        return 0  # (a unit row or column axis is normalized away: not this rule's kernel)
+    bits = tvm.DataType(dtype).bits
+    ni, nj = out_shape[-2:]
+    cols = _cols(nj, vector_lanes(target, bits))
+    if cols is None or ni % _rows(ni) or nj % cols or not _packs(ni, b_shape, bits):
+        return 0
+    return b_shape[-2] * cols * bits // 8
+
+
+def _packs(ni: int, shape, bits: int) -> bool:
+    """Whether the right operand (``shape``, (.., k, j)) is packed: its rows are strided by
+    ``PACK_MIN_STRIDE`` or more, and the panel is re-read by enough rows (``ni``) over a long
+    enough reduction to pay for the copy."""
+    return (
+        shape[-1] * bits // 8 >= PACK_MIN_STRIDE
+        and shape[-2] >= PACK_MIN_DEPTH
+        and ni >= PACK_MIN_ROWS
+    )
+
+
+def _panel_operand(sch, block, n_s: int):
+    """(buffer, buffer shape) of the operand read at (.., k, j) whose indices are the block's
+    own iter vars and do not involve i; None if no read has that form."""
+    stmt = sch.get(block)
+    ivars = [iv.var for iv in stmt.iter_vars]
+    i_var, j_var, k_vars = ivars[n_s - 2], ivars[n_s - 1], ivars[n_s:]
+    if len(k_vars) != 1:
+        return None
+    for region in stmt.reads:
+        shape = (
+            [int(x) for x in region.source.shape]
+            if all(isinstance(x, tirx.IntImm) for x in region.source.shape)
+            else None
+        )
+        if shape is None or len(shape) < 2 or region.source.same_as(stmt.writes[0].source):
+            continue
+        idx = [rng.min for rng in region.region]
+        if not all(isinstance(e, (tirx.Var, tirx.IntImm)) for e in idx):
+            continue
+        if any(isinstance(e, tirx.Var) and e.same_as(i_var) for e in idx):
+            continue
+        pos = {
+            ("j" if e.same_as(j_var) else "k"): a
+            for a, e in enumerate(idx)
+            if isinstance(e, tirx.Var) and (e.same_as(j_var) or e.same_as(k_vars[0]))
+        }
+        if pos == {"k": len(idx) - 2, "j": len(idx) - 1}:
+            return region.source, shape
+    return None
 
 
 def _leaves(sch, name: str) -> list:
