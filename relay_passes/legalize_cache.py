@@ -259,7 +259,6 @@ DISPATCHED_OPS = {
         {"relax.bucketize", "relax.sort", "relax.argsort", "relax.topk", "relax.cumprod",
          "relax.cumsum"}
     ),
-    "PatchConvToMatmul": frozenset({"relax.nn.conv2d"}),  # ours: patch_conv.CONV2D only
 }
 
 

@@ -16,7 +16,6 @@ from . import cpu_schedules
 from .cpu_schedules.fast_math import fast_math_pass
 from .errors import AutochunkError, BuildError, UnsupportedTargetError
 from .legalize_cache import CachedFoldConstant, CachedLegalizeOps, cpu_lowering
-from .patch_conv import PatchConvToMatmul
 
 
 def as_target(target) -> tvm.target.Target:
@@ -66,7 +65,6 @@ def legalize_passes(target: tvm.target.Target) -> list:
     be = _backend(target)
     if be is None:
         return [
-            PatchConvToMatmul(),  # a ViT's patch embedding as one matmul (5x faster)
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(),

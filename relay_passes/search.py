@@ -49,12 +49,12 @@ class SearchOptions:
     safety_margin: float = 0.03
     # cost model, microseconds added per chunk (docs/design.md "AutoChunk cost model"):
     # llvm's from benchmarks/calibrate_cost.py (a test keeps them equal to its results)
-    call_overhead: float = 3.54  # per chunk: the Relax call, slicing, the in-place write
-    op_overhead: float = 0.061  # per op per chunk: one more kernel call
+    call_overhead: float = 3.77  # per chunk: the Relax call, slicing, the in-place write
+    op_overhead: float = 0.161  # per op per chunk: one more kernel call
     # per KiB per chunk of the tensors each chunk reads whole (weights, keys and values, ...)
-    reread_overhead: float = 0.1474
+    reread_overhead: float = 0.1926
     small_rows: int = 16  # chunks shorter than this may be charged small_penalty
-    small_penalty: float = 2.41  # x the per-chunk cost below small_rows rows
+    small_penalty: float = 2.0  # x the per-chunk cost below small_rows rows
 
     @classmethod
     def for_target(cls, gpu: bool, **kw) -> SearchOptions:

@@ -53,6 +53,23 @@ CASES = {
         lambda bb, x, w: op.nn.conv2d(x, w, strides=2, padding=1),
         [(1, 4, 17, 33), (8, 4, 3, 3)],
     ),
+    # a ViT patch embedding (stride = kernel), a 1x1 conv, and output channels no vector
+    # width divides (Conv declines; Matmul takes it)
+    "conv2d_patch": (
+        lambda bb, x, w: op.nn.conv2d(x, w, strides=16),
+        [(2, 3, 32, 48), (16, 3, 16, 16)],
+    ),
+    # padded, stride 2, 16 output columns (the odd conv2d_stride's 17 go to Matmul: Conv's
+    # tiles stay within one output row)
+    "conv2d_stride_even": (
+        lambda bb, x, w: op.nn.conv2d(x, w, strides=2, padding=1),
+        [(1, 4, 10, 32), (8, 4, 3, 3)],
+    ),
+    "conv2d_1x1": (lambda bb, x, w: op.nn.conv2d(x, w), [(1, 12, 10, 12), (24, 12, 1, 1)]),
+    "conv2d_odd_channels": (
+        lambda bb, x, w: op.nn.conv2d(x, w, padding=1),
+        [(1, 5, 12, 8), (6, 5, 3, 3)],
+    ),
     "elementwise": (lambda bb, a, b: op.nn.gelu(op.add(op.exp(a), b)), [(3, 37, 24), (37, 24)]),
     "softmax": (lambda bb, a: op.nn.softmax(a, axis=-1), [(4, 33, 70)]),
     "layer_norm": (
@@ -111,9 +128,21 @@ def test_every_op_family_equals_tvms_unscheduled_build(case):
 
 
 @pytest.mark.parametrize(
-    "case", ["matmul", "matmul_odd", "matmul_odd_rows", "matmul_batched", "conv2d", "conv2d_stride"]
+    ("case", "rule"),
+    [
+        ("matmul", "Matmul"),
+        ("matmul_odd", "Matmul"),
+        ("matmul_odd_rows", "Matmul"),
+        ("matmul_batched", "Matmul"),
+        ("conv2d", "Conv"),
+        ("conv2d_stride", "Matmul"),
+        ("conv2d_stride_even", "Conv"),
+        ("conv2d_patch", "Conv"),
+        ("conv2d_1x1", "Conv"),
+        ("conv2d_odd_channels", "Matmul"),
+    ],
 )
-def test_matmul_like_kernels_take_the_register_blocked_rule(case):
+def test_matmul_like_kernels_take_the_register_blocked_rules(case, rule):
     body, shapes = CASES[case]
     tgt = ac.resolve_target("llvm")
     with tgt:
@@ -123,7 +152,7 @@ def test_matmul_like_kernels_take_the_register_blocked_rule(case):
         for gv, f in low.functions_items()
         if isinstance(f, tvm.tirx.PrimFunc)
     }
-    assert "Matmul" in rules.values(), rules
+    assert rule in rules.values(), rules
 
 
 @pytest.mark.parametrize(

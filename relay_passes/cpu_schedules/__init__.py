@@ -3,12 +3,13 @@ tried in order, the first that applies schedules the PrimFunc.
 
 TVM's default CPU pipeline schedules nothing (every kernel a serial naive loop, 15-95x
 slower than torch eager on our models); dlight's CPU rules cover only GEMV and row
-reductions. ``default_rules`` adds a register-blocked matmul (conv2d too), parallel and
+reductions. ``default_rules`` adds convolutions and a register-blocked matmul, parallel and
 vectorized injective kernels and row reductions, and a parallel fallback.
 """
 
 from __future__ import annotations
 
+from .conv import Conv
 from .elementwise import Elementwise
 from .fallback import Fallback
 from .matmul import Matmul
@@ -17,7 +18,7 @@ from .reduction import RowChain, RowReduction
 
 def default_rules() -> list:
     """The rules, most specific first (dlight's Reduction would also claim a matmul)."""
-    return [Matmul(), Elementwise(), RowChain(), RowReduction(), Fallback()]
+    return [Conv(), Matmul(), Elementwise(), RowChain(), RowReduction(), Fallback()]
 
 
 def rule_for(func, target) -> str | None:
@@ -36,6 +37,7 @@ def schedule_pass():
 
 
 __all__ = [
+    "Conv",
     "Elementwise",
     "Fallback",
     "Matmul",

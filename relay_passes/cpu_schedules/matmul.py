@@ -41,11 +41,11 @@ PACK_MIN_DEPTH = 64  # shorter reductions re-read too little of a panel to pay f
 PACK_MIN_ROWS = 16  # a panel is copied once per call and re-read by every row
 
 
-def _rows(ni: int) -> int:
+def tile_rows(ni: int) -> int:
     return next((r for r in ROWS if ni % r == 0), min(ROWS[0], ni))
 
 
-def _cols(nj: int, lanes: int) -> int | None:
+def tile_cols(nj: int, lanes: int) -> int | None:
     """The tile width: two vectors, one, a half or a quarter of one (at least 4 lanes), the
     widest that divides ``nj``, else the widest not over it (the rest is partitioned off)."""
     widths = [c for c in (2 * lanes, lanes, lanes // 2, lanes // 4) if 4 <= c <= nj]
@@ -69,10 +69,10 @@ class Matmul(CPURule):
             return None  # a one-operand reduction (a row sum or max) is RowChain's
         lanes = vector_lanes(target, dtype_bits(sch, block))
         ni, nj = (static_extent(sch, x) for x in loops[n_s - 2 : n_s])
-        cols = _cols(nj, lanes) if nj is not None and ni is not None else None
+        cols = tile_cols(nj, lanes) if nj is not None and ni is not None else None
         if cols is None:
             return None  # under 4 columns: the fallback schedules it
-        rows = _rows(ni)
+        rows = tile_rows(ni)
         if ni % rows == 0 and nj % cols == 0:
             panel = _panel_operand(sch, block, n_s)
             if panel is not None and not _packs(ni, panel[1], dtype_bits(sch, block)):
@@ -108,7 +108,11 @@ class Matmul(CPURule):
         return sch
 
     @staticmethod
-    def _tile(sch, block, n_s: int, rows: int, cols: int, *, local: bool, panel=None) -> None:
+    def _tile(
+        sch, block, n_s: int, rows: int, cols: int, *, local: bool, panel=None, layout=None
+    ) -> None:
+        """``panel``: the right operand's buffer, copied per column panel (``layout``: an index
+        map that puts its column axis last, when it is not)."""
         loops = sch.get_loops(block)
         *outer, i, j = loops[:n_s]
         red = loops[n_s:]
@@ -133,6 +137,8 @@ class Matmul(CPURule):
             # by position: two parameters may share a name (matmul(b, b))
             index = next(n for n, r in enumerate(sch.get(block).reads) if r.source.same_as(panel))
             copy = sch.cache_read(block, index, "global")
+            if layout is not None:
+                sch.transform_layout(copy, ("write", 0), layout)
             sch.compute_at(copy, fused, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(copy)[-1])
         sch.vectorize(ji)  # before decompose_reduction (it needs a complete block)
@@ -153,8 +159,8 @@ def pack_bytes(out_shape, b_shape, dtype: str, target) -> int:
         return 0  # (a unit row or column axis is normalized away: not this rule's kernel)
     bits = tvm.DataType(dtype).bits
     ni, nj = out_shape[-2:]
-    cols = _cols(nj, vector_lanes(target, bits))
-    if cols is None or ni % _rows(ni) or nj % cols or not _packs(ni, b_shape, bits):
+    cols = tile_cols(nj, vector_lanes(target, bits))
+    if cols is None or ni % tile_rows(ni) or nj % cols or not _packs(ni, b_shape, bits):
         return 0
     return b_shape[-2] * cols * bits // 8
 
