@@ -65,6 +65,11 @@ CASES = {
         lambda bb, x, w: op.nn.conv2d(x, w, strides=2, padding=1),
         [(1, 4, 10, 32), (8, 4, 3, 3)],
     ),
+    # 6 output columns, 4 rows: a tile of 6 positions, not 4 (which would cross output rows)
+    "conv2d_six_wide": (
+        lambda bb, x, w: op.nn.conv2d(x, w, padding=1),
+        [(1, 4, 4, 6), (8, 4, 3, 3)],
+    ),
     "conv2d_1x1": (lambda bb, x, w: op.nn.conv2d(x, w), [(1, 12, 10, 12), (24, 12, 1, 1)]),
     "conv2d_odd_channels": (
         lambda bb, x, w: op.nn.conv2d(x, w, padding=1),
@@ -139,6 +144,7 @@ def test_every_op_family_equals_tvms_unscheduled_build(case):
         ("conv2d_stride_even", "Conv"),
         ("conv2d_patch", "Conv"),
         ("conv2d_1x1", "Conv"),
+        ("conv2d_six_wide", "Conv"),
         ("conv2d_odd_channels", "Matmul"),
     ],
 )

@@ -38,7 +38,7 @@ class Conv(CPURule):
             return None
         *outer, o, y, x = loops[:n_s]
         red = loops[n_s:]
-        no, ny, nx = (static_extent(sch, lp) for lp in (o, y, x))
+        no, nx = static_extent(sch, o), static_extent(sch, x)
         cols = tile_cols(no, vector_lanes(target, dtype_bits(sch, block)))
         rows = tile_rows(nx)
         # a tile of output positions within one output row: a tile across two rows would
@@ -54,7 +54,7 @@ class Conv(CPURule):
             sch,
             block,
             len(outer) + 2,
-            tile_rows(ny * nx),
+            rows,
             cols,
             local=True,
             panel=weight,
