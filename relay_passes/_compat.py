@@ -261,7 +261,8 @@ def kept_matmul_workspace(call, target) -> tuple[int, ...]:
 
 def _workspace(pf, target, bounds: dict[str, int]) -> tuple[int, ...]:
     if not _has_global_alloc(pf) and not (target.kind.name == "llvm" and _has_reduction(pf)):
-        # the schedule rules add a global buffer only to a matmul (a packed operand)
+        # the schedule rules add a global buffer only to a reduction (a matmul's or conv's
+        # packed panel)
         return ()
     scheduled = pf.attrs is not None and "tirx.is_scheduled" in pf.attrs
     if target.kind.name == "llvm" and not scheduled:

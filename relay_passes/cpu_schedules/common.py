@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import ScheduleRule, get_extent
+from tvm.s_tir.dlight.base import ScheduleRule, get_extent, try_inline_contiguous_spatial
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
@@ -118,3 +118,22 @@ def inputs(sch, block) -> list:
         if not any(r.source.same_as(b) for b in seen):
             seen.append(r.source)
     return seen[1:]
+
+
+def contraction(sch, infos, min_spatial: int):
+    """(block, its loops, its number of spatial axes) when, its injective producers (a conv's
+    padding) inlined, ``infos`` is one vectorizable block with at least ``min_spatial`` spatial
+    axes, then only reduction axes, reading two or more buffers (a matmul, a conv); else None.
+    A one-operand reduction (a row sum or max) is left to RowChain."""
+    infos = try_inline_contiguous_spatial(sch, infos)
+    if infos is None or len(infos) != 1:
+        return None
+    kind = infos[0].dom_kind()
+    n_s = len(kind) - len(kind.lstrip("S"))
+    if n_s < min_spatial or not kind[n_s:] or set(kind[n_s:]) != {"R"}:
+        return None
+    block = infos[0].block_rv
+    loops = sch.get_loops(block)
+    if len(loops) != len(kind) or not vectorizable(sch, block) or len(inputs(sch, block)) < 2:
+        return None
+    return block, loops, n_s

@@ -14,25 +14,17 @@ from __future__ import annotations
 
 import tvm.sym
 from tvm import tirx
-from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 
-from .common import CPURule, dtype_bits, inputs, static_extent, vector_lanes, vectorizable
+from .common import CPURule, contraction, dtype_bits, inputs, static_extent, vector_lanes
 from .matmul import Matmul, tile_cols, tile_rows
 
 
 class Conv(CPURule):
     def schedule(self, sch, infos, target):
-        infos = try_inline_contiguous_spatial(sch, infos)
-        if infos is None or len(infos) != 1:
+        found = contraction(sch, infos, 3)
+        if found is None:
             return None
-        kind = infos[0].dom_kind()
-        n_s = len(kind) - len(kind.lstrip("S"))
-        if n_s < 3 or not kind[n_s:] or set(kind[n_s:]) != {"R"}:
-            return None
-        block = infos[0].block_rv
-        loops = sch.get_loops(block)
-        if len(loops) != len(kind) or not vectorizable(sch, block):
-            return None
+        block, loops, n_s = found
         weight = _conv_weight(sch, block, n_s)
         if weight is None:
             return None

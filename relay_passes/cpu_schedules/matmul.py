@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import tvm
 from tvm import tirx
-from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 
 from .common import (
     NO_VECTORS,
     CPURule,
+    contraction,
     dtype_bits,
-    inputs,
     parallel,
     static_extent,
     vector_lanes,
-    vectorizable,
 )
 
 # unrolled rows of a tile, in order of preference among those that divide the rows: rows x
@@ -54,19 +52,10 @@ def tile_cols(nj: int, lanes: int) -> int | None:
 
 class Matmul(CPURule):
     def schedule(self, sch, infos, target):
-        infos = try_inline_contiguous_spatial(sch, infos)
-        if infos is None or len(infos) != 1:
+        found = contraction(sch, infos, 2)
+        if found is None:
             return None
-        kind = infos[0].dom_kind()
-        n_s = len(kind) - len(kind.lstrip("S"))
-        if n_s < 2 or not kind[n_s:] or set(kind[n_s:]) != {"R"}:
-            return None
-        block = infos[0].block_rv
-        loops = sch.get_loops(block)
-        if len(loops) != len(kind):
-            return None
-        if not vectorizable(sch, block) or len(inputs(sch, block)) < 2:
-            return None  # a one-operand reduction (a row sum or max) is RowChain's
+        block, loops, n_s = found
         lanes = vector_lanes(target, dtype_bits(sch, block))
         ni, nj = (static_extent(sch, x) for x in loops[n_s - 2 : n_s])
         cols = tile_cols(nj, lanes) if nj is not None and ni is not None else None
