@@ -26,6 +26,9 @@ class Caches:
     shapes: dict = field(default_factory=dict)
     workspace: dict = field(default_factory=dict)
     workspace_by_object: dict = field(default_factory=dict)
+    # cpu_schedules.common: target string -> vector register bits (a query builds an LLVM
+    # target machine: 0.1 ms, asked for every kernel the search schedules)
+    register_bits: dict = field(default_factory=dict)
     # liveness: PrimFunc -> has_reshape_pattern
     reshape: dict = field(default_factory=dict)
     # alias: (module id, function name) -> returned_params; rewrite: region -> reusable inputs

@@ -8,6 +8,8 @@ from tvm.s_tir.dlight.base import ScheduleRule, get_extent, try_inline_contiguou
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
+from .. import caches
+
 
 class CPURule(ScheduleRule):
     """A rule for llvm targets. ``schedule`` returns the schedule or None; a schedule error
@@ -35,8 +37,12 @@ class CPURule(ScheduleRule):
 def register_bits(target: Target) -> int:
     """The width of the target's vector registers. Not ``llvm_get_vector_width``: it says 512
     for every x86 CPU, and a matmul tile sized for 512-bit registers spills on AVX2."""
-    wide = [(512, "avx512f"), (256, "avx")]
-    return next((b for b, f in wide if target_has_features(f, target)), 128)
+    known = caches.current().register_bits
+    key = str(target)
+    if key not in known:
+        wide = [(512, "avx512f"), (256, "avx")]
+        known[key] = next((b for b, f in wide if target_has_features(f, target)), 128)
+    return known[key]
 
 
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
