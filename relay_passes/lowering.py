@@ -1,10 +1,10 @@
 """The TVM pipelines we lower with, as lists of passes per target.
 
 ``llvm`` follows what ``tvm.compile(mod, target)`` runs for CPU targets (TVM's
-``default_build_pipeline``: LegalizeOps without FuseOps/FuseTIR, TIR left unscheduled).
+``default_build_pipeline``: LegalizeOps without FuseOps/FuseTIR), then our ``cpu_schedules``.
 ``cuda`` (and other GPU targets) follow TVM's target pipeline: LegalizeOps, FuseOps, FuseTIR
-and dlight scheduling. The memory estimator and the ground-truth planner both use these lists,
-so what we estimate is what gets built.
+and dlight scheduling, with ``gpu_schedules``' rules before dlight's Fallback. The memory
+estimator and the ground-truth planner both use these lists, so what we estimate is built.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from . import cpu_schedules
+from . import cpu_schedules, gpu_schedules
 from .cpu_schedules.fast_math import fast_math_pass
 from .errors import AutochunkError, BuildError, UnsupportedTargetError
 from .legalize_cache import CachedFoldConstant, CachedLegalizeOps, cpu_lowering
@@ -69,7 +69,9 @@ def legalize_passes(target: tvm.target.Target) -> list:
             relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(),
         ]
-    return be.library_dispatch_passes(target) + be.legalize_passes(target)
+    # TVM's GPU pipeline ends with dlight's rules; ours add a tree reduction for max/min rows
+    passes = [p for p in be.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
+    return [*be.library_dispatch_passes(target), *passes, gpu_schedules.schedule_pass()]
 
 
 def lowering_passes(target: tvm.target.Target) -> list:

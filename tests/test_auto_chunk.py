@@ -124,7 +124,7 @@ def test_search_result_report(gpt):
 def test_repeated_layers_are_chunked_jointly(vit2):
     mod, x = vit2
     peak = need_bytes(estimate_memory(mod, "llvm"))
-    budget = peak // 2
+    budget = peak * 7 // 10  # its floor is 60%: the CLS concat ends the regions
     _, res = auto_chunk(mod, "llvm", budget)
     assert res.final_peak <= budget
     # chunking one layer alone cannot lower the common peak: a stage chunks both, one size
@@ -192,7 +192,7 @@ def test_small_rows_alternative_is_not_estimated_when_the_fit_peaks_at_its_chunk
 
 
 @pytest.mark.parametrize(
-    "family,size", [("gpt", 512), ("vit", 576), ("evoformer", 32), ("unet", 16)]
+    "family,size", [("gpt", 512), ("vit", 576), ("evoformer", 32), ("unet", 24)]
 )
 def test_chunking_keeps_the_weights_the_result_reports(family, size):
     # the search reports the caller's weights (it does not scan the chunked module again):

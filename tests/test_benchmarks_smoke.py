@@ -115,7 +115,7 @@ def test_gpu_scripts_dry_run_on_cpu(tmp_path):
     assert prepare.main(["--quick", "--target", "llvm", "--calibration", "--out", str(bundle),
                          "--pack", str(pack)]) == 0
     man = json.loads((bundle / "manifest.json").read_text())
-    assert [e["label"] for e in man["entries"]] == ["unchunked", "50%"]
+    assert [e["label"] for e in man["entries"]] == ["unchunked", "60%"]
     env = {k: v for k, v in os.environ.items() if k != "TMPDIR"} | {"TMPDIR": str(tmp_path)}
     out, cal = tmp_path / "gpu.jsonl", tmp_path / "cal.jsonl"
     p = subprocess.run(
@@ -125,7 +125,7 @@ def test_gpu_scripts_dry_run_on_cpu(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "unpacked" in p.stdout and "OUTPUTS DIFFER" not in p.stdout
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["label"] for r in rows] == ["unchunked", "50%"] and all(r["ok"] for r in rows)
+    assert [r["label"] for r in rows] == ["unchunked", "60%"] and all(r["ok"] for r in rows)
     assert max(r["max_rel_err"] for r in rows) <= 1e-5
     timed = [json.loads(x) for x in cal.read_text().splitlines()]
     assert {r["region"] for r in timed} == {"chain3", "chain17", "matmul128", "matmul256",

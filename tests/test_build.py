@@ -147,10 +147,10 @@ def test_cuda_build_compiles(small_gpt, tmp_path):
 
 def test_measured_peak_follows_estimate(tmp_path):
     """One call in a fresh process: measured peak RSS within 5% of the run-time estimate."""
-    w = FAMILIES["gpt"](1024, layers=1)
+    w = FAMILIES["gpt"](1280, layers=1)
     mod = ac.from_torch(w.module, w.inputs)
     art = ac.build(mod, target="llvm")
-    path = art.export(tmp_path / "gpt1024.so")
+    path = art.export(tmp_path / "gpt1280.so")
     m = measure_peak(path, [w.inputs[0].numpy()])
     rt = art.report.runtime_peak_bytes
     assert rt >= 64 * 2**20

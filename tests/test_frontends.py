@@ -346,3 +346,34 @@ def test_zip_that_is_not_an_export_archive(bad_files):
     msg = str(ei.value)
     assert "weights.pt2" in msg and "not a torch.export archive" in msg and "hello.txt" in msg
     assert "torch.export.save(ep, path) (not torch.save)" in msg
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, mask):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if self.kind == "masked":
+            return sdpa(q, k, v, attn_mask=mask)
+        return sdpa(q, k, v, is_causal=self.kind == "causal") + mask[0, 0]
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "masked"])
+def test_safe_softmax_check_only_where_a_mask_can_empty_a_row(kind: str) -> None:
+    # torch's check (eq -inf, any, where) is a no-op unless a mask can leave a row all -inf
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=gen) for _ in range(3))
+    mask = torch.zeros(8, 8)
+    if kind == "masked":
+        mask[3] = float("-inf")  # row 3 fully masked: the check makes it zeros, as in torch
+        mask[5, :4] = float("-inf")
+    mod = fe.from_torch(_Attention(kind), (q, k, v, mask))
+    check = {"relax.max", "relax.logical_not"}
+    assert (check <= _op_names(mod)) == (kind == "masked"), _op_names(mod)
+    got = _first_output(_compile(mod), q, k, v, mask)
+    want = _torch_ref(_Attention(kind), q, k, v, mask)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    if kind == "masked":
+        assert not np.isnan(got).any() and np.all(got[0, :, 3] == 0)

@@ -92,7 +92,7 @@ def test_same_module_on_a_chunked_module():
     # (symbolic shapes) falls through to TVM's legalization
     w = FAMILIES["gpt"](256, layers=1)
     mod = ac.from_torch(w.module, w.inputs)
-    chunked = apply_chunk_plan(mod, ChunkPlan((ChunkRegion("lv11", "lv75", "lv10", 1, 48),)))
+    chunked = apply_chunk_plan(mod, ChunkPlan((ChunkRegion("lv11", "lv67", "lv10", 1, 48),)))
     want, got, hits = _both(chunked)
     assert hits > 0
     assert _same(want, got)
@@ -181,7 +181,7 @@ def test_ops_left_unlowered_estimate_as_tvm_lowers_them(monkeypatch):
         kw = {"layers": 1} if family in ("gpt", "vit") else {}
         w = FAMILIES[family](size, **kw)
         mods.append(ac.from_torch(w.module, w.inputs))
-    mods.append(apply_chunk_plan(mods[1], ChunkPlan((ChunkRegion("lv11", "lv75", "lv10", 1, 48),))))
+    mods.append(apply_chunk_plan(mods[1], ChunkPlan((ChunkRegion("lv11", "lv67", "lv10", 1, 48),))))
     rng = random.Random(5)
     mods += [generate(RandomDraw(rng.randrange(10**9))).mod for _ in range(30)]
     evo = mods[3]
@@ -431,7 +431,7 @@ def test_cpu_lowering_equals_tvms_passes_and_dispatches_when_needed():
     # result is still TVM's (the sort is dispatched to its library kernel, not legalized)
     w = FAMILIES["gpt"](256, layers=1)
     mod = ac.from_torch(w.module, w.inputs)
-    chunked = apply_chunk_plan(mod, ChunkPlan((ChunkRegion("lv11", "lv75", "lv10", 1, 48),)))
+    chunked = apply_chunk_plan(mod, ChunkPlan((ChunkRegion("lv11", "lv67", "lv10", 1, 48),)))
     for m in (mod, chunked, _sort_scan_module()):
         assert _same(_tvm_lowering(m), _cpu_lowering(m))
     m = _sort_scan_module()

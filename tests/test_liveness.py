@@ -298,7 +298,7 @@ def test_walk_makes_tvms_dataflow_reshape_rewrites():
     for family, size in [("gpt", 128), ("vit", 196), ("evoformer", 32), ("unet", 16)]:
         w = FAMILIES[family](size, **({"layers": 1} if family in ("gpt", "vit") else {}))
         mods.append(ac.from_torch(w.module, w.inputs))
-    mods.append(apply_chunk_plan(mods[0], ChunkPlan((ChunkRegion("lv11", "lv75", "lv10", 1, 48),))))
+    mods.append(apply_chunk_plan(mods[0], ChunkPlan((ChunkRegion("lv11", "lv67", "lv10", 1, 48),))))
     mods.append(ReshapesAtEdges)
     rng = random.Random(5)
     mods += [generate(RandomDraw(rng.randrange(10**9))).mod for _ in range(25)]

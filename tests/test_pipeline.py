@@ -67,7 +67,7 @@ def test_the_plan_check_refuses_the_same_way_through_both(gpt, monkeypatch):
     import relay_passes.driver as drv
 
     mod, _, peak = gpt
-    budget = int(peak * 0.6)
+    budget = int(peak * 0.7)  # above the floor after two searches aiming 5% lower
     real = drv.read_plan
     monkeypatch.setattr(
         drv, "read_plan", lambda *a: dataclasses.replace(real(*a), peak_bytes=budget + 1)

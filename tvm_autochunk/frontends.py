@@ -39,6 +39,8 @@ from tvm import relax
 
 from relay_passes.errors import AutochunkError, FrontendError, UnsupportedOpError
 
+from .torch_decomp import decomposition_table
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import onnx
     import torch
@@ -216,7 +218,9 @@ def from_exported_program(
 
     source = source or "the exported program"
     try:
-        mod = _tvm_import(ep, keep_params_as_input=keep_params_as_input)
+        # torch's decompositions but for unmasked SDPA's safe-softmax check (torch_decomp)
+        ep = ep.run_decompositions(decomposition_table(torch))
+        mod = _tvm_import(ep, keep_params_as_input=keep_params_as_input, run_ep_decomposition=False)
     except Exception as e:
         raise _translate_torch_error(e, ep, source) from e
     logger.debug("imported %s through the torch frontend", source)
