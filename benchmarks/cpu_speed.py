@@ -5,7 +5,8 @@ thread count (``--threads``, default every core; torch.set_num_threads and TVM's
 
 * ``torch``: the module in eager mode (no_grad);
 * ``tvm_default``: ``tvm.compile(mod, Target("llvm"))``, what TVM gives without us;
-* ``ours``: ``tvm_autochunk.build(mod, "llvm")`` unchunked, and at 20% and 10% of its peak.
+* ``ours``: ``tvm_autochunk.build(mod, "llvm")`` unchunked, and at 20% and 10% of its peak;
+  where a share is refused, also at the smallest budget that builds (the refusal's suggestion).
 
 TVM's default build is slow (UNet: seconds per call), so it is timed ``--default-repeats``
 times, after the others. Rows go to ``benchmarks/results/cpu_speed.jsonl``.
@@ -37,6 +38,14 @@ def _rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def _timed_build(ac, mod, budget, compile_s, peaks, name):
+    t = time.perf_counter()
+    art = ac.build(mod, "llvm", budget=budget)
+    compile_s[name] = time.perf_counter() - t
+    peaks[name] = art.report.peak_bytes
+    return art
+
+
 def run(case: str, threads: int, repeats: int, default_repeats: int) -> dict:
     import torch
     import tvm
@@ -62,16 +71,17 @@ def run(case: str, threads: int, repeats: int, default_repeats: int) -> dict:
     compile_s["ours"] = time.perf_counter() - t
     peaks["ours"] = base.report.peak_bytes
     fns["ours"] = base
+    refused, floor = [], None
     for share in SHARES:
-        name = f"ours_{share * 100:g}%"
-        t = time.perf_counter()
+        budget = int(base.report.peak_bytes * share)
         try:
-            art = ac.build(mod, "llvm", budget=int(base.report.peak_bytes * share))
-        except ac.BudgetInfeasibleError:
-            continue
-        compile_s[name] = time.perf_counter() - t
-        peaks[name] = art.report.peak_bytes
-        fns[name] = art
+            fns[f"ours_{share * 100:g}%"] = _timed_build(ac, mod, budget, compile_s, peaks,
+                                                         f"ours_{share * 100:g}%")
+        except ac.BudgetInfeasibleError as e:
+            refused.append(f"{share * 100:g}%")
+            floor = e.min_budget if e.min_budget and e.min_budget < peaks["ours"] else floor
+    if refused and floor is not None:  # the smallest budget that builds: a refusal's suggestion
+        fns["ours_floor"] = _timed_build(ac, mod, floor, compile_s, peaks, "ours_floor")
     used = ac.set_threads(threads)
     torch.set_num_threads(used)
 
@@ -101,6 +111,8 @@ def run(case: str, threads: int, repeats: int, default_repeats: int) -> dict:
         **{f"{k}_vs_ours": round(medians[k] / medians["ours"], 3) for k in fns if k != "ours"},
         "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
         "peak_bytes": peaks,
+        "refused": refused,
+        "floor_share": round(floor / peaks["ours"], 3) if "ours_floor" in fns else None,
         "max_rel_err_vs_torch": {k: float(f"{v:.2e}") for k, v in errs.items()},
         "env": env_info(),
     }
@@ -131,13 +143,15 @@ def main(argv=None) -> int:
             f.write(json.dumps(row) + "\n")
             print(json.dumps({k: v for k, v in row.items() if k != "env"}), flush=True)
     print("\n| model | threads | torch ms | TVM default ms | ours ms | ours / torch | "
-          "20% ms | 10% ms | 10% / ours |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "20% ms | 10% ms | floor (share) ms | floor / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        floor = (f"{r['ours_floor_ms']} ({r['floor_share']:.0%})" if r.get("floor_share")
+                 else "-")
         print(f"| {r['family']} {r['size']} | {r['threads']} | {r['torch_ms']} | "
               f"{r['tvm_default_ms']} | {r['ours_ms']} | {r['ours_vs_torch']} | "
-              f"{r.get('ours_20%_ms', '-')} | {r.get('ours_10%_ms', '-')} | "
-              f"{r.get('ours_10%_vs_ours', '-')} |")
+              f"{r.get('ours_20%_ms', 'refused')} | {r.get('ours_10%_ms', 'refused')} | "
+              f"{floor} | {r.get('ours_floor_vs_ours', '-')} |")
     print(f"\nJSON lines: {out}")
     return 0
 
