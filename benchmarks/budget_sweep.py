@@ -62,7 +62,7 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
         try:
             art = ac.build(mod, "llvm", budget=budget)
         except ac.BudgetInfeasibleError as e:
-            row.update(ok=False, error=str(e)[:300], build_s=round(time.perf_counter() - t, 2))
+            row.update(ok=False, error=str(e)[:1500], build_s=round(time.perf_counter() - t, 2))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "env"}), flush=True)
             continue

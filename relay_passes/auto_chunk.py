@@ -190,6 +190,13 @@ def min_budget_for(need: int, unchunked: int) -> int:
     return min(unchunked, max(need + 2**20 if need > 2**25 else need, -(-need * 100 // 97)))
 
 
+def search_aim(budget_bytes: int, opts: SearchOptions) -> int:
+    """The peak the search aims at for a budget: under it by the safety margin."""
+    return budget_bytes - max(
+        2**20 if budget_bytes > 2**25 else 0, int(budget_bytes * opts.safety_margin)
+    )
+
+
 @_gc_frozen
 @caches.scoped
 def auto_chunk(
@@ -200,8 +207,10 @@ def auto_chunk(
     options: SearchOptions | None = None,
     function: str = "main",
     profile=None,
+    refuse: bool = True,
 ) -> tuple[tvm.IRModule, AutoChunkResult]:
-    """Chunk ``mod`` until its estimated peak fits ``budget_bytes`` (or raise).
+    """Chunk ``mod`` until its estimated peak fits ``budget_bytes`` (or raise; with
+    ``refuse=False``, return the lowest module reached, its peak in ``final_peak``).
 
     ``profile``: ``estimate_memory(mod, target, entry=function)`` when the caller has it
     already (it is not checked; it saves one estimate).
@@ -227,9 +236,7 @@ def auto_chunk(
     unchunked = need_bytes(profile)
     aim = budget_bytes
     if unchunked > budget_bytes:  # chunking needed: aim under the budget by the safety margin
-        aim = budget_bytes - max(
-            2**20 if budget_bytes > 2**25 else 0, int(budget_bytes * opts.safety_margin)
-        )
+        aim = search_aim(budget_bytes, opts)
     problem.budget = aim
     start = problem.state(mod, profile)
     out = search_stages(problem, start, aim, opts, t0)
@@ -252,7 +259,7 @@ def auto_chunk(
         cost_model=cost_model,
         profile=prof,
     )
-    if need > aim:
+    if need > aim and refuse:
         raise BudgetInfeasibleError(
             budget=budget_bytes,
             unchunked_peak=unchunked,

@@ -48,8 +48,9 @@ def estimate(
     ExportedProgram, or a path to a ``.onnx`` / ``.pt2`` file.
     """
     from relay_passes.estimate_memory import estimate_memory
+    from relay_passes.fold_weight_layouts import fold_weight_layouts
 
-    mod = _import(model, example_args)
+    mod = fold_weight_layouts(_import(model, example_args))  # as build() does
     tgt = resolve_target(target, arch)
     return MemoryReport(estimate_memory(mod, tgt, entry=entry))
 
