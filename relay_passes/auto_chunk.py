@@ -207,10 +207,13 @@ def auto_chunk(
     options: SearchOptions | None = None,
     function: str = "main",
     profile=None,
-    refuse: bool = True,
+    explore: int | None = None,
 ) -> tuple[tvm.IRModule, AutoChunkResult]:
-    """Chunk ``mod`` until its estimated peak fits ``budget_bytes`` (or raise; with
-    ``refuse=False``, return the lowest module reached, its peak in ``final_peak``).
+    """Chunk ``mod`` until its estimated peak fits ``budget_bytes`` (or raise).
+
+    ``explore`` (under ``budget_bytes``): search aiming at it, then re-fit the plan found to
+    ``budget_bytes`` with fewer calls (the greedy path follows its aim; a lower one can find a
+    plan where aiming at the budget stops above it).
 
     ``profile``: ``estimate_memory(mod, target, entry=function)`` when the caller has it
     already (it is not checked; it saves one estimate).
@@ -237,9 +240,10 @@ def auto_chunk(
     aim = budget_bytes
     if unchunked > budget_bytes:  # chunking needed: aim under the budget by the safety margin
         aim = search_aim(budget_bytes, opts)
-    problem.budget = aim
+    low = search_aim(explore, opts) if explore is not None and explore < budget_bytes else aim
+    problem.budget = low
     start = problem.state(mod, profile)
-    out = search_stages(problem, start, aim, opts, t0)
+    out = search_stages(problem, start, low, opts, t0, refit_target=aim if low < aim else None)
     cur, prof, stages = out.state.module, out.state.profile, out.stages
     if stages:
         check_well_formed(cur, f"chunking {len(stages)} region(s)")
@@ -259,7 +263,7 @@ def auto_chunk(
         cost_model=cost_model,
         profile=prof,
     )
-    if need > aim and refuse:
+    if need > aim:
         raise BudgetInfeasibleError(
             budget=budget_bytes,
             unchunked_peak=unchunked,

@@ -24,14 +24,13 @@ import tvm
 from tvm import relax
 
 from . import caches
-from .auto_chunk import AutoChunkResult, auto_chunk, need_bytes, search_aim
+from .auto_chunk import AutoChunkResult, auto_chunk, need_bytes
 from .errors import BudgetInfeasibleError, UnsupportedTargetError
 from .estimate_memory import estimate_memory
 from .fold_weight_layouts import fold_weight_layouts
 from .lowering import (
     as_target,
     finalize_passes,
-    is_gpu,
     planning_passes,
     run_passes,
 )
@@ -138,9 +137,9 @@ def chunk_to_budget(
     budget = aim if budget is None else budget
     profile = profile or estimate_memory(mod, target, entry=entry)
 
-    def search(b: int, refuse: bool = True):
+    def search(b: int, explore: int | None = None):
         return auto_chunk(
-            mod, target, b, function=entry, profile=profile, options=options, refuse=refuse
+            mod, target, b, function=entry, profile=profile, options=options, explore=explore
         )
 
     try:
@@ -149,13 +148,14 @@ def chunk_to_budget(
         first = e
     # greedy stages follow the aim: aiming lower can take a path that fits (Evoformer-128 with
     # weight layouts folded: stuck at 27% aiming at 20%, 12% aiming at 10%)
-    fits = search_aim(aim, options or SearchOptions.for_target(is_gpu(as_target(target))))
     for share in DEEPER_AIMS:
-        out, res = search(int(aim * share), refuse=False)
-        if res.final_peak <= fits:
-            note = (f"found aiming at {share:.0%} of the budget (aiming at the budget itself, the "
-                    f"search stopped at {format_bytes(first.best_peak)})")
-            return out, dataclasses.replace(res, budget_bytes=aim, notes=(*res.notes, note))
+        try:
+            out, res = search(aim, explore=int(aim * share))
+        except BudgetInfeasibleError:
+            continue
+        note = (f"found aiming at {share:.0%} of the budget, then re-fitted to it (aiming at the "
+                f"budget itself, the search stopped at {format_bytes(first.best_peak)})")
+        return out, dataclasses.replace(res, notes=(*res.notes, note))
     err = confirm_min_budget(first, search)
     floor, fixes = floor_note(mod, profile, budget, err.best_peak, err.unchunked_peak, entry)
     if floor:

@@ -201,12 +201,14 @@ class _Search:
                 best = found
         return best
 
-    def refit(self, cur: State, stages: list) -> tuple[State, list]:
+    def refit(self, cur: State, stages: list, last: bool = False) -> tuple[State, list]:
         """Fewer calls per stage with the other stages in place, the costliest stage first;
         a change is kept only when the whole plan still fits. The last stage was fitted with
-        every other one in place already: it is not re-fitted."""
+        every other one in place already: it is re-fitted only when ``last`` (the plan was
+        searched aiming lower than ``self.target``)."""
         stages = list(stages)
-        for i in sorted(range(len(stages) - 1), key=lambda i: -stages[i].cost):
+        upto = len(stages) if last else len(stages) - 1
+        for i in sorted(range(upto), key=lambda i: -stages[i].cost):
             st = stages[i]
             if st.candidate is None or st.n_chunks <= 2:
                 continue
@@ -243,10 +245,16 @@ class _Search:
 
 
 def search_stages(
-    problem: Problem, start: State, target: int, opts: SearchOptions, t0: float | None = None
+    problem: Problem,
+    start: State,
+    target: int,
+    opts: SearchOptions,
+    t0: float | None = None,
+    refit_target: int | None = None,
 ) -> Outcome:
     """The plan of stages that meets ``target`` at the least predicted cost, else the one
-    with the lowest peak (its blockers say why it stops there)."""
+    with the lowest peak (its blockers say why it stops there). ``refit_target`` (above
+    ``target``): the plan found is then re-fitted to it, every stage, with fewer calls."""
     s = _Search(problem, opts, target, time.perf_counter() if t0 is None else t0)
     cur, stages = s.search(start, [], 0)
     if cur.need > target and opts.floor_slack > 0:
@@ -260,6 +268,11 @@ def search_stages(
         again = s.search(start, [], 0)
         if s.better(again, (cur, stages)):
             cur, stages = again
-    if s.opts.refit_evals > 0 and cur.need <= target and len(stages) >= 2:
+    if refit_target is not None and refit_target > target and stages:
+        if cur.need <= refit_target:  # searched aiming low: as few calls as the real aim needs
+            s.target = refit_target
+            s.opts = dataclasses.replace(s.opts, refit_evals=max(s.opts.refit_evals, 4))
+            cur, stages = s.refit(cur, stages, last=True)
+    elif s.opts.refit_evals > 0 and cur.need <= target and len(stages) >= 2:
         cur, stages = s.refit(cur, stages)
     return Outcome(cur, tuple(stages), tuple(s.blockers))
