@@ -56,8 +56,8 @@ def section(title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq", type=int, default=1024, help="sequence length (default: 1024)")
-    p.add_argument("--budget", default="48MiB",
-                   help="memory budget per call (default: 48MiB, 55% of the unchunked peak, "
+    p.add_argument("--budget", default="32MiB",
+                   help="memory budget per call (default: 32MiB, 48% of the unchunked peak, "
                         "so AutoChunk has to chunk)")
     p.add_argument("--cuda", action="store_true", help="also compile for CUDA sm_80 (needs nvcc)")
     p.add_argument("--out", default=str(ROOT / "out" / "demo_gpt.so"), help="artifact path")
