@@ -145,18 +145,25 @@ def chunk_to_budget(
     try:
         return search(aim)
     except BudgetInfeasibleError as e:
-        first = e
+        first = lowest = e
     # greedy stages follow the aim: aiming lower can take a path that fits (Evoformer-128 with
     # weight layouts folded: stuck at 27% aiming at 20%, 12% aiming at 10%)
     for share in DEEPER_AIMS:
         try:
             out, res = search(aim, explore=int(aim * share))
-        except BudgetInfeasibleError:
+        except BudgetInfeasibleError as e:
+            lowest = e if e.best_peak < lowest.best_peak else lowest
             continue
         note = (f"found aiming at {share:.0%} of the budget, then re-fitted to it (aiming at the "
                 f"budget itself, the search stopped at {format_bytes(first.best_peak)})")
         return out, dataclasses.replace(res, notes=(*res.notes, note))
-    err = confirm_min_budget(first, search)
+    def deeper(b: int):  # how a refusal's suggestion is checked: as a build would search
+        try:
+            return search(b)
+        except BudgetInfeasibleError:
+            return search(b, explore=int(b * DEEPER_AIMS[-1]))
+
+    err = confirm_min_budget(lowest, deeper)  # the refusal that got lowest
     floor, fixes = floor_note(mod, profile, budget, err.best_peak, err.unchunked_peak, entry)
     if floor:
         err = _with(err, floor=floor, remedies=fixes)

@@ -26,4 +26,3 @@ class GPURule(GPUScheduleRule):
 
     def schedule(self, sch, infos, target):  # pragma: no cover - abstract
         raise NotImplementedError
-
