@@ -149,3 +149,15 @@ def test_cpu_speed_smoke(tmp_path):
     assert row["threads"] >= 1 and row["torch_ms"] > 0 and row["tvm_default_ms"] > 0
     assert row["ours_ms"] > 0 and row["ours_vs_torch"] > 0
     assert max(row["max_rel_err_vs_torch"].values()) < 1e-4
+
+
+def test_floors_smoke(capsys):
+    from benchmarks import floors
+
+    assert floors.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| gpt:256:1 |" in out
+    row = floors.run("gpt:256:1", [0.5, 0.01])
+    ok, refused = row["points"]
+    assert ok["ok"] and ok["peak_bytes"] <= 0.5 * row["unchunked_bytes"]
+    assert not refused["ok"] and refused["peak_bytes"] > 0.01 * row["unchunked_bytes"]
