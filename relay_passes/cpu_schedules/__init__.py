@@ -9,6 +9,7 @@ vectorized injective kernels and row reductions, and a parallel fallback.
 
 from __future__ import annotations
 
+from ..schedule_rules import rule_for as first_rule
 from .conv import Conv
 from .elementwise import Elementwise
 from .fallback import Fallback
@@ -23,10 +24,7 @@ def default_rules() -> list:
 
 def rule_for(func, target) -> str | None:
     """The name of the rule that schedules ``func`` (None: no rule does)."""
-    for rule in default_rules():
-        if rule.apply(func, target, False) is not None:
-            return type(rule).__name__
-    return None
+    return first_rule(default_rules(), func, target)
 
 
 def schedule_pass():

@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, get_extent, try_inline_contiguous_spatial
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
 
 from .. import caches
+from ..schedule_rules import DeclinesOnError
 
 
-class CPURule(ScheduleRule):
-    """A rule for llvm targets. ``schedule`` returns the schedule or None; a schedule error
-    (an unexpected PrimFunc shape) makes the rule decline, so the next rule is tried."""
+class CPURule(DeclinesOnError, ScheduleRule):
+    """A rule for llvm targets (``DeclinesOnError``: ``schedule`` or decline)."""
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
-
-    def apply(self, func, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        try:
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None:
-                return None
-            return self.schedule(sch, infos, target)
-        except (s_tir.ScheduleError, ValueError, AssertionError):
-            return None
-
-    def schedule(self, sch, infos, target):  # pragma: no cover - abstract
-        raise NotImplementedError
 
 
 def register_bits(target: Target) -> int:

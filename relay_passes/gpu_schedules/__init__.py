@@ -10,6 +10,7 @@ tree reduction. ``Injective`` maps elementwise and layout kernels to threads the
 
 from __future__ import annotations
 
+from ..schedule_rules import rule_for as first_rule
 from .injective import Injective
 from .reduction import RowReduction
 
@@ -31,13 +32,7 @@ def default_rules() -> list:
 
 def rule_for(func, target) -> str | None:
     """The name of the rule that schedules ``func`` (None: no rule does)."""
-    for rule in default_rules():
-        try:
-            if rule.apply(func, target, False) is not None:
-                return type(rule).__name__
-        except Exception:  # dlight's rules raise on shapes they do not expect: not theirs
-            continue
-    return None
+    return first_rule(default_rules(), func, target)
 
 
 def schedule_pass():
