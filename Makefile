@@ -43,6 +43,7 @@ bench: venv
 		--out benchmarks/results/budget_sweep_target_unet.jsonl  # ~15 min a budget
 	$(PY) benchmarks/search_time.py
 	$(PY) benchmarks/cpu_speed.py
+	$(PY) benchmarks/attention_kernel.py
 	$(PY) benchmarks/max_length.py
 	$(PY) benchmarks/calibrate_cost.py
 	$(PY) benchmarks/refit.py

@@ -77,10 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     ap.add_argument("--arch", default="sm_90", help="CUDA arch for target cuda (default sm_90)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/search_time.jsonl"))
-    ap.add_argument("--quick", action="store_true", help="GPT S=512, llvm, 60%%: smoke test")
+    ap.add_argument("--quick", action="store_true", help="GPT S=512, llvm, 70%%: smoke test")
     args = ap.parse_args(argv)
     if args.quick:
-        args.case, args.targets, args.fractions = ["gpt:512:1"], ["llvm"], [0.6]
+        args.case, args.targets, args.fractions = ["gpt:512:1"], ["llvm"], [0.7]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -38,6 +38,9 @@ _LAZY = {
     "auto_chunk": "auto_chunk",
     "register_autochunk_pipeline": "pipeline",
     "get_dim_rule": "dimflow_rules",
+    "FuseAttention": "attention",
+    "fuse_attention": "attention",
+    "leave_unfused": "attention",
 }
 
 __all__ = ["AutochunkError", *_LAZY]

@@ -41,6 +41,8 @@ class Caches:
     legalize_pending: dict = field(default_factory=dict)
     lowered: dict = field(default_factory=dict)
     builds: dict = field(default_factory=dict)
+    # attention.fuse: AttentionShape -> the kernel's PrimFunc (one object per shape)
+    kernels: dict = field(default_factory=dict)
     serial: itertools.count = field(default_factory=itertools.count)
     target: str = ""  # the target in scope for the running lowering
     stats: dict = field(default_factory=lambda: {"hits": 0, "misses": 0, "uncached": 0})

@@ -13,6 +13,7 @@ import tvm
 from tvm import relax
 
 from . import cpu_schedules, gpu_schedules
+from .attention import FuseAttention
 from .cpu_schedules.fast_math import fast_math_pass
 from .errors import AutochunkError, BuildError, UnsupportedTargetError
 from .legalize_cache import CachedFoldConstant, CachedLegalizeOps, cpu_lowering
@@ -67,6 +68,7 @@ def legalize_passes(target: tvm.target.Target) -> list:
         return [
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
+            FuseAttention,  # softmax attention as one flash-style kernel: no Sq x Sk tensor
             relax.transform.LegalizeOps(),
         ]
     # TVM's GPU pipeline ends with dlight's rules; ours add a tree reduction for max/min rows

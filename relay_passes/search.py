@@ -41,9 +41,9 @@ class SearchOptions:
     floor_slack: float = 0.03
     min_extent: int = 8  # do not chunk dims shorter than this
     time_limit_s: float = 300.0
-    # estimates per stage of the joint re-fit (refit_calls); off on CPUs, where fewer, longer
-    # chunks lose cache locality (benchmarks/refit.py), on for GPUs (launches per call)
-    refit_evals: int = 0
+    # estimates per stage of the joint re-fit (refit_calls): fewer calls are faster on GPUs
+    # (launches) and, with scheduled kernels, on CPUs too (benchmarks/refit.py)
+    refit_evals: int = 4
     # the search aims this far under the budget: the run-time model can be a few percent
     # under the measured peak (docs/design.md)
     safety_margin: float = 0.03
@@ -58,8 +58,8 @@ class SearchOptions:
 
     @classmethod
     def for_target(cls, gpu: bool, **kw) -> SearchOptions:
-        """The defaults for a GPU target (``GPU_OPTIONS``: the CUDA cost constants, joint
-        re-fit on) or a CPU one (the measured llvm defaults); ``kw`` overrides either.
+        """The defaults for a GPU target (``GPU_OPTIONS``: the CUDA cost constants)
+        or a CPU one (the measured llvm defaults); ``kw`` overrides either.
         ``lowering.is_gpu(target)`` tells which (this module imports nothing from TVM)."""
         return cls(**{**(GPU_OPTIONS if gpu else {}), **kw})
 
@@ -74,7 +74,7 @@ CUDA_COSTS = {
     "small_rows": 16,
     "small_penalty": 1.0,
 }
-GPU_OPTIONS = {**CUDA_COSTS, "refit_evals": 3}
+GPU_OPTIONS = dict(CUDA_COSTS)
 
 
 @dataclass(frozen=True)
@@ -441,22 +441,32 @@ def refit_calls(
     A greedy stage is fitted before the later stages exist: a region that cannot reach the
     budget alone is driven to its floor, and the next stage then chunks the region whose
     tensors set that floor; with it chunked, the first one may need far fewer calls
-    (docs/design.md). This halves the calls of the stage while the whole plan
-    still fits, at most ``opts.refit_evals`` estimates: a
-    stage that cannot do with half its calls costs one estimate. ``evaluate(chunk)`` is the
-    whole plan's peak with this stage at ``chunk`` (None: the plan cannot be applied so, e.g.
-    a later stage names a binding this one's rewrite made). Returns the fewest calls found
-    that fit (the fit's ``evaluations``: all estimates made), or None when half did not fit.
+    (docs/design.md). The calls tried are the current ones halved k times (k = 1..K, K the
+    last that leaves at least two): half first (a stage that cannot do with half its calls
+    costs one estimate), then the fewest (K), then a bisection over k, at most
+    ``opts.refit_evals`` estimates in all (the peak grows with the chunk, so the fits are
+    the k up to some point). ``evaluate(chunk)`` is the whole plan's peak with this stage at
+    ``chunk`` (None: the plan cannot be applied so, e.g. a later stage names a binding this
+    one's rewrite made). Returns the fewest calls found that fit (the fit's ``evaluations``:
+    all estimates made), or None when half did not fit.
     """
     g = max(1, cand.granularity)
     balanced = opts.last_chunk == "balanced"
-    best, evals, n = None, 0, n_now
-    while evals < opts.refit_evals and n // 2 >= 2:
+    chunks, n = [], n_now  # chunks[k - 1]: the chunk for the calls halved k times
+    while n // 2 >= 2:
         c = chunk_for_calls(cand.extent, n // 2, g, balanced=balanced)
         n = -(-cand.extent // c)
-        peak = evaluate(c)
+        chunks.append(c)
+    best, evals, lo, hi = None, 0, 0, len(chunks) + 1  # k = lo fits; k >= hi does not
+    while evals < opts.refit_evals and hi - lo > 1:
+        k = 1 if lo == 0 else (len(chunks) if hi == len(chunks) + 1 else (lo + hi) // 2)
+        peak = evaluate(chunks[k - 1])
         evals += 1
         if peak is None or peak > target:
-            break
-        best = Fit(c, int(peak), cand.cost(c, opts), evals)
+            if k == 1:
+                break
+            hi = k
+            continue
+        lo = k
+        best = Fit(chunks[k - 1], int(peak), cand.cost(chunks[k - 1], opts), evals)
     return dataclasses.replace(best, evaluations=evals) if best is not None else None

@@ -8,8 +8,8 @@ A stage chunks one region (and its copies in repeated layers) with one chunk siz
 ``search.fit_chunk``. The search is a bounded tree: a stage that meets the target only with
 chunks shorter than ``small_rows`` also branches into that region at ``small_rows`` plus later
 stages (at most two such branches); the cheapest plan that fits wins, else the lowest peak.
-A search that misses the target is repeated once with ``floor_slack`` 0. On GPU targets
-(``refit_evals``), a plan of several stages that fits is re-fitted jointly (``refit_calls``).
+A search that misses the target is repeated once with ``floor_slack`` 0. With ``refit_evals``
+(the default), a plan of several stages that fits is re-fitted jointly (``refit_calls``).
 """
 
 from __future__ import annotations
@@ -241,6 +241,9 @@ class _Search:
                 applied=st.candidate.regions(fit.chunk),
                 refit_from=st.refit_from or st.n_chunks,
             )
+        if stages and stages[-1].peak_after != cur.need:
+            # the plan's peak is what the last stage leaves, with every re-fit in place
+            stages[-1] = dataclasses.replace(stages[-1], peak_after=cur.need)
         return cur, stages
 
 

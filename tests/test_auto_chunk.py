@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import tvm_autochunk as ac
 from benchmarks.models import FAMILIES
+from relay_passes.attention import leave_unfused
 from relay_passes.auto_chunk import auto_chunk, need_bytes
 from relay_passes.errors import BudgetInfeasibleError
 from relay_passes.estimate_memory import estimate_memory
@@ -26,23 +27,28 @@ def evo128():
     return mod, [t.numpy() for t in w.inputs], need_bytes(estimate_memory(mod, "llvm"))
 
 
-def test_a_stage_driven_to_its_floor_is_refitted_with_the_later_stage_in_place(evo128):
-    """Evoformer N=128 at 20%: the first stage cannot reach the budget alone and takes 128
-    calls; the second stage chunks what set that floor, and then 64 calls of the first
-    region fit. The re-fitted plan keeps the budget (estimate and TVM's plan) and the
-    outputs; without the re-fit (the llvm default) the plan keeps 128 calls."""
-    mod, x, need = evo128
-    budget = int(need * 0.2)
-    _, greedy = auto_chunk(mod, "llvm", budget)
-    m, res = auto_chunk(mod, "llvm", budget, options=SearchOptions(refit_evals=3))
-    first = res.stages[0]
-    assert greedy.stages[0].n_chunks == first.refit_from > first.n_chunks >= 2
+def test_a_stage_driven_to_its_floor_is_refitted_with_the_later_stage_in_place():
+    """Evoformer N=256 at 20%: the second stage cannot reach the budget alone and takes 256
+    calls; the third chunks what set that floor, and then 128 calls of the second region fit.
+    The re-fitted plan (the default) keeps the budget (estimate and TVM's plan) and the
+    outputs; without the re-fit (``refit_evals=0``) the plan keeps 256 calls."""
+    w = FAMILIES["evoformer"](256)
+    mod = ac.from_torch(w.module, w.inputs)
+    x = [t.numpy() for t in w.inputs]
+    budget = int(need_bytes(estimate_memory(mod, "llvm")) * 0.2)
+    _, greedy = auto_chunk(mod, "llvm", budget, options=SearchOptions(refit_evals=0))
+    m, res = auto_chunk(mod, "llvm", budget)
+    refitted = [i for i, s in enumerate(res.stages) if s.refit_from]
+    assert refitted, res.to_dict()
+    i = refitted[0]
+    first = res.stages[i]
+    assert greedy.stages[i].n_chunks == first.refit_from > first.n_chunks >= 2
     assert all(s.refit_from == 0 for s in greedy.stages)  # the greedy plan: no re-fit
     assert res.stages[-1].refit_from == 0  # the last stage is never re-fitted
     assert sum(s.cost for s in res.stages) < sum(s.cost for s in greedy.stages)
     assert res.final_peak <= budget and res.evaluations > greedy.evaluations
     d = res.to_dict()
-    assert d["regions"][0]["refit_from_n_chunks"] == greedy.stages[0].n_chunks
+    assert d["regions"][i]["refit_from_n_chunks"] == greedy.stages[i].n_chunks
     art = ac.build(m, "llvm", budget=budget)  # the chunked module: fits without a search
     assert art.report.chunking is None
     assert art.report.planned_peak_bytes <= budget and art.report.peak_bytes <= budget
@@ -58,7 +64,7 @@ def test_a_stage_driven_to_its_floor_is_refitted_with_the_later_stage_in_place(e
 
 @pytest.mark.cuda_build
 def test_gpu_targets_take_the_gpu_options(evo128):
-    """A CUDA search prices stages with the CUDA constants (and re-fits: GPU_OPTIONS);
+    """A CUDA search prices stages with the CUDA constants (GPU_OPTIONS) and re-fits;
     estimates only, nothing is built or run."""
     mod, _, _ = evo128
     need = need_bytes(estimate_memory(mod, "cuda"))
@@ -93,7 +99,7 @@ def test_search_leaves_the_callers_gc_freeze_alone(gpt):
     caller's own gc.freeze() (forking servers do it) must survive the call."""
     import gc
 
-    mod = gpt[0]
+    mod = leave_unfused(gpt[0])
     budget = int(need_bytes(estimate_memory(mod, "llvm")) * 0.6)
     assert gc.get_freeze_count() == 0
     auto_chunk(mod, "llvm", budget)
@@ -108,7 +114,7 @@ def test_search_leaves_the_callers_gc_freeze_alone(gpt):
 
 
 def test_search_result_report(gpt):
-    mod, _, _ = gpt
+    mod = leave_unfused(gpt[0])
     need = need_bytes(estimate_memory(mod, "llvm"))
     _, res = auto_chunk(mod, "llvm", int(need * 0.7))
     d = res.to_dict()
@@ -122,7 +128,7 @@ def test_search_result_report(gpt):
 
 
 def test_repeated_layers_are_chunked_jointly(vit2):
-    mod, x = vit2
+    mod, x = leave_unfused(vit2[0]), vit2[1]
     peak = need_bytes(estimate_memory(mod, "llvm"))
     budget = peak * 7 // 10  # its floor is 60%: the CLS concat ends the regions
     _, res = auto_chunk(mod, "llvm", budget)
@@ -144,7 +150,7 @@ def test_every_layer_is_chunked_jointly_in_a_deeper_model():
     3 of 4 layers were chunked with 1-row chunks (1024 calls each) before the 4th got a stage
     of its own, and the search took 30 s. layer_prefix takes the prefix with the most copies."""
     w = FAMILIES["gpt"](1024, layers=4)
-    mod = ac.from_torch(w.module, w.inputs)
+    mod = leave_unfused(ac.from_torch(w.module, w.inputs))
     budget = need_bytes(estimate_memory(mod, "llvm")) // 2
     _, res = auto_chunk(mod, "llvm", budget)
     assert res.final_peak <= budget
@@ -158,7 +164,7 @@ def test_prefers_two_regions_over_tiny_chunks():
     measured 1.41x slower); the search also tries that region at 16 rows plus a second region,
     which meets the budget at a far lower predicted cost, and takes it."""
     w = FAMILIES["vit"](2304, layers=1)
-    mod = ac.from_torch(w.module, w.inputs)
+    mod = leave_unfused(ac.from_torch(w.module, w.inputs))
     budget = need_bytes(estimate_memory(mod, "llvm")) // 10
     _, res = auto_chunk(mod, "llvm", budget)
     assert res.final_peak <= budget
@@ -183,7 +189,7 @@ def test_small_rows_alternative_is_not_estimated_when_the_fit_peaks_at_its_chunk
 
     monkeypatch.setattr(acm, "estimate_memory", recording)
     w = FAMILIES["unet"](64)
-    mod = ac.from_torch(w.module, w.inputs)
+    mod = leave_unfused(ac.from_torch(w.module, w.inputs))
     budget = need_bytes(estimate_memory(mod, "llvm")) // 10
     _, res = auto_chunk(mod, "llvm", budget)
     assert res.final_peak <= budget and res.stages[0].region.chunk < SearchOptions().small_rows
@@ -201,7 +207,7 @@ def test_chunking_keeps_the_weights_the_result_reports(family, size):
 
     kw = {"layers": 1} if family in ("gpt", "vit") else {}
     w = FAMILIES[family](size, **kw)
-    mod = ac.from_torch(w.module, w.inputs)
+    mod = leave_unfused(ac.from_torch(w.module, w.inputs))
     prof = estimate_memory(mod, "llvm")
     assert prof.weight_bytes > 0
     out, res = auto_chunk(mod, "llvm", need_bytes(prof) * 7 // 10, profile=prof)

@@ -91,8 +91,8 @@ def test_refit_benchmark_smoke(tmp_path):
     assert refit.main(["--quick", "--out", str(out)]) == 0
     (row,) = [json.loads(x) for x in out.read_text().splitlines()]
     g, f = row["plans"]["greedy"], row["plans"]["refit"]
-    # Evoformer N=128 at 20%: the re-fit gives the first stage fewer calls, within the budget
-    assert f["refit_from"][0] == g["regions"][0][1] > f["regions"][0][1]
+    # Evoformer N=256 at 20%: the re-fit gives the second stage fewer calls, within the budget
+    assert f["refit_from"][1] == g["regions"][1][1] > f["regions"][1][1]
     assert max(g["planned_bytes"], f["planned_bytes"]) <= row["budget_bytes"]
     assert f["predicted_overhead_us"] < g["predicted_overhead_us"]
     assert g["vs_unchunked"] > 0 and f["vs_unchunked"] > 0
@@ -115,7 +115,7 @@ def test_gpu_scripts_dry_run_on_cpu(tmp_path):
     assert prepare.main(["--quick", "--target", "llvm", "--calibration", "--out", str(bundle),
                          "--pack", str(pack)]) == 0
     man = json.loads((bundle / "manifest.json").read_text())
-    assert [e["label"] for e in man["entries"]] == ["unchunked", "60%"]
+    assert [e["label"] for e in man["entries"]] == ["unchunked", "70%"]
     env = {k: v for k, v in os.environ.items() if k != "TMPDIR"} | {"TMPDIR": str(tmp_path)}
     out, cal = tmp_path / "gpu.jsonl", tmp_path / "cal.jsonl"
     p = subprocess.run(
@@ -125,7 +125,7 @@ def test_gpu_scripts_dry_run_on_cpu(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "unpacked" in p.stdout and "OUTPUTS DIFFER" not in p.stdout
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["label"] for r in rows] == ["unchunked", "60%"] and all(r["ok"] for r in rows)
+    assert [r["label"] for r in rows] == ["unchunked", "70%"] and all(r["ok"] for r in rows)
     assert max(r["max_rel_err"] for r in rows) <= 1e-5
     timed = [json.loads(x) for x in cal.read_text().splitlines()]
     assert {r["region"] for r in timed} == {"chain3", "chain17", "matmul128", "matmul256",
@@ -157,7 +157,19 @@ def test_floors_smoke(capsys):
     assert floors.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "| gpt:256:1 |" in out
-    row = floors.run("gpt:256:1", [0.5, 0.01])
+    row = floors.run("gpt:256:1", [0.7, 0.01])
     ok, refused = row["points"]
-    assert ok["ok"] and ok["peak_bytes"] <= 0.5 * row["unchunked_bytes"]
+    assert ok["ok"] and ok["peak_bytes"] <= 0.7 * row["unchunked_bytes"]
     assert not refused["ok"] and refused["peak_bytes"] > 0.01 * row["unchunked_bytes"]
+
+
+def test_attention_kernel_smoke(tmp_path):
+    """benchmarks/attention_kernel.py --quick: SDPA, torch eager, ours fused and unfused."""
+    from benchmarks import attention_kernel
+
+    out = tmp_path / "attn.jsonl"
+    assert attention_kernel.main(["--quick", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["ours_fused_ms"] > 0 and row["torch_sdpa_ms"] > 0
+    assert row["fused_peak_bytes"] < row["unfused_peak_bytes"]
+    assert row["max_abs_err_vs_sdpa"]["ours_fused"] < 1e-4

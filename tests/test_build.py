@@ -146,9 +146,12 @@ def test_cuda_build_compiles(small_gpt, tmp_path):
 
 
 def test_measured_peak_follows_estimate(tmp_path):
-    """One call in a fresh process: measured peak RSS within 5% of the run-time estimate."""
+    """One call in a fresh process: measured peak RSS within 5% of the run-time estimate
+    (GPT-1280 with its attention left unfused: the scores make it 77 MiB)."""
+    from relay_passes.attention import leave_unfused
+
     w = FAMILIES["gpt"](1280, layers=1)
-    mod = ac.from_torch(w.module, w.inputs)
+    mod = leave_unfused(ac.from_torch(w.module, w.inputs))
     art = ac.build(mod, target="llvm")
     path = art.export(tmp_path / "gpt1280.so")
     m = measure_peak(path, [w.inputs[0].numpy()])
@@ -159,10 +162,28 @@ def test_measured_peak_follows_estimate(tmp_path):
     )
 
 
+def test_measured_peak_of_fused_attention_is_within_the_plan(tmp_path):
+    """GPT with attention fused (the llvm default), S=7168: memory linear in S. The measured
+    peak is within 1% of TVM's plan, which the budget check holds (max of plan and run-time
+    estimate). The run-time estimate is one (S, 256) tensor under it here (the final output is
+    modelled as reusing a freed block, and is not: docs/design.md, not explained yet)."""
+    w = FAMILIES["gpt"](7168, layers=1)
+    mod = ac.from_torch(w.module, w.inputs)
+    art = ac.build(mod, target="llvm")
+    path = art.export(tmp_path / "gpt7168.so")
+    m = measure_peak(path, [w.inputs[0].numpy()])
+    plan = art.report.planned_peak_bytes
+    assert plan >= 64 * 2**20
+    assert abs(m.peak_bytes - plan) <= 0.01 * m.peak_bytes, json.dumps(
+        {"measured": m.peak_bytes, "runtime_estimate": art.report.runtime_peak_bytes,
+         "plan": plan}
+    )
+
+
 def test_build_with_budget_chunks_and_keeps_outputs(gpt):
     mod, x, ref = gpt
     need = need_bytes(estimate_memory(mod, "llvm"))
-    budget = int(need * 0.6)
+    budget = int(need * 0.8)  # attention fused: 3.5 MiB of 5.6 is K, V and the residual stream
     art = ac.build(mod, "llvm", budget=budget)
     assert art.report.planned_peak_bytes <= budget  # TVM's own plan
     assert art.report.peak_bytes <= budget

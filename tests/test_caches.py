@@ -36,7 +36,7 @@ def _module_containers():
 def test_a_build_leaves_no_module_level_cache_behind():
     w = FAMILIES["gpt"](512, layers=1)
     mod = ac.from_torch(w.module, w.inputs)
-    ac.build(mod, "llvm", budget=int(ac.estimate(mod).peak_bytes * 0.6))
+    ac.build(mod, "llvm", budget=int(ac.estimate(mod).peak_bytes * 0.8))  # searched, chunked
     assert caches.active() is None  # the build's caches were dropped
     found = [
         f"{name}.{attr} ({len(value)} entries)"

@@ -90,7 +90,7 @@ def test_weight_parameter_is_chunked_along_its_own_dims():
 
 def test_a_refused_budget_is_searched_again_aiming_lower():
     """The greedy search's path follows its aim: Evoformer-128 (weight layouts folded) aiming
-    at 20% stops at 27% of its peak, aiming at 10% reaches 12%. The driver searches again
+    at 25% stops at 41% of its peak; aiming at 75% of that fits. The driver searches again
     aiming under the budget and keeps a plan that fits it, with a note saying so."""
     from benchmarks.models import FAMILIES
     from relay_passes.auto_chunk import auto_chunk, need_bytes
@@ -101,11 +101,11 @@ def test_a_refused_budget_is_searched_again_aiming_lower():
     w = FAMILIES["evoformer"](128)
     mod = fold_weight_layouts(ac.from_torch(w.module, w.inputs))
     prof = estimate_memory(mod, "llvm")
-    budget = need_bytes(prof) // 5
+    budget = need_bytes(prof) // 4
     with pytest.raises(ac.BudgetInfeasibleError) as ei:
         auto_chunk(mod, "llvm", budget, profile=prof)
     assert ei.value.best_peak > budget
     _, res = chunk_to_budget(mod, "llvm", budget, profile=prof)
     assert res.final_peak <= budget and res.budget_bytes == budget
-    found = [n for n in res.notes if n.startswith("found aiming at 50% of the budget, then re-fit")]
+    found = [n for n in res.notes if n.startswith("found aiming at 75% of the budget, then re-fit")]
     assert found, res.notes

@@ -48,15 +48,20 @@ def test_estimate_matches_tvm_plan_cuda(family):
     est = estimate_memory(mod, tgt)
     plan = planned_memory(mod, tgt)
     assert abs(est.peak_bytes - plan.peak_bytes) <= 0.02 * plan.peak_bytes
-    # fusion on CUDA removes intermediates: less memory than the unfused CPU pipeline
-    assert est.peak_bytes < estimate_memory(mod, "llvm").peak_bytes
+    if family == "gpt":
+        # CUDA's FuseOps removes the MLP's intermediates (attention is fused on both targets);
+        # UNet's CPU peak is lower: attention is its peak, and the CPU kernel keeps no scores
+        assert est.peak_bytes < estimate_memory(mod, "llvm").peak_bytes
 
 
-def test_peak_grows_quadratically_with_sequence_for_attention():
-    # at S >= 1024 the S x S attention scores dominate: doubling S ~quadruples the peak
-    small = estimate_memory(_mod("gpt", 1024), "llvm").peak_bytes
-    big = estimate_memory(_mod("gpt", 2048), "llvm").peak_bytes
-    assert 3.0 < big / small < 4.5
+def test_peak_grows_linearly_with_sequence_when_attention_is_fused():
+    # on llvm attention is one kernel (relay_passes.attention): no S x S scores and no S x S
+    # causal mask, so doubling S about doubles the peak (unfused, S=1024 -> 2048 was 3.9x).
+    # S is not 1024, the MLP's width
+    small = estimate_memory(_mod("gpt", 768), "llvm")
+    big = estimate_memory(_mod("gpt", 1536), "llvm")
+    assert 1.8 < big.peak_bytes / small.peak_bytes < 2.5  # the plan packs a little worse
+    assert all(list(r.shape).count(768) < 2 for r in small.live_at_peak)  # no S x S tensor
 
 
 def test_dynamic_dim_estimated_at_upper_bound():
@@ -69,8 +74,13 @@ def test_dynamic_dim_estimated_at_upper_bound():
     assert est.symbolic_bounds and est.symbolic_bounds[0][1] == 256
     static = estimate_memory(_mod("gpt", 256), "llvm")
     assert est.peak_bytes == planned_memory(dyn, "llvm").peak_bytes
-    # planned at the bound: the same order as the static model at that length
-    assert 0.8 * static.peak_bytes <= est.peak_bytes <= 1.25 * static.peak_bytes
+    # planned at the bound. Attention over a symbolic length is left unfused (the fused
+    # kernel is built per static shape: docs/design.md), so the dynamic model holds its
+    # 256 x 256 scores and causal mask and the static one does not (5.7 MiB against 3.0)
+    from relay_passes.attention import Module, find_attention
+
+    assert not find_attention(Module(dyn), "main")
+    assert static.peak_bytes < est.peak_bytes <= 2 * static.peak_bytes
 
 
 def test_weight_parameters_estimate_matches_tvm_plan():

@@ -307,18 +307,23 @@ def test_fit_respects_granularity_and_floor():
     assert fit.peak > 500 and fit.chunk > 1
 
 
-def test_refit_halves_the_calls_while_the_plan_fits():
-    cand, opts = _cand(extent=4096), SearchOptions(refit_evals=3)
+def test_refit_bisects_the_halvings_while_the_plan_fits():
+    cand, opts = _cand(extent=4096), SearchOptions(refit_evals=4)
     calls = []
 
     def plan_peak(c):  # the whole plan: 5000 bytes elsewhere + 10 per row of this stage
         calls.append(-(-4096 // c))
         return 5000 + 10 * c
 
-    # 256 calls fit; so do 128 and 64 (chunks of 64: 5640); 32 calls (128 rows: 6280) do not
+    # 256 calls fit; so do 128 and 64 (chunks of 64: 5640); 32 calls (128 rows: 6280) do not.
+    # Tried: half (128), the fewest (2), then the bisection of the halvings (16, then 64)
     fit = refit_calls(cand, 256, 6000, plan_peak, opts)
-    assert (fit.chunk, fit.peak, fit.evaluations) == (64, 5640, 3) and calls == [128, 64, 32]
+    assert (fit.chunk, fit.peak, fit.evaluations) == (64, 5640, 4) and calls == [128, 2, 16, 64]
     assert fit.cost < cand.cost(16, opts)
+    calls.clear()
+    # the fewest calls fit: two estimates
+    fit = refit_calls(cand, 256, 10**6, plan_peak, opts)
+    assert (fit.chunk, fit.evaluations) == (2048, 2) and calls == [128, 2]
     calls.clear()
     fit = refit_calls(cand, 256, 6000, plan_peak, SearchOptions(refit_evals=1))
     assert fit.chunk == 32 and calls == [128]  # the estimate limit
@@ -329,9 +334,9 @@ def test_refit_halves_the_calls_while_the_plan_fits():
     assert refit_calls(cand, 256, 6000, lambda c: None, opts) is None
     assert refit_calls(cand, 3, 10**9, plan_peak, opts) is None  # 1 call is no chunking
     calls.clear()
-    # off by default on CPUs, on for GPUs (where every call is kernel launches)
-    assert refit_calls(cand, 256, 6000, plan_peak, SearchOptions()) is None and not calls
-    assert SearchOptions.for_target(gpu=True).refit_evals == 3
+    # off when refit_evals is 0
+    assert refit_calls(cand, 256, 6000, plan_peak, SearchOptions(refit_evals=0)) is None
+    assert not calls
 
 
 def test_ranking_is_deterministic():

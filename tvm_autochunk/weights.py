@@ -37,6 +37,10 @@ def detach(mod, entry: str = "main"):
     from tvm.relax.frontend import detach_params
 
     detached, values = detach_params(mod)
+    for key in mod.attrs.keys() if mod.attrs is not None else ():
+        # TVM's detach_params drops every module attribute; only "params" is meant to go
+        if key != "params" and (detached.attrs is None or key not in detached.attrs):
+            detached = detached.with_attr(key, mod.attrs[key])
     weights = values.get(entry)
     return detached, (list(weights) if weights is not None else None)
 

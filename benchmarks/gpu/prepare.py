@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
     cases = QUICK if args.quick else CASES
     cases = [c for c in cases if not args.families or c[0] in args.families]
-    fractions = (0.6,) if args.quick else FRACTIONS
+    fractions = (0.7,) if args.quick else FRACTIONS
     manifest = {"arch": args.arch, "tvm": __import__("tvm").__version__, "entries": []}
     for fam, size, kw in cases:
         w = FAMILIES[fam](size, **kw)

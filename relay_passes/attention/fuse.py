@@ -1,0 +1,132 @@
+"""FuseAttention: softmax attention becomes one call of a flash-style kernel (llvm targets).
+
+Runs in the CPU lowering pipeline before ``LegalizeOps`` (``lowering.legalize_passes``), so
+the memory estimator, the search and the build all see the fused module: the Sq x Sk scores,
+their softmax and the mask built from ``arange`` are gone, in chunk functions as in ``main``.
+Matching is ``match.find_attention``; what does not match (another dtype, a mask whose
+broadcast the kernel cannot read, a scores tensor used twice) stays as it was and is lowered
+by TVM as before, and so does attention over a symbolic length (the kernel is built per
+static shape) and a module marked by ``leave_unfused``. GPU targets are not fused yet
+(``docs/design.md``, "Fused attention").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .. import _compat as C
+from .. import caches
+from .kernel_cpu import AttentionShape, cpu_kernel
+from .match import Attention, Module, find_attention
+
+
+def _kernel(shape: AttentionShape):
+    # one PrimFunc object per shape in a build: the estimator's memos key on the object
+    c = caches.current()
+    got = c.kernels.get(shape)
+    if got is None:
+        got = c.kernels[shape] = cpu_kernel(shape)
+    return got
+
+
+@mutator
+class _Fuse(PyExprMutator):
+    def __init__(self, mod, found: dict):
+        super().__init__(mod)
+        self.found = found  # output var -> Attention
+        self.gvs: dict = {}  # AttentionShape -> GlobalVar
+        self.analyzer = tvm.sym.Analyzer()
+
+    def _as(self, e, shape: tuple, name: str):
+        e = self.visit_expr(e)
+        if tuple(C.static_shape(e.ty)) == tuple(shape):
+            return e
+        # named after the output: the same module fuses to the same names, whatever the
+        # order the functions are visited in
+        return self.builder_.emit(relax.op.reshape(e, relax.ShapeExpr(list(shape))), name)
+
+    def visit_var_binding_(self, binding):
+        m: Attention | None = self.found.get(binding.var)
+        if m is None:
+            return super().visit_var_binding_(binding)
+        bias = m.bias[1:] if m.bias is not None else None
+        name = binding.var.name
+        shape = AttentionShape(m.batch, m.sq, m.sk, m.h, m.hv, m.dtype, m.diag is not None, bias)
+        gv = self.gvs.get(shape)
+        if gv is None:
+            gv = self.gvs[shape] = self.builder_.add_func(_kernel(shape), "attention_cpu")
+        if m.bias is None:
+            b3 = relax.const(np.zeros((1, 1, 1), m.dtype))
+        else:
+            b3 = self._as(m.bias[0], m.bias[1:4], f"{name}_bias")
+        diag = tvm.tirx.IntImm("int64", 0) if m.diag is None else self.analyzer.simplify(m.diag)
+        args = [
+            self._as(m.a, (m.batch, m.sq, m.h), f"{name}_a"),
+            self._as(m.bt, (m.batch, m.h, m.sk), f"{name}_bt"),
+            self._as(m.v, (m.batch, m.sk, m.hv), f"{name}_v"),
+            b3,
+            diag,
+        ]
+        out_ty = relax.TensorType((m.batch, m.sq, m.hv), m.dtype)
+        res = relax.call_tir(gv, args, out_ty)
+        want = tuple(C.static_shape(binding.var.ty))
+        if want != (m.batch, m.sq, m.hv):
+            o = self.builder_.emit(res, f"{name}_o")
+            res = relax.op.reshape(o, relax.ShapeExpr(list(want)))
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(res)))
+
+
+# a module attribute: attention left unfused (``leave_unfused``)
+UNFUSED_ATTR = "autochunk_unfused_attention"
+
+
+def leave_unfused(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` marked so that ``FuseAttention`` leaves it as it is, in every pipeline that
+    lowers it (estimate, search, build): the scores exist again, and chunking is what lowers
+    their memory (A/B comparisons, and tests of the search on attention-bound graphs)."""
+    return mod.with_attr(UNFUSED_ATTR, True)
+
+
+def fuse_attention(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with every matched attention fused (``mod`` itself when none matched, or when
+    it is marked by ``leave_unfused``)."""
+    attrs = mod.attrs
+    if attrs is not None and UNFUSED_ATTR in attrs and bool(attrs[UNFUSED_ATTR]):
+        return mod
+    if not any(_has_softmax(f) for f in mod.functions.values()):
+        return mod
+    module, found = Module(mod), {}
+    for gv, func in mod.functions.items():
+        if _has_softmax(func):
+            for m in find_attention(module, gv.name_hint):
+                found[m.out] = m
+    if not found:
+        return mod
+    fuser = _Fuse(mod, found)
+    for gv, func in sorted(mod.functions.items(), key=lambda kv: kv[0].name_hint):
+        if isinstance(func, relax.Function) and _has_softmax(func):
+            fuser.builder_.update_func(gv, fuser.visit_expr(func))
+    out = fuser.builder_.get()
+    for gv, func in out.functions.items():  # the scores, softmax and mask are unused now
+        if isinstance(func, relax.Function):
+            out[gv] = relax.analysis.remove_all_unused(func)
+    return out
+
+
+def _has_softmax(func) -> bool:
+    if not isinstance(func, relax.Function):
+        return False
+    return any(
+        C.op_name(b.value) == "relax.nn.softmax"
+        for block in func.body.blocks
+        for b in block.bindings
+    )
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseAttention")
+def FuseAttention(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``fuse_attention`` as a module pass, for any TVM pipeline with an llvm target."""
+    return fuse_attention(mod)
