@@ -455,6 +455,8 @@ def refit_calls(
     chunks, n = [], n_now  # chunks[k - 1]: the chunk for the calls halved k times
     while n // 2 >= 2:
         c = chunk_for_calls(cand.extent, n // 2, g, balanced=balanced)
+        if -(-cand.extent // c) >= n:  # the granularity allows no fewer calls
+            break
         n = -(-cand.extent // c)
         chunks.append(c)
     best, evals, lo, hi = None, 0, 0, len(chunks) + 1  # k = lo fits; k >= hi does not
