@@ -145,16 +145,21 @@ def test_cuda_build_compiles(small_gpt, tmp_path):
     assert out.shape == (1, SMALL_SIZES["gpt"], 256)  # pragma: no cover
 
 
+def _gpt_built_and_measured(tmp_path, seq: int, unfused: bool = False):
+    """A 1-layer GPT built for llvm, exported, and one call measured in a fresh process."""
+    from relay_passes.attention import leave_unfused
+
+    w = FAMILIES["gpt"](seq, layers=1)
+    mod = ac.from_torch(w.module, w.inputs)
+    art = ac.build(leave_unfused(mod) if unfused else mod, target="llvm")
+    path = art.export(tmp_path / f"gpt{seq}.so")
+    return art, measure_peak(path, [w.inputs[0].numpy()])
+
+
 def test_measured_peak_follows_estimate(tmp_path):
     """One call in a fresh process: measured peak RSS within 5% of the run-time estimate
     (GPT-1280 with its attention left unfused: the scores make it 77 MiB)."""
-    from relay_passes.attention import leave_unfused
-
-    w = FAMILIES["gpt"](1280, layers=1)
-    mod = leave_unfused(ac.from_torch(w.module, w.inputs))
-    art = ac.build(mod, target="llvm")
-    path = art.export(tmp_path / "gpt1280.so")
-    m = measure_peak(path, [w.inputs[0].numpy()])
+    art, m = _gpt_built_and_measured(tmp_path, 1280, unfused=True)
     rt = art.report.runtime_peak_bytes
     assert rt >= 64 * 2**20
     assert abs(m.peak_bytes - rt) <= 0.05 * m.peak_bytes, json.dumps(
@@ -167,11 +172,7 @@ def test_measured_peak_of_fused_attention_is_within_the_plan(tmp_path):
     peak is within 1% of TVM's plan, which the budget check holds (max of plan and run-time
     estimate). The run-time estimate is one (S, 256) tensor under it here (the final output is
     modelled as reusing a freed block, and is not: docs/design.md, not explained yet)."""
-    w = FAMILIES["gpt"](7168, layers=1)
-    mod = ac.from_torch(w.module, w.inputs)
-    art = ac.build(mod, target="llvm")
-    path = art.export(tmp_path / "gpt7168.so")
-    m = measure_peak(path, [w.inputs[0].numpy()])
+    art, m = _gpt_built_and_measured(tmp_path, 7168)
     plan = art.report.planned_peak_bytes
     assert plan >= 64 * 2**20
     assert abs(m.peak_bytes - plan) <= 0.01 * m.peak_bytes, json.dumps(

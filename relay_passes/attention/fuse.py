@@ -52,28 +52,26 @@ class _Fuse(PyExprMutator):
         m: Attention | None = self.found.get(binding.var)
         if m is None:
             return super().visit_var_binding_(binding)
-        bias = m.bias[1:] if m.bias is not None else None
-        name = binding.var.name
-        shape = AttentionShape(m.batch, m.sq, m.sk, m.h, m.hv, m.dtype, m.diag is not None, bias)
-        gv = self.gvs.get(shape)
+        sh, name = m.shape, binding.var.name
+        gv = self.gvs.get(sh)
         if gv is None:
-            gv = self.gvs[shape] = self.builder_.add_func(_kernel(shape), "attention_cpu")
+            gv = self.gvs[sh] = self.builder_.add_func(_kernel(sh), "attention_cpu")
         if m.bias is None:
-            b3 = relax.const(np.zeros((1, 1, 1), m.dtype))
+            b3 = relax.const(np.zeros((1, 1, 1), sh.dtype))
         else:
-            b3 = self._as(m.bias[0], m.bias[1:4], f"{name}_bias")
+            b3 = self._as(m.bias, sh.bias[:3], f"{name}_bias")
         diag = tvm.tirx.IntImm("int64", 0) if m.diag is None else self.analyzer.simplify(m.diag)
         args = [
-            self._as(m.a, (m.batch, m.sq, m.h), f"{name}_a"),
-            self._as(m.bt, (m.batch, m.h, m.sk), f"{name}_bt"),
-            self._as(m.v, (m.batch, m.sk, m.hv), f"{name}_v"),
+            self._as(m.a, (sh.batch, sh.sq, sh.h), f"{name}_a"),
+            self._as(m.bt, (sh.batch, sh.h, sh.sk), f"{name}_bt"),
+            self._as(m.v, (sh.batch, sh.sk, sh.hv), f"{name}_v"),
             b3,
             diag,
         ]
-        out_ty = relax.TensorType((m.batch, m.sq, m.hv), m.dtype)
+        out_ty = relax.TensorType((sh.batch, sh.sq, sh.hv), sh.dtype)
         res = relax.call_tir(gv, args, out_ty)
         want = tuple(C.static_shape(binding.var.ty))
-        if want != (m.batch, m.sq, m.hv):
+        if want != (sh.batch, sh.sq, sh.hv):
             o = self.builder_.emit(res, f"{name}_o")
             res = relax.op.reshape(o, relax.ShapeExpr(list(want)))
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(res)))
@@ -96,19 +94,22 @@ def fuse_attention(mod: tvm.IRModule) -> tvm.IRModule:
     attrs = mod.attrs
     if attrs is not None and UNFUSED_ATTR in attrs and bool(attrs[UNFUSED_ATTR]):
         return mod
-    if not any(_has_softmax(f) for f in mod.functions.values()):
+    # by name: the same module fuses to the same names whatever its function order
+    funcs = sorted(
+        ((gv, f) for gv, f in mod.functions.items() if _has_softmax(f)),
+        key=lambda kv: kv[0].name_hint,
+    )
+    if not funcs:
         return mod
     module, found = Module(mod), {}
-    for gv, func in mod.functions.items():
-        if _has_softmax(func):
-            for m in find_attention(module, gv.name_hint):
-                found[m.out] = m
+    for gv, _func in funcs:
+        for m in find_attention(module, gv.name_hint):
+            found[m.out] = m
     if not found:
         return mod
     fuser = _Fuse(mod, found)
-    for gv, func in sorted(mod.functions.items(), key=lambda kv: kv[0].name_hint):
-        if isinstance(func, relax.Function) and _has_softmax(func):
-            fuser.builder_.update_func(gv, fuser.visit_expr(func))
+    for gv, func in funcs:
+        fuser.builder_.update_func(gv, fuser.visit_expr(func))
     out = fuser.builder_.get()
     for gv, func in out.functions.items():  # the scores, softmax and mask are unused now
         if isinstance(func, relax.Function):

@@ -20,6 +20,7 @@ import tvm
 from tvm import relax
 
 from .. import _compat as C
+from .kernel_cpu import AttentionShape
 
 SOFTMAX, MATMUL = "relax.nn.softmax", "relax.matmul"
 PASS_THROUGH = ("relax.reshape", "relax.broadcast_to")
@@ -29,21 +30,17 @@ PASS_THROUGH = ("relax.reshape", "relax.broadcast_to")
 class Attention:
     """One match, by variable: ``out = softmax(a @ bt + bias, causal at diag) @ v``.
 
-    ``batch``: the flattened batch rows (the product of the scores' leading dims); ``bias`` is
-    None or ``(var, rows, bq, bk, div)`` (see ``kernel_cpu.AttentionShape``)."""
+    ``shape``: what the kernel computes (``kernel_cpu.AttentionShape``: the batch rows are the
+    product of the scores' leading dims); ``diag``: the causal diagonal (None: not causal);
+    ``bias``: the mask read as a bias (None: no bias; its broadcast is ``shape.bias``)."""
 
     out: relax.Var
     a: relax.Expr
     bt: relax.Expr
     v: relax.Expr
-    batch: int
-    sq: int
-    sk: int
-    h: int
-    hv: int
-    dtype: str
+    shape: AttentionShape
     diag: tvm.tirx.PrimExpr | None = None
-    bias: tuple | None = None
+    bias: relax.Expr | None = None
 
 
 def _shape(e):
@@ -269,18 +266,18 @@ def _match(fn: _Function, out, call):
     dtypes = {C.tensor_dtype(e.ty) for e in (a, bt, v, s3, x, out)}
     if dtypes != {"float32"}:
         return None
-    diag, bias = None, None
+    diag, bias, broadcast = None, None, None
     if mask is not None:
         diag = causal_diag(fn, mask)
         if diag is None:
             if C.tensor_dtype(mask.ty) != "float32":
                 return None
-            b = _bias(_shape(mask), xs)
-            if b is None:
+            broadcast = _bias(_shape(mask), xs)
+            if broadcast is None:
                 return None
-            bias = (mask, *b)
-    bn = C.prod(batch)
-    return Attention(out, a, bt, v, bn, sq, sk, h, hv, "float32", diag, bias)
+            bias = mask
+    shape = AttentionShape(C.prod(batch), sq, sk, h, hv, "float32", diag is not None, broadcast)
+    return Attention(out, a, bt, v, shape, diag, bias)
 
 
 class Module:
