@@ -43,7 +43,7 @@ COPY benchmarks/ benchmarks/
 COPY tests/ tests/
 
 # Same install as the Makefile: `make venv` runs
-#   .venv/bin/python -m pip install -e '.[torch,onnx,dev]'
+#   .venv/bin/python -m pip install -e '.[torch,onnx,dev,bench]'
 # Docker only: the extra index supplies torch 2.13.0+cpu. pip ranks 2.13.0+cpu above the
 # plain 2.13.0 on PyPI (a CUDA build), so the CPU wheel wins. Outside Docker we rely on a
 # local find-links wheel and never add this index.

@@ -1,7 +1,7 @@
 # Newcomer entry points (see README "Quick start"): `make demo`, `make test`.
 #
 # `make venv` creates .venv and installs the pinned dependencies from pyproject.toml
-# (TVM, torch CPU, onnx, dev tools). It reinstalls only when pyproject.toml is newer than
+# (TVM, torch CPU, onnx, dev tools, transformers/diffusers for the library-model benchmarks). It reinstalls only when pyproject.toml is newer than
 # the stamp file .venv/.installed. torch is pinned to 2.13.0; to get the CPU build on a
 # machine without a local wheel, set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 # (pip reads it from the environment; the Dockerfile does the same).
@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := torch,onnx,dev
+EXTRAS := torch,onnx,dev,bench
 
 .PHONY: venv demo test bench bench-report lint clean distclean
 
@@ -44,6 +44,7 @@ bench: venv
 	$(PY) benchmarks/search_time.py
 	$(PY) benchmarks/cpu_speed.py
 	$(PY) benchmarks/attention_kernel.py
+	$(PY) benchmarks/library_models.py
 	$(PY) benchmarks/max_length.py
 	$(PY) benchmarks/calibrate_cost.py
 	$(PY) benchmarks/refit.py

@@ -30,11 +30,11 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
           fractions=FRACTIONS, with_min: bool = True) -> list[dict]:
     import tvm_autochunk as ac
     from benchmarks.env import env_info
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
     from benchmarks.timing import interleaved_medians
     from tvm_autochunk.measure import measure_peak
 
-    w = FAMILIES[family](size, **kw)
+    w = workload(family, size, **kw)
     mod = ac.from_torch(w.module, w.inputs)
     x = [t.numpy() for t in w.inputs]
     base = ac.build(mod, "llvm")

@@ -38,12 +38,12 @@ def _measure(art, inputs):
 
 def region_row(family: str, size: int, chunk: int, measure: bool, **kw) -> dict:
     import tvm_autochunk as ac
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
     from benchmarks.regions import attention_regions
     from relay_passes.plan import ChunkPlan
     from relay_passes.rewrite import apply_chunk_plan
 
-    w = FAMILIES[family](size, **kw)
+    w = workload(family, size, **kw)
     mod = ac.from_torch(w.module, w.inputs)
     x = [t.numpy() for t in w.inputs]
     r = attention_regions(mod)[0]
@@ -89,11 +89,11 @@ def region_row(family: str, size: int, chunk: int, measure: bool, **kw) -> dict:
 
 def compile_time(family: str, size: int, chunks: tuple[int, ...], **kw) -> list[dict]:
     import tvm_autochunk as ac
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
     from benchmarks.regions import attention_regions
     from relay_passes.plan import ChunkPlan
 
-    w = FAMILIES[family](size, **kw)
+    w = workload(family, size, **kw)
     mod = ac.from_torch(w.module, w.inputs)
     r = attention_regions(mod)[0]
     rows = []

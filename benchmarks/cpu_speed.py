@@ -53,12 +53,12 @@ def run(case: str, threads: int, repeats: int, default_repeats: int) -> dict:
 
     import tvm_autochunk as ac
     from benchmarks.env import env_info
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
     from benchmarks.timing import interleaved_medians
 
     family, size, *rest = case.split(":")
     kw = {"layers": int(rest[0])} if rest else {}
-    w = FAMILIES[family](int(size), **kw)
+    w = workload(family, int(size), **kw)
     mod = ac.from_torch(w.module, w.inputs)
     x = [t.numpy() for t in w.inputs]
     with torch.no_grad():

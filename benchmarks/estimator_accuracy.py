@@ -42,12 +42,12 @@ def run_one(family: str, size: int, measure: bool = True) -> dict:
     import tvm
 
     import tvm_autochunk as ac
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
     from relay_passes.estimate_memory import estimate_memory
     from relay_passes.fold_weight_layouts import fold_weight_layouts
     from tvm_autochunk.measure import measure_peak
 
-    w = FAMILIES[family](size)
+    w = workload(family, size)
     t = time.perf_counter()
     mod = ac.from_torch(w.module, w.inputs)
     t_import = time.perf_counter() - t

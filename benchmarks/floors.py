@@ -25,14 +25,14 @@ MIB = 2**20
 
 def run(case: str, shares) -> dict:
     import tvm_autochunk as ac
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
     from relay_passes.auto_chunk import need_bytes
     from relay_passes.driver import chunk_to_budget
     from relay_passes.estimate_memory import estimate_memory
     from relay_passes.fold_weight_layouts import fold_weight_layouts
 
     family, size, *rest = case.split(":")
-    w = FAMILIES[family](int(size), **({"layers": int(rest[0])} if rest else {}))
+    w = workload(family, int(size), **({"layers": int(rest[0])} if rest else {}))
     mod = fold_weight_layouts(ac.from_torch(w.module, w.inputs))
     target = ac.resolve_target("llvm")
     prof = estimate_memory(mod, target)

@@ -55,9 +55,9 @@ def _allowance(budget: int) -> int:
 
 
 def _workload(family: str, size: int, kw: dict):
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
 
-    return FAMILIES[family](size, **kw)
+    return workload(family, size, **kw)
 
 
 def _module(family: str, size: int, kw: dict):

@@ -33,6 +33,7 @@ __all__ = [
     "gpt",
     "unet",
     "vit",
+    "workload",
 ]
 
 
@@ -405,3 +406,15 @@ SIZES: dict[str, list[int]] = {
     "evoformer": [64, 128, 192, 256],
     "unet": [32, 64, 96, 128],
 }
+
+
+def workload(family: str, size: int, **kw) -> Workload:
+    """``family``'s model at ``size``: one of :data:`FAMILIES`, or a library model of
+    ``benchmarks.real_models`` (``hf_*``; needs the ``bench`` extra)."""
+    if family in FAMILIES:
+        return FAMILIES[family](size, **kw)
+    from benchmarks.real_models import REAL_FAMILIES  # transformers/diffusers: only on demand
+
+    if family not in REAL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {[*FAMILIES, *REAL_FAMILIES]}")
+    return REAL_FAMILIES[family](size, **kw)

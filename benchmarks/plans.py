@@ -28,11 +28,11 @@ CUDA_CASES = ["gpt:4096:1", "vit:2304:1", "evoformer:256", "unet:128"]
 
 def _points(target: str, case: str, fractions, with_min: bool):
     import tvm_autochunk as ac
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
 
     family, size, *rest = case.split(":")
     kw = {"layers": int(rest[0])} if rest else {}
-    w = FAMILIES[family](int(size), **kw)
+    w = workload(family, int(size), **kw)
     mod = ac.from_torch(w.module, w.inputs)
     arch = {"arch": "sm_90"} if target == "cuda" else {}
     peak0 = ac.estimate(mod, target, **arch).peak_bytes

@@ -28,12 +28,12 @@ CASES = (("evoformer", 256, 0.2), ("evoformer", 128, 0.2))
 def run_case(family: str, size: int, fraction: float, rounds: int) -> dict:
     import tvm_autochunk as ac
     from benchmarks.env import env_info
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
     from benchmarks.timing import interleaved_medians
     from relay_passes.auto_chunk import auto_chunk
     from relay_passes.search import SearchOptions
 
-    w = FAMILIES[family](size)
+    w = workload(family, size)
     mod = ac.from_torch(w.module, w.inputs)
     x = [t.numpy() for t in w.inputs]
     base = ac.build(mod, "llvm")

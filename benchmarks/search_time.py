@@ -30,12 +30,12 @@ FRACTIONS = (0.5, 0.2, 0.1)
 def run(case: str, target: str, fractions, arch: str) -> list[dict]:
     import tvm_autochunk as ac
     from benchmarks.env import env_info
-    from benchmarks.models import FAMILIES
+    from benchmarks.models import workload
 
     parts = case.split(":")
     family, size = parts[0], int(parts[1])
     kw = {"layers": int(parts[2])} if len(parts) > 2 else {}
-    w = FAMILIES[family](size, **kw)
+    w = workload(family, size, **kw)
     mod = ac.from_torch(w.module, w.inputs)
     arch_kw = {"arch": arch} if target == "cuda" else {}
     base = ac.build(mod, target, **arch_kw)  # warm-up, and the unchunked peak

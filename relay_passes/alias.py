@@ -22,6 +22,7 @@ from tvm import relax
 from . import _compat as C
 from . import caches
 from .chunk_region import RegionAnalysis
+from .dimflow import arg_leaves
 from .ir_index import bindings_by_name, reads_by_block, tensor_leaves
 
 # ops that may become views (no copy) of their tensor arguments once lowered: reshapes, copies
@@ -260,7 +261,7 @@ def _only_row_reads(root, uses, order, start, ra, body, bindings, sliced, seed, 
         b = bindings[name]
         if not isinstance(b.value, C.Call):
             return False
-        for i, a in enumerate(b.value.args):
+        for i, a in enumerate(arg_leaves(b.value.args)):  # ArgSlice.arg indexes these
             leaves = tensor_leaves(a)
             hit = [v for v in leaves if isinstance(v, relax.Var) and groups.find(v) == root]
             if not hit:

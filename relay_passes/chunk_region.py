@@ -45,7 +45,8 @@ class TensorChunk:
 
 @dataclass(frozen=True)
 class ArgSlice:
-    """In binding ``binding``, argument ``arg`` (defined outside the chunk) is sliced."""
+    """In binding ``binding``, argument leaf ``arg`` (``dimflow.arg_leaves``: concat's operands
+    are leaves of its one tuple argument), defined outside the chunk, is sliced."""
 
     binding: str
     arg: int
@@ -197,6 +198,12 @@ class _Walk:
         rule = get_dim_rule(op)
         if rule is None:
             return f"binding '{name}' ({op}) has no dim-flow rule: it is a barrier"
+        # a tensor's spec is (dim, scale); a tuple variable's is one entry per field
+        if any(s is not None and not isinstance(s[-1], Fraction) for s in arg_specs):
+            return (
+                f"binding '{name}' ({op}) takes a chunked tuple variable; unsupported "
+                "(only a tuple written inline in the call is opened into its fields)"
+            )
         arg_shapes, out_shapes = fb.arg_shapes, fb.out_shapes
         if any(s is None for s in out_shapes):
             return f"binding '{name}' ({op}) has a dynamic output shape"
@@ -207,8 +214,6 @@ class _Walk:
         for i, s in enumerate(arg_specs):
             if s is None:
                 continue
-            if isinstance(s, tuple) and s and isinstance(s[0], tuple):
-                return f"binding '{name}' ({op}) takes a chunked tuple; unsupported"
             d, sc = s
             if (i, d) in flow.reduced:
                 return (

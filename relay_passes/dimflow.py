@@ -13,9 +13,14 @@ A rule, registered per Relax op name, looks at one call and returns an ``OpFlow`
   such an input dim is illegal.
 
 Outputs are the tensor leaves of the call's type in order (a Tensor: one; a Tuple: each
-field). ``arg`` indexes ``call.args``. An op with no rule is a *barrier*: regions stop there;
-the analysis never crashes on it. Users extend or override with ``register_dim_rule``. The
-built-in rules are registered by importing ``dimflow_rules`` (the analyses do).
+field). ``arg`` indexes the call's *argument leaves* (``arg_leaves``): ``call.args`` in order,
+with an inline ``relax.Tuple`` of tensors replaced by its fields (``concat((a, b))``: ``a`` is
+leaf 0, ``b`` leaf 1). For a call without such a tuple the leaves are ``call.args``. Every
+place that maps ``Src.arg`` (or ``ArgSlice.arg``) to an expression goes through
+``arg_leaves``/``leaf_slots``/``map_leaf``. An op with no rule is a *barrier*: regions
+stop there; the analysis never crashes on it. Users extend or override with
+``register_dim_rule``. The built-in rules are registered by importing ``dimflow_rules`` (the
+analyses do).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+
+from tvm import relax
+
+from . import _compat as C
 
 ONE = Fraction(1)
 
@@ -40,8 +49,9 @@ class OpFlow:
     reduced: frozenset[tuple[int, int]] = field(default_factory=frozenset)
 
 
-# rule(call, arg_shapes, out_shapes) -> OpFlow | None. Shapes are tuples of ints (static dims)
-# or None for non-tensor args; None from a rule means "not chunkable here" (a barrier).
+# rule(call, arg_shapes, out_shapes) -> OpFlow | None. ``arg_shapes[i]``: the shape of argument
+# leaf ``i`` (``arg_leaves``), a tuple of ints (static dims), or None for a non-tensor leaf.
+# None from a rule means "not chunkable here" (a barrier).
 DimRule = Callable[..., "OpFlow | None"]
 
 _BUILTIN: dict[str, DimRule] = {}  # registered by dimflow_rules when it is imported
@@ -93,3 +103,50 @@ def identity_flow(ndim: int, args: tuple[int, ...], arg_shapes, out_shape) -> Op
         dims.append(tuple(srcs))
     return OpFlow((tuple(dims),))
 
+
+# ------------------------------------------------------------------ argument leaves
+
+
+def _is_tensor_tuple(a) -> bool:
+    """An inline tuple whose fields are all tensors (concat's operands); a tuple of prim
+    values (strided_slice's axes) or of tuples stays one leaf."""
+    if not isinstance(a, relax.Tuple):
+        return False
+    fields = a.fields
+    return len(fields) > 0 and all(isinstance(f.ty, C.TensorType) for f in fields)
+
+
+def leaf_slots(args) -> tuple[tuple[int, int | None], ...]:
+    """Where each argument leaf of a (normalized) call's ``args`` sits: ``(i, None)`` for the
+    argument ``args[i]`` itself, ``(i, k)`` for field ``k`` of the inline tuple ``args[i]``."""
+    out: list[tuple[int, int | None]] = []
+    for i, a in enumerate(args):
+        if _is_tensor_tuple(a):
+            out.extend((i, k) for k in range(len(a.fields)))
+        else:
+            out.append((i, None))
+    return tuple(out)
+
+
+def arg_leaves(args) -> tuple:
+    """The argument leaves ``Src.arg`` indexes (see the module docstring), in ``leaf_slots``
+    order."""
+    out: list = []
+    for a in args:
+        if _is_tensor_tuple(a):
+            out.extend(a.fields)
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def map_leaf(args: list, slot: tuple[int, int | None], fn) -> None:
+    """Replace the leaf at ``slot`` (``leaf_slots`` of the original args) of the argument list
+    ``args`` by ``fn(leaf)``, in place; an inline tuple is rebuilt around the new field."""
+    i, k = slot
+    if k is None:
+        args[i] = fn(args[i])
+    else:
+        fields = list(args[i].fields)
+        fields[k] = fn(fields[k])
+        args[i] = relax.Tuple(fields)

@@ -14,6 +14,7 @@ from tvm import relax
 
 from . import _compat as C
 from . import caches
+from .dimflow import arg_leaves
 
 
 def bindings_by_name(func: relax.Function) -> dict:
@@ -52,7 +53,9 @@ class BindingFacts:
         else:
             self.kind = "call" if call else "other"
         self.is_op = call and isinstance(value.op, C.Op)
-        self.args = tuple(_canonical(a, canon) for a in value.args) if call else ()
+        # the argument leaves (``dimflow.arg_leaves``: concat's tuple opened), which the rules'
+        # ``Src.arg`` and ``ArgSlice.arg`` index
+        self.args = tuple(_canonical(a, canon) for a in arg_leaves(value.args)) if call else ()
         self.arg_is_var = tuple(isinstance(a, relax.Var) for a in self.args)
         # per argument: 1 a variable, 2 a tuple or projection (its spec is composed), 0 other
         # (a constant, shape or value: never chunked)

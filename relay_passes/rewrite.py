@@ -34,6 +34,7 @@ from . import _compat as C
 from . import caches
 from .alias import reusable_inputs
 from .chunk_region import RegionAnalysis, analyze_region
+from .dimflow import leaf_slots, map_leaf
 from .errors import PassContractError
 from .ir_index import bindings_by_name
 from .plan import ChunkPlan, ChunkRegion
@@ -174,8 +175,14 @@ class _ChunkFunctionBuilder:
             first = start + _frac_mul(off, spec.scale) * step
             ext = int(chunk * spec.scale)
             return relax.op.arange(first, first + ext * step, step, value.attrs.dtype)
-        for s in self.slices.get(str(b.var.name), ()):
-            args[s.arg] = self.bb.emit(self._slice(args[s.arg], s.dim, s.scale, chunk, off))
+        slices = self.slices.get(str(b.var.name), ())
+        slots = leaf_slots(value.args) if slices else ()  # ArgSlice.arg indexes these leaves
+        for s in slices:
+            map_leaf(
+                args,
+                slots[s.arg],
+                lambda x, s=s: self.bb.emit(self._slice(x, s.dim, s.scale, chunk, off)),
+            )
         if spec is not None and isinstance(b.var.ty, C.TensorType):
             full = [int(d) for d in C.tensor_shape(b.var.ty)]
             for i, a in enumerate(args):

@@ -130,7 +130,7 @@ def test_search_result_report(gpt):
 def test_repeated_layers_are_chunked_jointly(vit2):
     mod, x = leave_unfused(vit2[0]), vit2[1]
     peak = need_bytes(estimate_memory(mod, "llvm"))
-    budget = peak * 7 // 10  # its floor is 60%: the CLS concat ends the regions
+    budget = peak * 7 // 10  # its floor is 60%: the CLS concat (along tokens) ends the regions
     _, res = auto_chunk(mod, "llvm", budget)
     assert res.final_peak <= budget
     # chunking one layer alone cannot lower the common peak: a stage chunks both, one size

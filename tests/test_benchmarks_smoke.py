@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import budget_sweep, chunk_regions, estimator_accuracy
 
 
@@ -173,3 +175,20 @@ def test_attention_kernel_smoke(tmp_path):
     assert row["ours_fused_ms"] > 0 and row["torch_sdpa_ms"] > 0
     assert row["fused_peak_bytes"] < row["unfused_peak_bytes"]
     assert row["max_abs_err_vs_sdpa"]["ours_fused"] < 1e-4
+
+
+def test_library_models_smoke(tmp_path):
+    """benchmarks/library_models.py --quick: a transformers BERT, torch vs ours, masks read
+    and kept, and the search's floor."""
+    pytest.importorskip("transformers")
+    from benchmarks import library_models
+
+    out = tmp_path / "lib.jsonl"
+    assert library_models.main(["--quick", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["torch_ms"] > 0 and row["ours_ms"] > 0 and row["ours_masks_kept_ms"] > 0
+    # the all-True mask read as no mask: no S x S bias and safe-softmax tensors left
+    assert row["peak_bytes"]["ours"] < row["peak_bytes"]["ours_masks_kept"]
+    assert max(row["max_abs_err_vs_torch"].values()) < 1e-4
+    (point,) = row["floors"]
+    assert point["share"] == 0.9 and point["peak_bytes"] > 0

@@ -19,7 +19,16 @@ from tvm import relax
 from tvm.relax import op as R
 
 from relay_passes import dimflow_rules as rules
-from relay_passes.dimflow import OpFlow, Src, get_dim_rule, register_dim_rule, registered_ops
+from relay_passes.dimflow import (
+    OpFlow,
+    Src,
+    arg_leaves,
+    get_dim_rule,
+    leaf_slots,
+    map_leaf,
+    register_dim_rule,
+    registered_ops,
+)
 from relay_passes.dimflow_rules import elementwise as ew
 
 # Ops the four model families import (from the team's op survey).
@@ -149,6 +158,12 @@ CASES: list[tuple[str, object, OpFlow | None]] = [
     ("relax.split", lambda: R.split(t("x", (2, 6, 4)), [2, 5], axis=-2),
      flow(*[[[S(0, 0)], [], [S(0, 2)]]] * 3, reduced={(0, 1)})),
     ("relax.split", lambda: R.split(t("x", (2, 6)), 1, axis=1), flow([[S(0, 0)], [S(0, 1)]])),
+    # concat: the operands are argument leaves 0, 1, ... of its one tuple argument
+    ("relax.concat", lambda: R.concat([t("a", (2, 3, 8)), t("b", (2, 5, 8))], axis=1),
+     flow([[S(0, 0), S(1, 0)], [], [S(0, 2), S(1, 2)]], reduced={(0, 1), (1, 1)})),
+    ("relax.concat", lambda: R.concat([t("a", (4, 2)), t("b", (4, 3)), t("c", (4, 1))], axis=-1),
+     flow([[S(0, 0), S(1, 0), S(2, 0)], []], reduced={(0, 1), (1, 1), (2, 1)})),
+    ("relax.concat", lambda: R.concat([t("a", (6,)), t("b", (2,))], axis=None), None),
     ("relax.take", lambda: R.take(t("x", (2, 3, 4)), t("i", (5,), "int64"), axis=1),
      flow([[S(0, 0)], [S(1, 0)], [S(0, 2)]], reduced={(0, 1)})),
     ("relax.take", lambda: R.take(t("w", (5, 8)), t("i", (2, 3), "int64"), axis=0),
@@ -360,15 +375,17 @@ def test_sources_slice_numerically(build, o, j):
     fl, _, outs = run_rule(call)
     srcs = fl.outputs[o][j]
     c, off = _out_chunk(srcs, outs[o][j])
-    params = [a for a in call.args if isinstance(a, relax.Var)]
+    leaves = arg_leaves(call.args)  # what Src.arg indexes (concat's tuple opened)
+    params = list(dict.fromkeys(a for a in leaves if isinstance(a, relax.Var)))
+    slots = leaf_slots(call.args)
     with bb.function("main", params):
         with bb.dataflow():
             full = bb.emit(call)
             new_args = list(call.args)
             for s in srcs:
                 b, e = off / s.scale, (off + c) / s.scale
-                new_args[s.arg] = bb.emit(R.strided_slice(
-                    call.args[s.arg], axes=[s.dim], begin=[int(b)], end=[int(e)]))
+                map_leaf(new_args, slots[s.arg], lambda a, s=s, b=b, e=e: bb.emit(
+                    R.strided_slice(a, axes=[s.dim], begin=[int(b)], end=[int(e)])))
             for i, a in enumerate(call.args):  # explicit output shapes take the chunked one
                 if isinstance(a, relax.ShapeExpr) and len(a.values) == len(outs[0]):
                     new_args[i] = relax.ShapeExpr([*outs[0][:j], c, *outs[0][j + 1:]])

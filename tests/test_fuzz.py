@@ -196,7 +196,8 @@ def test_regression_min_budget_never_above_the_unchunked_peak():
     """Fuzzing found refusals of unchunkable graphs suggesting min_budget = 1.03 x the
     unchunked peak, although a budget equal to the unchunked peak builds (no chunking needed).
     Fixed in auto_chunk.py: the suggestion is capped at the unchunked peak."""
-    # a concat has no dim-flow rule and the output is the peak: nothing to chunk
+    # the output of a concat is the peak: chunking it (along its columns; its rows are the
+    # concat axis) still holds the whole input and output, so nothing can be saved
     r = Recipe([(64, 48)], [{"op": "concat", "args": [0, 0], "axis": 0}], [1])
     g = from_recipe(r)
     with pytest.raises(BudgetInfeasibleError) as ei:

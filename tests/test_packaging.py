@@ -209,6 +209,8 @@ def test_extras(pyproject):
     assert extras["torch"] == ["torch==2.13.0"]
     assert set(extras["onnx"]) == {"onnx", "onnxscript"}
     assert set(extras["dev"]) >= {"pytest", "hypothesis", "ruff", "psutil", "matplotlib"}
+    assert {r.split("==")[0] for r in extras["bench"]} == {"transformers", "diffusers"}
+    assert all("==" in r for r in extras["bench"]), "library models change between releases"
     union = {r for name, reqs in extras.items() if name != "all" for r in reqs}
     assert set(extras["all"]) == union, "extra 'all' must be the union of the other extras"
 
@@ -272,7 +274,7 @@ def test_makefile_installs_the_pinned_extras(pyproject):
     args = _pip_install_args(command)
     assert args[0] in ("-e", "--editable") and len(args) == 2, args
     extras = re.fullmatch(r"\.\[([a-z,]+)\]", args[1]).group(1).split(",")
-    assert set(extras) == {"torch", "onnx", "dev"}
+    assert set(extras) == {"torch", "onnx", "dev", "bench"}
     assert set(extras) <= set(pyproject["project"]["optional-dependencies"])
 
 
@@ -309,7 +311,7 @@ def test_dockerfile_build_stage_installs_like_the_makefile():
     assert len(venv_runs) == 1, runs
     # torch comes from the CPU index inside Docker only
     assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make venv" in venv_runs[0]
-    assert _pip_install_args(_venv_install_command()) == ["-e", ".[torch,onnx,dev]"]
+    assert _pip_install_args(_venv_install_command()) == ["-e", ".[torch,onnx,dev,bench]"]
 
 
 def test_dockerfile_pins_match_pyproject(pyproject):

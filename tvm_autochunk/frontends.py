@@ -40,6 +40,7 @@ from tvm import relax
 from relay_passes.errors import AutochunkError, FrontendError, UnsupportedOpError
 
 from .torch_decomp import decomposition_table
+from .torch_masks import constant_masks_read
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import onnx
@@ -218,9 +219,14 @@ def from_exported_program(
 
     source = source or "the exported program"
     try:
-        # torch's decompositions but for unmasked SDPA's safe-softmax check (torch_decomp)
-        ep = ep.run_decompositions(decomposition_table(torch))
+        # torch's decompositions but for unmasked SDPA's safe-softmax check (torch_decomp);
+        # constant masks that mask nothing or are causal read as such (torch_masks)
+        with constant_masks_read(ep, torch):
+            ep = ep.run_decompositions(decomposition_table(torch))
         mod = _tvm_import(ep, keep_params_as_input=keep_params_as_input, run_ep_decomposition=False)
+        # the importer keeps bindings nothing reads (a mask torch_masks dropped): each would
+        # still be built, run and planned
+        mod = relax.transform.DeadCodeElimination()(mod)
     except Exception as e:
         raise _translate_torch_error(e, ep, source) from e
     logger.debug("imported %s through the torch frontend", source)

@@ -5,7 +5,8 @@ The check (``_safe_softmax``) zeroes rows whose scores are all ``-inf``, which o
 make. Unmasked and causal attention keep a finite score in every row (causal: the diagonal), so
 there it is a no-op, and torch eager's own CPU and CUDA kernels skip it too. Kept, it costs a
 full read of the S x S scores, an extra S x S buffer, and on CUDA a serial row reduction
-(``any`` imports as an int8 ``max``). With a mask it stays.
+(``any`` imports as an int8 ``max``). With a mask it stays, unless the mask is a constant that
+masks nothing or is exactly causal: ``torch_masks`` passes those calls as unmasked or causal.
 """
 
 from __future__ import annotations
@@ -44,5 +45,12 @@ def decomposition_table(torch: Any) -> dict:
             return torch.softmax(x, dim=dim, dtype=dtype)
         return safe_default(x, dim, dtype)
 
+    def cumsum(x: Any, dim: int, dtype: Any = None) -> Any:
+        # torch sums bools as int64; TVM's importer keeps bool, which LLVM cannot add
+        if dtype is not None or x.dtype != torch.bool:
+            return NotImplemented  # not decomposed: the op as it is
+        return torch.ops.aten.cumsum.default(x.to(torch.int64), dim)
+
     table[sdpa], table[safe] = attention, softmax
+    table[aten.cumsum.default] = cumsum
     return table

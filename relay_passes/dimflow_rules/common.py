@@ -7,19 +7,15 @@ from collections.abc import Iterable, Sequence
 import tvm
 
 from .. import _compat as C
-from ..dimflow import Src
+from ..dimflow import Src, arg_leaves
 
 Shape = tuple[int, ...]
 
 # Relax ops with no rule on purpose (a barrier: regions stop there), with the reason.
 DELIBERATE_BARRIERS: dict[str, str] = {
-    "relax.concat": (
-        "its tensors arrive as one Tuple argument and Src.arg can only name call.args, so a "
-        "chunked field cannot be described; end the region before the concat"
-    ),
     "relax.einsum": (
-        "operands arrive as one Tuple argument (as for concat) and the subscripts would need "
-        "parsing; decompose to matmul/permute_dims to chunk through it"
+        "the subscripts would need parsing to tell batch, free and contracted dims apart; "
+        "decompose to matmul/permute_dims to chunk through it"
     ),
 }
 
@@ -49,16 +45,17 @@ def static_shape(ty) -> Shape | None:
 def arg_and_out_shapes(call) -> tuple[list[Shape | None], list[Shape]]:
     """``(arg_shapes, out_shapes)`` of a normalized call, in the form a rule takes.
 
-    ``arg_shapes[i]`` is the static shape of ``call.args[i]`` when it is a tensor, else None
-    (tuples, shapes, prim values). ``out_shapes`` are the tensor leaves of ``call.ty`` in order
-    (tuple outputs flattened). Raises ValueError on symbolic dims or an un-normalized call.
+    ``arg_shapes[i]`` is the static shape of argument leaf ``i`` (``dimflow.arg_leaves``: the
+    args, an inline tuple of tensors flattened into its fields) when it is a tensor, else None
+    (other tuples, shapes, prim values). ``out_shapes`` are the tensor leaves of ``call.ty`` in
+    order (tuple outputs flattened). Raises ValueError on symbolic dims or an un-normalized call.
     """
     if type(call.ty) is tvm.ir.Type:
         raise ValueError(
             f"call to {C.op_name(call) or call.op} has no type yet. "
             "Remedy: normalize it first (relax.BlockBuilder().normalize(call))."
         )
-    args = [static_shape(getattr(a, "ty", None)) for a in call.args]
+    args = [static_shape(getattr(a, "ty", None)) for a in arg_leaves(call.args)]
     outs = [static_shape(t) for t in C.tensor_type_leaves(call.ty)]
     return args, outs
 

@@ -7,11 +7,13 @@
   output ``j`` the source ``Src(0, k, 1/prod(out[j+1..j2]))``. Many-to-many groups are
   ambiguous: no source. Non-unit input dims left without an output are reduced.
 * ``strided_slice``/``split``/``take`` need the sliced, split or indexed axis whole: reduced.
+* ``concat``: its operands are argument leaves 0..n-1 (the inline tuple, ``dimflow.arg_leaves``).
+  Every dim but ``axis`` comes 1:1 from the same dim of each operand; ``axis`` is reduced in
+  every operand (a chunk of the output along it is not one chunk of each input). A tuple that
+  is a variable, not inline, or ``axis=None`` (flatten first): barrier.
 * ``*_like`` creation ops read only their argument's shape: each output dim comes from the
   same dim of argument 0. ``full``/``zeros``/``ones``/``arange`` have no tensor sources.
 * ``tril``/``triu`` mask by (row, col) position: the last two dims are reduced.
-
-``relax.concat`` has no rule on purpose (see ``DELIBERATE_BARRIERS``).
 """
 
 from __future__ import annotations
@@ -144,6 +146,20 @@ def split(call, arg_shapes, out_shapes) -> OpFlow:
         return _flow(same_dims(0, nd))
     per_out = tuple(tuple(same_dims(0, nd, (axis,))) for _ in out_shapes)
     return OpFlow(per_out, frozenset({(0, axis)}))
+
+
+@builtin_rule("relax.concat")
+def concat(call, arg_shapes, out_shapes) -> OpFlow | None:
+    ops = [i for i, s in enumerate(arg_shapes) if s is not None]
+    if call.attrs.axis is None or not ops:
+        return None
+    out = out_shapes[0]
+    axis = norm_axis(call.attrs.axis, len(out))
+    dims = [
+        () if j == axis else tuple(Src(i, j) for i in ops if arg_shapes[i][j] == out[j])
+        for j in range(len(out))
+    ]
+    return _flow(dims, {(i, axis) for i in ops})
 
 
 @builtin_rule("relax.take")
