@@ -71,6 +71,8 @@ def run(case: str, threads: int, repeats: int, shares) -> dict:
     builds = {"ours": ours, "ours_masks_kept": kept}
     errs = {k: float(np.abs(a(*x) - ref).max()) for k, a in builds.items()}
     timed = {k: (lambda *_, a=a: a(*x)) for k, a in builds.items()}
+    for fn in (eager, *timed.values()):  # one more warm-up: torch's first calls in a process
+        fn(*w.inputs)  # were up to 5x slower than later ones (GPT2: 111 against 21 ms)
     medians = interleaved_medians({"torch": eager, **timed}, w.inputs, repeats)
     floor = floors.run(case, shares)
     return {
