@@ -26,6 +26,18 @@ def run_llvm(mod, args):
     return out.numpy()
 
 
+def op_names(mod, entry: str = "main") -> set[str]:
+    """The names of the Relax ops ``entry`` calls (``"relax.nn.softmax"``, ...)."""
+    ops: set[str] = set()
+
+    def visit(e) -> None:
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            ops.add(str(e.op.name))
+
+    relax.analysis.post_order_visit(mod[entry], visit)
+    return ops
+
+
 def relax_module(body, shapes, dtype="float32", attrs=None):
     """A Relax module: ``main(x0, x1, ...)`` whose dataflow block is built by ``body(bb, *xs)``."""
     bb = relax.BlockBuilder()

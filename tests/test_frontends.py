@@ -17,6 +17,7 @@ import pytest
 import torch
 import tvm
 import tvm.testing
+from _helpers import op_names
 from onnx import TensorProto, helper
 from torch.export import Dim
 from tvm import relax
@@ -56,17 +57,6 @@ def _torch_ref(module: torch.nn.Module, *inputs: torch.Tensor) -> np.ndarray:
         return module(*inputs).numpy()
 
 
-def _op_names(mod: tvm.IRModule) -> set[str]:
-    ops: set[str] = set()
-
-    def visit(e: object) -> None:
-        if isinstance(e, tvm.ir.Call) and isinstance(e.op, tvm.ir.Op):
-            ops.add(e.op.name)
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return ops
-
-
 @pytest.fixture(scope="module")
 def tiny_gpt() -> Workload:
     return gpt(16, d=32, heads=2, layers=1)
@@ -91,7 +81,7 @@ def test_family_imports_and_matches_torch(family: str) -> None:
     assert w.family == family and w.size == SMALL_SIZES[family]
     assert not w.module.training
     mod = fe.from_torch(w.module, w.inputs)
-    ops = _op_names(mod)
+    ops = op_names(mod)
     assert EXPECTED_OPS[family] <= ops, f"{family} lacks {EXPECTED_OPS[family] - ops}"
     # ops that TVM lowers to gathers would be chunking barriers; the models avoid them
     assert not ops & {"relax.take", "relax.scatter_elements", "relax.gather_elements"}
@@ -189,7 +179,7 @@ def test_load_model_dispatch(tiny_gpt: Workload) -> None:
     assert mod["main"].params[0].ty.shape.values[1] == 16
     relu = _celu_model()
     relu.graph.node[0].op_type = "Relu"
-    assert "relax.nn.relu" in _op_names(fe.load_model(relu))
+    assert "relax.nn.relu" in op_names(fe.load_model(relu))
     with pytest.raises(FrontendError, match=r"onnx\.checker says .*ir_version"):
         fe.load_model(onnx.ModelProto())
 
@@ -371,7 +361,7 @@ def test_safe_softmax_check_only_where_a_mask_can_empty_a_row(kind: str) -> None
         mask[5, :4] = float("-inf")
     mod = fe.from_torch(_Attention(kind), (q, k, v, mask))
     check = {"relax.max", "relax.logical_not"}
-    assert (check <= _op_names(mod)) == (kind == "masked"), _op_names(mod)
+    assert (check <= op_names(mod)) == (kind == "masked"), op_names(mod)
     got = _first_output(_compile(mod), q, k, v, mask)
     want = _torch_ref(_Attention(kind), q, k, v, mask)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tvm
-from tvm import relax
+from _helpers import op_names
 
 import tvm_autochunk as ac
 from relay_passes.attention import fuse_attention
@@ -51,17 +51,6 @@ class _Attn(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_mask(self.kind, x.shape[1]))
 
 
-def _ops(mod) -> set[str]:
-    ops: set[str] = set()
-
-    def visit(e) -> None:
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-            ops.add(str(e.op.name))
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return ops
-
-
 def _model(kind: str):
     torch.manual_seed(0)
     return _Attn(kind).eval(), torch.randn(1, S, D)
@@ -84,8 +73,8 @@ def test_constant_masks_import_as_torch_computes(kind):
     mod = ac.from_torch(model, (x,))
     kept = kind in ("window", "empty_row")
     # the check stays only where the mask stays; a dropped mask leaves no bias behind
-    assert (CHECK_OPS <= _ops(mod)) == kept, _ops(mod)
-    fused_ops = _ops(fuse_attention(mod))
+    assert (CHECK_OPS <= op_names(mod)) == kept, op_names(mod)
+    fused_ops = op_names(fuse_attention(mod))
     assert ("relax.nn.softmax" in fused_ops) == kept, fused_ops
     got = ac.build(mod, "llvm")(x.numpy())
     with torch.no_grad():
@@ -103,7 +92,7 @@ def test_a_mask_that_depends_on_an_input_is_left_alone():
     q, keep = torch.randn(1, 2, S, 4), torch.ones(1, S, dtype=torch.bool)
     ep = torch.export.export(Padded(), (q, keep))
     assert read_constant_masks(ep, torch) == {}
-    assert CHECK_OPS <= _ops(ac.from_exported_program(ep))
+    assert CHECK_OPS <= op_names(ac.from_exported_program(ep))
 
 
 def test_the_callers_program_is_left_as_it_was():
