@@ -45,6 +45,7 @@ bench: venv
 	$(PY) benchmarks/cpu_speed.py
 	$(PY) benchmarks/attention_kernel.py
 	$(PY) benchmarks/library_models.py
+	$(PY) benchmarks/dynamic_lengths.py
 	$(PY) benchmarks/max_length.py
 	$(PY) benchmarks/calibrate_cost.py
 	$(PY) benchmarks/refit.py

@@ -116,6 +116,9 @@ def _return_leaves(func: relax.Function) -> list:
     return leaves(func.body.body)
 
 
+LOOP_BUFFERS = "autochunk_loop_buffers"  # a chunk loop's attribute: its buffer parameters
+
+
 def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] | None:
     """Per leaf of the Relax function ``gv``'s return value (one for a tensor), the indices of
     the parameters it may share storage with; None when ``gv`` cannot be analysed (unknown,
@@ -128,6 +131,10 @@ def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] |
     func = mod[gv] if gv in mod.functions else None
     if gv in seen or not isinstance(func, relax.Function):
         return None
+    if func.attrs is not None and LOOP_BUFFERS in func.attrs:
+        # a chunk loop (recursive, so not analysable here) returns its buffers, written in
+        # place, by construction (``chunk_loop``)
+        return [[int(i)] for i in func.attrs[LOOP_BUFFERS]]
     groups = function_groups(mod, func, seen | {gv})
     roots = [groups.find(p) for p in func.params]
     out = []

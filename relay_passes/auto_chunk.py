@@ -92,6 +92,7 @@ class AutoChunkResult:
             ],
             "predicted_overhead_us": round(sum(s.cost for s in self.stages), 1),
             "cost_model": self.cost_model,
+            "notes": list(self.notes),
         }
 
 

@@ -25,6 +25,7 @@ from tvm import relax
 
 from . import caches
 from .auto_chunk import AutoChunkResult, auto_chunk, need_bytes
+from .dynamic_chunk import apply_plan, is_symbolic, specialize, symbolic_bounds
 from .errors import BudgetInfeasibleError, UnsupportedTargetError
 from .estimate_memory import estimate_memory
 from .fold_weight_layouts import fold_weight_layouts
@@ -229,9 +230,13 @@ class AutochunkPipeline:
     def _plan(self, mod: tvm.IRModule, tgt) -> tvm.IRModule:
         """The module lowered and planned by TVM, within the budget (or raise)."""
         budget, entry = self.budget_bytes, self.entry
+        symbolic = is_symbolic(mod, entry)  # its plan is searched at the bounds
         if self.chunk_plan is not None and self.chunk_plan.regions:
             self.progress(f"applying a chunk plan of {len(self.chunk_plan.regions)} region(s)")
-            mod = apply_chunk_plan(mod, self.chunk_plan)
+            if symbolic:
+                mod = apply_plan(mod, self.chunk_plan, entry=entry)
+            else:
+                mod = apply_chunk_plan(mod, self.chunk_plan)
         mod = fold_weight_layouts(mod)  # weights transposed once here, not in every call
         self.progress(f"estimating memory for {tgt.kind.name}")
         base = estimate_memory(mod, tgt, entry=entry)
@@ -243,9 +248,13 @@ class AutochunkPipeline:
                     f"peak {format_bytes(need_bytes(base))} is over the budget "
                     f"{format_bytes(aim)}: searching chunk regions"
                 )
-                chunked, self.result = chunk_to_budget(
-                    mod, tgt, aim, entry=entry, profile=base, options=self.options, budget=budget
-                )
+                if symbolic:
+                    chunked, self.result = self._chunk_symbolic(mod, tgt, aim)
+                else:
+                    chunked, self.result = chunk_to_budget(
+                        mod, tgt, aim, entry=entry, profile=base, options=self.options,
+                        budget=budget,
+                    )
                 prof = self.result.profile
                 self.progress(
                     f"chunked {len(self.result.stages)} region(s) in "
@@ -265,3 +274,21 @@ class AutochunkPipeline:
             aim = int(aim * 0.95)
             self.progress(f"TVM's plan is over the budget; searching again for {aim} bytes")
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _chunk_symbolic(self, mod, tgt, aim: int):
+        """Search on ``mod`` with its symbolic dims at their bounds; apply the plan found to
+        ``mod`` itself, whose regions become run-time loops (``dynamic_chunk``)."""
+        entry = self.entry
+        bounds = symbolic_bounds(mod, entry)
+        self.progress(f"searching at the bounds {bounds}")
+        _, res = chunk_to_budget(
+            specialize(mod, entry=entry), tgt, aim, entry=entry, options=self.options,
+            budget=self.budget_bytes,
+        )
+        chunked = apply_plan(mod, res.plan, entry=entry)
+        prof = estimate_memory(chunked, tgt, entry=entry)
+        note = (f"symbolic dims {bounds}: searched at these bounds; each region is a run-time "
+                "loop, and its chunk count is the one at the bound")
+        return chunked, dataclasses.replace(
+            res, profile=prof, final_peak=need_bytes(prof), notes=(*res.notes, note)
+        )

@@ -153,5 +153,6 @@ class PassContractError(AutochunkError):
     """A pass was run on a module that does not meet its preconditions."""
 
 
-class InputError(AutochunkError, ValueError):
-    """Arguments passed to a built model do not match its signature."""
+class InputError(ArtifactError, ValueError):
+    """Arguments passed to a built model do not match its signature (or a symbolic dim is
+    outside the bounds it was built for): an ``ArtifactError`` of the call."""

@@ -11,6 +11,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+import tvm
+from tvm import relax
+
+from . import _compat as C
 from .plan import FrameMemory
 
 _MATCH_RANGE = 16  # TokenAllocator1D::match_range_
@@ -111,3 +115,21 @@ def nested(tokens):
     for t in tokens:
         out.extend(nested(t))
     return out
+
+
+def element_count(shape):
+    """The element count of a shape: an int when static, else a PrimExpr."""
+    if all(isinstance(d, (int, tvm.tirx.IntImm)) for d in shape):
+        return C.prod(int(d) for d in shape)
+    out = tvm.tirx.const(1, "int64")
+    for d in shape:
+        out = out * d
+    return out
+
+
+def call_args(args: tuple) -> list:
+    """The tensor arguments of a call_tir-like call, from its arguments (callee, tuple)."""
+    tup = args[1]
+    if isinstance(tup, relax.Tuple):
+        return list(tup.fields)
+    return [tup]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 
-import tvm
 from tvm import relax
 
 from . import _compat as C
@@ -30,7 +29,16 @@ from . import caches
 from . import legalize_cache as LC
 from .alias import returned_params
 from .errors import SymbolicShapeError
-from .frame import Event, FrameAnalysis, Proto, Storage, TokenAllocator1D, nested
+from .frame import (
+    Event,
+    FrameAnalysis,
+    Proto,
+    Storage,
+    TokenAllocator1D,
+    call_args,
+    element_count,
+    nested,
+)
 from .ir_index import call_info, call_vars
 from .plan import FrameMemory
 
@@ -79,6 +87,7 @@ class FrameWalker:
         self.dataflow_reshape = dataflow_reshape
         self._in_dataflow = False
         self.func = func
+        self._params = set(func.params)
         self.fname = fname
         self.bounds = bounds
         self.op_names = op_names or {}
@@ -272,13 +281,13 @@ class FrameWalker:
             gv = args[0]
             label = str(gv.name_hint) if isinstance(gv, C.GlobalVar) else str(gv)
             ev.op = self._op_label(name, label)
-            self._dps_call(var, name, ev, _call_args(args))
+            self._dps_call(var, name, ev, call_args(args))
             self._set_workspace(ev, gv)
             return
         if isinstance(op, C.Op) and op.same_as(_CALL_TIR_INPLACE):
             gv = args[0]
             ev.op = self._op_label(name, str(gv.name_hint))
-            args = _call_args(args)
+            args = call_args(args)
             for a in args:
                 self._use_in_primfunc(a, ev)
             idxs = [int(i) for i in call.attrs.inplace_indices]
@@ -341,7 +350,7 @@ class FrameWalker:
         if shared is not None:
             # the callee returns (views of) its arguments, e.g. a chunk function its in-place
             # buffer: the result is that storage, which stays live while the result is used
-            self.tokens[var.__chandle__()] = shared
+            self.tokens[var.__chandle__()] = shared[0]
             return
         outs = self._protos_for_type(
             var.ty, name, ev.op, runtime=True, planned=False, from_callee=ev.callee is not None
@@ -375,7 +384,7 @@ class FrameWalker:
         func = self.mod[gv] if isinstance(gv, C.GlobalVar) and gv in self.mod.functions else None
         if not isinstance(func, C.PrimFunc):
             return None
-        args = _call_args(args)
+        args = call_args(args)
         if len(args) != 1:
             # TVM reshapes the one argument such a PrimFunc reads
             if _has_reshape_pattern(func):
@@ -390,7 +399,7 @@ class FrameWalker:
         s_dtype, r_dtype = C.tensor_dtype(src), C.tensor_dtype(res)
         if s_dtype in ("", "void") or s_dtype != r_dtype or s_shape is None or r_shape is None:
             return None
-        a, b = _count(s_shape), _count(r_shape)
+        a, b = element_count(s_shape), element_count(r_shape)
         if isinstance(a, int) and isinstance(b, int):
             same = a == b
         else:
@@ -402,17 +411,20 @@ class FrameWalker:
     def _returned_args(self, per_leaf, args: tuple, ty):
         """The tokens of the arguments a Relax callee returns, leaf for leaf, when every leaf
         of its result is one argument's storage; else None (the result is the callee's).
-        ``per_leaf``: the callee's ``alias.returned_params``."""
+        ``per_leaf``: the callee's ``alias.returned_params``. Wrapped in a 1-tuple: a leaf
+        that is this frame's parameter has no token (None)."""
         tys = list(ty.fields) if isinstance(ty, C.TupleType) else [ty]
         if per_leaf is None or len(per_leaf) != len(tys) or len(args) == 0:
             return None
         leaves = []
         for ps, t in zip(per_leaf, tys):
-            tok = self._tokens_of(args[ps[0]]) if len(ps) == 1 else None
-            if not isinstance(t, C.TensorType) or not isinstance(tok, Proto):
+            arg = args[ps[0]] if len(ps) == 1 else None
+            tok = self._tokens_of(arg) if arg is not None else None
+            own = isinstance(tok, Proto)  # else this frame's parameter: the caller's storage
+            if not isinstance(t, C.TensorType) or not (own or arg in self._params):
                 return None
-            leaves.append(tok)
-        return tuple(leaves) if isinstance(ty, C.TupleType) else leaves[0]
+            leaves.append(tok if own else None)
+        return (tuple(leaves) if isinstance(ty, C.TupleType) else leaves[0],)
 
     # ---------------------------------------------------------------- plan
     def _finish(self, n: int) -> FrameAnalysis:
@@ -481,20 +493,3 @@ def _has_reshape_pattern(func) -> bool:
     pattern = relax.analysis.has_reshape_pattern
     return C.identity_memo(caches.current().reshape, None, func, lambda: bool(pattern(func)), 16384)
 
-
-def _count(shape):
-    """The element count of a shape: an int when static, else a PrimExpr."""
-    if all(isinstance(d, (int, tvm.tirx.IntImm)) for d in shape):
-        return C.prod(int(d) for d in shape)
-    out = tvm.tirx.const(1, "int64")
-    for d in shape:
-        out = out * d
-    return out
-
-
-def _call_args(call_args: tuple) -> list:
-    """The tensor arguments of a call_tir-like call, from its arguments (callee, tuple)."""
-    args = call_args[1]
-    if isinstance(args, relax.Tuple):
-        return list(args.fields)
-    return [args]

@@ -11,7 +11,9 @@ For each region (``plan.ChunkRegion``), re-derived with ``chunk_region.analyze_r
 * the region in the caller becomes: hoisted bindings, one buffer per output, and a chain of
   calls ``r_i = chunk(inputs..., buffers of r_{i-1}, i*C)``; a last, shorter chunk uses a
   second function built for the remainder size. One copy of each PrimFunc serves every chunk,
-  so compile time does not grow with the number of chunks.
+  so compile time does not grow with the number of chunks. A symbolic extent (a dynamic
+  length) becomes one call of a run-time loop instead (``chunk_loop``), whose last chunk
+  takes its row count as a parameter.
 
 An output's buffer is a region input that dies with the region when every chunk reads only the
 rows of it that the same chunk writes (``alias.reusable_inputs``: e.g. the residual stream),
@@ -27,12 +29,14 @@ from __future__ import annotations
 import functools
 
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import _compat as C
 from . import caches
 from .alias import reusable_inputs
+from .chunk_loop import build_loop
 from .chunk_region import RegionAnalysis, analyze_region
 from .dimflow import leaf_slots, map_leaf
 from .errors import PassContractError
@@ -97,6 +101,18 @@ def _frac_mul(x, frac):
     return tvm.tirx.floordiv(x * int(frac.numerator), int(frac.denominator))
 
 
+def _scaled(chunk, frac):
+    """A chunk's extent in a tensor of scale ``frac``: an int for a static chunk, a PrimExpr
+    for a symbolic one (the tail of a loop over a symbolic extent: ``dynamic_chunk``)."""
+    return int(chunk * frac) if isinstance(chunk, int) else _frac_mul(chunk, frac)
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, (int, tvm.tirx.IntImm)) and isinstance(b, (int, tvm.tirx.IntImm)):
+        return int(a) == int(b)
+    return bool(tvm_ffi.structural_equal(a, b))
+
+
 class _ChunkFunctionBuilder:
     """Builds the per-chunk Relax function for one region and one chunk size."""
 
@@ -119,15 +135,21 @@ class _ChunkFunctionBuilder:
         for s in ra.slices:
             self.slices.setdefault(s.binding, []).append(s)
 
-    def build(self, name: str, chunk: int) -> tvm.ir.GlobalVar:
+    def build(self, name: str, chunk: int | None, tail_bound: int = 0) -> tvm.ir.GlobalVar:
+        """The function for chunks of ``chunk`` rows; None: of ``t`` rows, ``t`` a parameter
+        after ``off`` (a loop's shorter last chunk, known at run time, ``t <= tail_bound``)."""
         ra = self.ra
         params = [relax.Var(str(v.name), v.ty) for v in self.inputs]
         out_vars = [self.bindings[o.name].var for o in ra.outputs]
         bufs = [relax.Var(f"{o.name}_buf", v.ty) for o, v in zip(ra.outputs, out_vars)]
         off = relax.Var("off", tvm.ir.PrimType("int64"))
+        extra = []
+        if chunk is None:  # a Shape parameter, not a Prim one: TVM plans at t's bound then
+            chunk = tvm.tirx.Var("t", "int64")
+            extra = [relax.Var("rows", relax.ShapeType([chunk]))]
         env = {v: p for v, p in zip(self.inputs, params)}
         bb = self.bb
-        with bb.function(name, [*params, *bufs, off], private=True):
+        with bb.function(name, [*params, *bufs, off, *extra], private=True):
             with bb.dataflow():
                 seed = ra.seed
                 seed_var = next(v for v in self.inputs if str(v.name) == seed.name)
@@ -145,13 +167,20 @@ class _ChunkFunctionBuilder:
                 gv = bb.emit_output(relax.Tuple(results) if len(results) > 1 else results[0])
             # the builder hands back an existing GlobalVar when a structurally equal function
             # is already in the module (another region with the same body), not one of ``name``
-            return bb.emit_func_output(gv)
+            out = bb.emit_func_output(gv)
+        if any(C.free_tir_vars(list(C.tensor_shape(p.ty) or ())) for p in params if
+               isinstance(p.ty, C.TensorType)):
+            # a symbolic var may be defined in one function only: this one gets its own copies
+            f = relax.utils.copy_with_new_vars(bb.get()[out])
+            if extra:  # TVM plans the tail's storage at t's bound
+                f = f.with_attr("tir_var_upper_bound", {"t": int(tail_bound)})
+            bb.update_func(out, f)
+        return out
 
     def _slice(self, x, dim, scale, chunk, off):
-        ext = chunk * scale
         begin = _frac_mul(off, scale)
         return relax.op.strided_slice(
-            x, axes=[dim], begin=[begin], end=[begin + int(ext)], assume_inbound=True
+            x, axes=[dim], begin=[begin], end=[begin + _scaled(chunk, scale)], assume_inbound=True
         )
 
     def _subst(self, expr, env):
@@ -173,7 +202,7 @@ class _ChunkFunctionBuilder:
             # a sunk arange: this chunk's part of [start, end) is [start + o*step, ... + ext*step)
             start, _end, step = args
             first = start + _frac_mul(off, spec.scale) * step
-            ext = int(chunk * spec.scale)
+            ext = _scaled(chunk, spec.scale)
             return relax.op.arange(first, first + ext * step, step, value.attrs.dtype)
         slices = self.slices.get(str(b.var.name), ())
         slots = leaf_slots(value.args) if slices else ()  # ArgSlice.arg indexes these leaves
@@ -184,18 +213,17 @@ class _ChunkFunctionBuilder:
                 lambda x, s=s: self.bb.emit(self._slice(x, s.dim, s.scale, chunk, off)),
             )
         if spec is not None and isinstance(b.var.ty, C.TensorType):
-            full = [int(d) for d in C.tensor_shape(b.var.ty)]
+            full = C.tensor_shape(b.var.ty)
             for i, a in enumerate(args):
                 if isinstance(a, relax.ShapeExpr):
-                    vals = [int(x) for x in a.values]
-                    if vals == full:
-                        vals[spec.dim] = int(chunk * spec.scale)
+                    vals = list(a.values)
+                    if len(vals) == len(full) and all(map(_same_dim, vals, full)):
+                        vals[spec.dim] = _scaled(chunk, spec.scale)
                         args[i] = relax.ShapeExpr(vals)
         return relax.Call(value.op, args, value.attrs, value.ty_args)
 
     def _write(self, o, buf, src, ty, chunk, off):
-        shape = [int(d) for d in C.tensor_shape(ty)]
-        gw = self.write_gvs[(C.tensor_dtype(ty), len(shape), o.dim)]
+        gw = self.write_gvs[(C.tensor_dtype(ty), len(C.tensor_shape(ty)), o.dim)]
         w = relax.call_tir_inplace(
             gw, relax.Tuple([buf, src, _frac_mul(off, o.scale)]), [0], ty
         )
@@ -211,7 +239,9 @@ class _RegionReplacer(PyExprMutator):
         self.func_name = func_name
         self.ra = ra
         self.inputs = inputs
-        self.calls = calls  # [(chunk GlobalVar, offset)]
+        # [(chunk GlobalVar, offset)]: a chain of calls; or [(loop GlobalVar, extent)]: one
+        # call of a loop over a symbolic extent (``dynamic_chunk``), from offset 0
+        self.calls = calls
         self.region = set(ra.body) | set(ra.hoisted)
 
     def visit_var_binding_(self, binding):
@@ -254,7 +284,8 @@ class _RegionReplacer(PyExprMutator):
                 buf = relax.op.zeros(relax.ShapeExpr(shape), C.tensor_dtype(v.ty))
             else:  # written in place over an input that dies with the region
                 buf = self.visit_expr(x)
-                if [int(d) for d in C.tensor_shape(x.ty)] != [int(d) for d in shape]:
+                xs = C.tensor_shape(x.ty)
+                if len(xs) != len(shape) or not all(map(_same_dim, xs, shape)):
                     buf = relax.op.reshape(buf, relax.ShapeExpr(shape))
                 else:
                     bufs.append(buf)
@@ -262,9 +293,11 @@ class _RegionReplacer(PyExprMutator):
             bufs.append(bb.emit(buf, fresh(f"{o.name}_init")))
         ins = [self.visit_expr(v) for v in self.inputs]
         for gv, offset in self.calls:
-            r = bb.emit(
-                relax.Call(gv, [*ins, *bufs, tvm.tirx.IntImm("int64", offset)]), fresh("chunk_res")
-            )
+            if isinstance(offset, int):
+                args = [*ins, *bufs, tvm.tirx.IntImm("int64", offset)]
+            else:  # a loop: from 0 to the extent
+                args = [*ins, *bufs, tvm.tirx.IntImm("int64", 0), offset]
+            r = bb.emit(relax.Call(gv, args), fresh("chunk_res"))
             if len(outs) == 1:
                 bufs = [r]
             else:
@@ -285,10 +318,13 @@ def _region_inputs(func, ra: RegionAnalysis) -> list:
     """Vars the per-chunk function needs: everything its bindings read that it does not define."""
     bindings = bindings_by_name(func)
     defined = {bindings[n].var for n in ra.body}
+    # a symbolic dim (e.g. ``s27`` in a ShapeExpr) is a free var too: the chunk function
+    # defines its own from its parameters' shapes, so only params and bindings are passed
+    passable = set(func.params) | {b.var for b in bindings.values()}
     seen: list = []
     for n in ra.body:
         for v in relax.analysis.free_vars(bindings[n].value):
-            if v not in defined and v not in seen:
+            if v not in defined and v not in seen and v in passable:
                 seen.append(v)
     if not any(str(v.name) == ra.seed.name for v in seen):
         raise PassContractError(f"seed '{ra.seed.name}' is not read by the region")
@@ -323,13 +359,22 @@ def _reusable_inputs(mod, func, ra: RegionAnalysis, inputs: list) -> dict:
 
 
 def apply_region(
-    mod: tvm.IRModule, region: ChunkRegion, *, reuse_inputs: bool = True, check: bool = True
+    mod: tvm.IRModule,
+    region: ChunkRegion,
+    *,
+    reuse_inputs: bool = True,
+    check: bool = True,
+    analysis_mod: tvm.IRModule | None = None,
 ):
     """Rewrite one region; ``reuse_inputs=False`` always allocates fresh output buffers.
     ``check=False`` skips the ``well_formed`` check of the result: for the search's trial
-    rewrites, whose chosen module it checks once."""
+    rewrites, whose chosen module it checks once. ``analysis_mod``: where the region is
+    analysed when ``mod`` has symbolic dims, which dim-flow rules cannot read: ``mod`` with
+    them bound to their upper bounds (``dynamic_chunk``). A symbolic extent becomes a loop
+    (``chunk_loop``)."""
+    amod = mod if analysis_mod is None else analysis_mod
     ra = analyze_region(
-        mod, region.start, region.end, region.seed, region.dim, function=region.function
+        amod, region.start, region.end, region.seed, region.dim, function=region.function
     )
     if not ra.legal:
         raise PassContractError(
@@ -353,17 +398,32 @@ def apply_region(
             name = "autochunk_write_slice_{}_r{}d{}".format(*key)
             existing = [g for g in bb.get().functions if g.name_hint == name]
             write_gvs[key] = existing[0] if existing else bb.add_func(make_write_slice(*key), name)
-    reuse = _reusable_inputs(mod, func, ra, inputs) if reuse_inputs else {}
+    reuse = {}
+    if reuse_inputs:
+        ainputs = _region_inputs(amod[region.function], ra)
+        by_name = {str(v.name): v for v in inputs}
+        got = _reusable_inputs(amod, amod[region.function], ra, ainputs)
+        reuse = {o: by_name[str(v.name)] for o, v in got.items()}
     fb = _ChunkFunctionBuilder(bb, func, ra, inputs, write_gvs)
-    n_full, rem = divmod(ra.extent, c)
     base = f"{region.function}_{region.start}_{region.end}_chunk"
     gv_full = fb.build(f"{base}{c}", c)
-    calls = [(gv_full, i * c) for i in range(n_full)]
-    if rem:
-        gv_rem = fb.build(f"{base}{rem}_tail", rem)
-        for s in ra.specs:
-            ra.chunk_extent(s.name, rem)
-        calls.append((gv_rem, n_full * c))
+    seed_var = next(v for v in inputs if str(v.name) == ra.seed.name)
+    ext = C.tensor_shape(seed_var.ty)[ra.seed.dim]
+    if isinstance(ext, (int, tvm.tirx.IntImm)):
+        n_full, rem = divmod(ra.extent, c)
+        calls = [(gv_full, i * c) for i in range(n_full)]
+        if rem:
+            gv_rem = fb.build(f"{base}{rem}_tail", rem)
+            for s in ra.specs:
+                ra.chunk_extent(s.name, rem)
+            calls.append((gv_rem, n_full * c))
+    else:  # known at run time: one call of a loop, whose last chunk may be shorter
+        gv_tail = fb.build(f"{base}_tail", None, tail_bound=c)
+        buf_tys = [bindings[o.name].var.ty for o in ra.outputs]
+        loop = build_loop(
+            bb, f"{base}_loop", gv_full, gv_tail, [v.ty for v in inputs], buf_tys, c
+        )
+        calls = [(loop, _frac_mul(ext, 1 / ra.seed.scale))]
     mod2 = bb.get()
     out = _RegionReplacer(mod2, region.function, ra, inputs, calls, reuse).transform()
     if check:

@@ -70,6 +70,24 @@ def test_kernel_equals_softmax_attention(case):
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_one_symbolic_kernel_serves_every_length():
+    """Lengths given by name (a symbolic ``s27``): one kernel, built once, at several query and
+    key lengths, with a causal diagonal and a bias that varies along the keys."""
+    shape = AttentionShape(2, "sq", "sk", 16, 8, "float32", True, (1, 1, "sk", 1))
+    mod = tvm.IRModule({"main": cpu_kernel(shape).with_attr("global_symbol", "main")})
+    lib = tvm.compile(fast_math_pass()(mod), ac.resolve_target("llvm"))
+    for sq, sk, diag in ((1, 1, 0), (7, 200, 150), (50, 50, 0), (130, 67, 10)):
+        a = RNG.standard_normal((2, sq, 16), dtype=np.float32) / 4
+        k = RNG.standard_normal((2, sk, 16), dtype=np.float32)
+        v = RNG.standard_normal((2, sk, 8), dtype=np.float32)
+        b = RNG.standard_normal((1, 1, sk), dtype=np.float32)
+        out = tvm.runtime.tensor(np.zeros((2, sq, 8), np.float32))
+        kt = np.ascontiguousarray(k.transpose(0, 2, 1))
+        lib["main"](*[tvm.runtime.tensor(x) for x in (a, kt, v, b)], diag, out)
+        want = _reference(a, k, v, b, True, diag)
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def _imported(fam, size, **kw):
     w = FAMILIES[fam](size, **kw)
     return w, fold_weight_layouts(ac.from_torch(w.module, w.inputs))

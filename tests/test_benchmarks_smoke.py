@@ -192,3 +192,20 @@ def test_library_models_smoke(tmp_path):
     assert max(row["max_abs_err_vs_torch"].values()) < 1e-4
     (point,) = row["floors"]
     assert point["share"] == 0.9 and point["peak_bytes"] > 0
+
+
+def test_dynamic_lengths_smoke(tmp_path):
+    """benchmarks/dynamic_lengths.py --quick: a GPT with Dim("S", max=128) built once under a
+    budget, measured in a fresh process and timed against static builds at two lengths."""
+    from benchmarks import dynamic_lengths
+
+    out = tmp_path / "dyn.jsonl"
+    assert dynamic_lengths.main(["--quick", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["planned_peak_bytes"] <= row["budget_bytes"] < row["unchunked_peak_bytes"]
+    assert row["regions"] >= 1
+    assert [r["length"] for r in row["rows"]] == [2, 37]
+    for r in row["rows"]:
+        assert r["max_abs_err_vs_torch"] < 1e-4
+        assert 0 < r["measured_peak_bytes"] <= row["budget_bytes"]
+        assert r["dynamic_ms"] > 0 and r["static_ms"] > 0

@@ -256,3 +256,33 @@ def test_chunked_gpt_with_odd_one_row_and_shorter_last_chunks(chunk):
     art = ac.build(mod, "llvm", chunk_plan=plan)
     assert art.report.chunking["regions"][0]["chunk"] == chunk
     np.testing.assert_allclose(art(x), base(x), rtol=2e-5, atol=2e-5)
+
+
+def test_matmul_with_symbolic_rows_is_register_blocked():
+    """A symbolic row count (a dynamic length, a loop's shorter last chunk): the Matmul rule
+    tiles it (its rows split with a predicate), equal to numpy at row counts the tile does and
+    does not divide, and the estimate (which lowers it for real) equals TVM's plan."""
+    from relay_passes.estimate_memory import estimate_memory
+    from relay_passes.planned_memory import planned_memory
+
+    n = tvm.tirx.Var("n", "int64")
+    w = RNG.standard_normal((96, 512), dtype=np.float32)  # rows 2 KiB apart: packed panels
+    x = relax.Var("x", relax.TensorType((n, 96), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(op.matmul(x, relax.const(w))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", {"n": 300})
+    tgt = ac.resolve_target("llvm")
+    with tgt:
+        low = tvm.transform.Sequential(legalize_passes(tgt))(mod)
+    rules = {cpu_schedules.rule_for(f, tgt) for _, f in low.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc)}
+    assert rules == {"Matmul"}
+    assert estimate_memory(mod, tgt).peak_bytes == planned_memory(mod, tgt).peak_bytes
+    art = ac.build(mod, target="llvm")
+    for rows in (1, 4, 7, 300):
+        a = RNG.standard_normal((rows, 96), dtype=np.float32)
+        np.testing.assert_allclose(art(a), a @ w, rtol=1e-4, atol=1e-4)

@@ -95,7 +95,7 @@ def test_unbounded_symbolic_dim_with_a_budget():
     need = ac.estimate(bounded).peak_bytes
     xs = RNG.standard_normal((70, 16)).astype("float32")
     ref = ac.build(bounded)(xs)
-    try:  # chunking along a symbolic dim is not supported: fit or refuse, never exceed
+    try:  # a run-time loop along the symbolic dim (dynamic_chunk): fit or refuse, never exceed
         art = ac.build(bounded, budget=need // 2)
     except ac.BudgetInfeasibleError as e:
         assert e.min_budget is not None and "Remedy" in str(e)

@@ -312,6 +312,7 @@ class Artifact:
         arrays = []
         env: dict[str, int] = {}
         bounds = dict(self.meta.get("bounds", {}))
+        lower = dict(self.meta.get("lower_bounds", {}))
         for i, (a, s) in enumerate(zip(args, specs)):
             arr = _as_numpy(a, i)
             if str(arr.dtype) != s.dtype:
@@ -336,12 +337,13 @@ class Artifact:
                             "in an earlier input"
                         )
                     env[want] = got
-                    ub = bounds.get(want)
-                    if ub is not None and got > ub:
-                        raise InputError(
-                            f"input {i} '{s.name}' dim {d}: '{want}'={got} exceeds the bound "
-                            f"{ub} the model was built (and its memory planned) for"
-                        )
+                    ub, lb = bounds.get(want), lower.get(want)
+                    why = (f"exceeds the bound {ub} the model was built (and its memory "
+                           "planned) for" if ub is not None and got > ub else
+                           f"is below the minimum {lb} the model was exported with"
+                           if lb is not None and got < lb else "")
+                    if why:
+                        raise InputError(f"input {i} '{s.name}' dim {d}: '{want}'={got} {why}")
             arrays.append(np.ascontiguousarray(arr))
         return arrays
 

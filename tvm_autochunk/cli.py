@@ -134,10 +134,28 @@ def _target_text(t: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ commands
+def _bounded(model, args):
+    """``model`` with the ``--bound NAME=VALUE`` upper bounds set (a path is loaded first)."""
+    if not args.bound:
+        return model
+    from .api import bound_dims
+    from .frontends import load_model
+
+    bounds = {}
+    for item in args.bound:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit() or int(value) < 1:
+            raise CLIError(
+                f"--bound {item!r}: expected NAME=VALUE with a positive int, e.g. s27=4096"
+            )
+        bounds[name] = int(value)
+    return bound_dims(load_model(model) if isinstance(model, str) else model, bounds)
+
+
 def _cmd_estimate(args) -> int:
     from .api import estimate
 
-    report = estimate(args.model, args.target, arch=args.arch)
+    report = estimate(_bounded(args.model, args), args.target, arch=args.arch)
     print(report.to_json(indent=2) if args.json else str(report))
     return 0
 
@@ -154,6 +172,7 @@ def _cmd_build(args) -> int:
 
         _check_writable_parent(args.params, "weights")
         model = load_model(args.model, keep_params_as_input=True)
+    model = _bounded(model, args)
     if args.json_report:
         _check_writable_parent(args.json_report, "JSON report")
 
@@ -246,7 +265,9 @@ def format_metadata(meta: dict, path: str | None = None) -> str:
         )
     bounds = meta.get("bounds") or {}
     if bounds:
-        lines.append("symbolic dims " + ", ".join(f"{k} <= {v}" for k, v in bounds.items()))
+        lo = meta.get("lower_bounds") or {}
+        lines.append("symbolic dims " + ", ".join(
+            f"{lo[k]} <= {k} <= {v}" if k in lo else f"{k} <= {v}" for k, v in bounds.items()))
     budget = meta.get("budget_bytes")
     lines.append(f"budget        {'none' if budget is None else format_bytes(int(budget))}")
     # peak_bytes: what one call allocates (max of the static plan and the run-time pools).
@@ -384,6 +405,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                        help="'llvm' (or 'cpu'), 'cuda', 'aarch64' or a TVM tag (default: llvm)")
         p.add_argument("--arch", default=None,
                        help="CUDA arch such as sm_80 (cuda), or an LLVM -mcpu (llvm)")
+        p.add_argument("--bound", action="append", default=[], metavar="NAME=VALUE",
+                       help="upper bound of a symbolic dim exported without a max (repeatable)")
 
     p = sub.add_parser("estimate", parents=[common], help="print the memory report of a model",
                        description="Estimate the memory one call of MODEL allocates.")

@@ -202,4 +202,5 @@ def format_chunking(ch: dict) -> list[str]:
         )
     if ch.get("fallback"):
         lines.append(f"    fallback: {ch['fallback']}")
+    lines += [f"    note: {n}" for n in ch.get("notes") or ()]
     return lines

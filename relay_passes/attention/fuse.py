@@ -5,9 +5,9 @@ the memory estimator, the search and the build all see the fused module: the Sq 
 their softmax and the mask built from ``arange`` are gone, in chunk functions as in ``main``.
 Matching is ``match.find_attention``; what does not match (another dtype, a mask whose
 broadcast the kernel cannot read, a scores tensor used twice) stays as it was and is lowered
-by TVM as before, and so does attention over a symbolic length (the kernel is built per
-static shape) and a module marked by ``leave_unfused``. GPU targets are not fused yet
-(``docs/design.md``, "Fused attention").
+by TVM as before, and so does a module marked by ``leave_unfused``. A symbolic length (query
+or key) is a symbolic extent of the kernel, built once for every length. GPU targets are not
+fused yet (``docs/design.md``, "Fused attention").
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from .. import _compat as C
 from .. import caches
 from .kernel_cpu import AttentionShape, cpu_kernel
-from .match import Attention, Module, find_attention
+from .match import Attention, Module, dims, find_attention
 
 
 def _kernel(shape: AttentionShape):
@@ -42,17 +42,25 @@ class _Fuse(PyExprMutator):
 
     def _as(self, e, shape: tuple, name: str):
         e = self.visit_expr(e)
-        if tuple(C.static_shape(e.ty)) == tuple(shape):
+        if dims(e.ty) == tuple(shape):
             return e
         # named after the output: the same module fuses to the same names, whatever the
         # order the functions are visited in
-        return self.builder_.emit(relax.op.reshape(e, relax.ShapeExpr(list(shape))), name)
+        return self.builder_.emit(relax.op.reshape(e, self._exprs(shape)), name)
+
+    def _exprs(self, shape: tuple) -> relax.ShapeExpr:
+        """``shape`` (ints, symbolic dims by name: ``match.dims``) as a ShapeExpr of this site."""
+        return relax.ShapeExpr([self.syms[d] if isinstance(d, str) else d for d in shape])
 
     def visit_var_binding_(self, binding):
         m: Attention | None = self.found.get(binding.var)
         if m is None:
             return super().visit_var_binding_(binding)
         sh, name = m.shape, binding.var.name
+        self.syms = {  # the symbolic lengths as this function writes them
+            str(d): d for e in (m.a, m.v) for d in C.tensor_shape(e.ty)
+            if not isinstance(d, (int, tvm.tirx.IntImm))
+        }
         gv = self.gvs.get(sh)
         if gv is None:
             gv = self.gvs[sh] = self.builder_.add_func(_kernel(sh), "attention_cpu")
@@ -68,12 +76,11 @@ class _Fuse(PyExprMutator):
             b3,
             diag,
         ]
-        out_ty = relax.TensorType((sh.batch, sh.sq, sh.hv), sh.dtype)
+        out_ty = relax.TensorType(self._exprs((sh.batch, sh.sq, sh.hv)).values, sh.dtype)
         res = relax.call_tir(gv, args, out_ty)
-        want = tuple(C.static_shape(binding.var.ty))
-        if want != (sh.batch, sh.sq, sh.hv):
+        if dims(binding.var.ty) != (sh.batch, sh.sq, sh.hv):
             o = self.builder_.emit(res, f"{name}_o")
-            res = relax.op.reshape(o, relax.ShapeExpr(list(want)))
+            res = relax.op.reshape(o, relax.ShapeExpr(C.tensor_shape(binding.var.ty)))
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(res)))
 
 

@@ -37,11 +37,12 @@ class AttentionShape:
     ``bias``: None, or ``(rows, bq, bk, div)``: the bias is read as ``bias[(b // div) % rows,
     i if bq > 1 else 0, j if bk > 1 else 0]`` (a broadcast over batch rows, query rows or keys).
     ``causal``: key ``j`` is seen by query row ``i`` iff ``j <= i + diag`` (``diag`` a run-time
-    int64 argument: a query chunk's offset)."""
+    int64 argument: a query chunk's offset). ``sq`` and ``sk`` are ints, or the names of
+    symbolic lengths (the kernel is then built once for every length)."""
 
     batch: int
-    sq: int
-    sk: int
+    sq: int | str
+    sk: int | str
     h: int
     hv: int
     dtype: str
@@ -53,8 +54,13 @@ def cpu_kernel(shape: AttentionShape):
     """The PrimFunc (private, already scheduled): params ``(A, Bt, V, bias, diag, O)``; without
     a bias ``bias`` is any (1, 1, 1) tensor (not read), without a causal mask ``diag`` is unused."""
     BN, Sq, Sk, H, Hv, dtype = shape.batch, shape.sq, shape.sk, shape.h, shape.hv, shape.dtype
+    # a symbolic length (a name) becomes this kernel's own var, bound by the buffers' shapes
+    syms = {n: T.int64() for n in (Sq, Sk) if isinstance(n, str)}
+    Sq, Sk = (syms.get(n, n) for n in (Sq, Sk))
     causal = shape.causal
     rows, bq, bk, div = shape.bias or (1, 1, 1, 1)
+    read_q, read_k = bq != 1, bk != 1  # the bias varies along query rows / keys
+    bq, bk = (syms.get(n, n) for n in (bq, bk))
     has_bias = shape.bias is not None
     nqt = (Sq + TQ - 1) // TQ
     nkt_all = (Sk + TK - 1) // TK
@@ -125,11 +131,11 @@ def cpu_kernel(shape: AttentionShape):
                         if has_bias:
                             if k0 + TK <= Sk:
                                 for j in T.vectorized(TK):
-                                    s[i, j] = s[i, j] + bias[bb, qi if bq > 1 else 0, k0 + j if bk > 1 else 0]  # noqa: E501 (TVMScript, nested loops)
+                                    s[i, j] = s[i, j] + bias[bb, qi if read_q else 0, k0 + j if read_k else 0]  # noqa: E501 (TVMScript, nested loops)
                             else:
                                 for j in T.vectorized(TK):
                                     s[i, j] = s[i, j] + bias[
-                                        bb, qi if bq > 1 else 0, T.min(k0 + j, Sk - 1) if bk > 1 else 0  # noqa: E501 (TVMScript, nested loops)
+                                        bb, qi if read_q else 0, T.min(k0 + j, Sk - 1) if read_k else 0  # noqa: E501 (TVMScript, nested loops)
                                     ]
                         for j in T.vectorized(TK):
                             s[i, j] = T.Select(

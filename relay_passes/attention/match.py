@@ -43,8 +43,19 @@ class Attention:
     bias: relax.Expr | None = None
 
 
+def dims(ty) -> tuple | None:
+    """A tensor type's shape as a tuple of ints, with a symbolic dim as its text (``"s27"``):
+    comparable with ``==``, which PrimExprs are not. None for an unknown shape."""
+    if not isinstance(ty, C.TensorType):
+        return None
+    shape = C.tensor_shape(ty)
+    if shape is None:
+        return None
+    return tuple(int(d) if isinstance(d, (int, tvm.tirx.IntImm)) else str(d) for d in shape)
+
+
 def _shape(e):
-    return C.static_shape(e.ty) if isinstance(e.ty, C.TensorType) else None
+    return dims(e.ty) if isinstance(getattr(e, "ty", None), C.TensorType) else None
 
 
 class _Function:
@@ -160,6 +171,8 @@ def _param_affine(fn: _Function, param, depth: int):
     i = params.index(param)
     found = None
     for caller, call in fn.callers:
+        if caller.name == fn.name and call.args[i].same_as(param):
+            continue  # a loop passing it on to its next iteration unchanged
         got = _affine(caller, call.args[i], depth + 1)
         if got is None or not isinstance(got.const, tvm.tirx.IntImm):
             return None
@@ -258,6 +271,8 @@ def _match(fn: _Function, out, call):
     sa, sbt, sv, ss, sp, so = shapes
     *batch, sq, h = sa
     sk, hv = sv[-2], sv[-1]
+    if not all(isinstance(d, int) for d in (*batch, h, hv)):
+        return None  # only the lengths may be symbolic
     same_batch = all(tuple(s[:-2]) == tuple(batch) for s in (sbt, sv, ss, sp, so))
     if not same_batch or sbt[-2:] != (h, sk) or ss[-2:] != (sq, sk) or sp != ss:
         return None
@@ -300,11 +315,17 @@ class Module:
         if self._sites is None:
             self._sites = {}
             for caller, func in self.funcs.items():
-                for block in func.body.blocks:
-                    for b in block.bindings:
-                        v = b.value
-                        if isinstance(v, relax.Call) and isinstance(v.op, C.GlobalVar):
-                            self._sites.setdefault(v.op.name_hint, []).append((caller, v))
+                todo = [func.body]  # a chunk loop calls from inside its If branches
+                while todo:
+                    seq = todo.pop()
+                    for block in seq.blocks:
+                        for b in block.bindings:
+                            v = b.value
+                            if isinstance(v, relax.Call) and isinstance(v.op, C.GlobalVar):
+                                self._sites.setdefault(v.op.name_hint, []).append((caller, v))
+                            elif isinstance(v, relax.If):
+                                todo.extend(br for br in (v.true_branch, v.false_branch)
+                                            if isinstance(br, relax.SeqExpr))
         return [(self.function(c), call) for c, call in self._sites.get(name, [])]
 
 

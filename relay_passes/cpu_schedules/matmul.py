@@ -58,6 +58,18 @@ class Matmul(CPURule):
         block, loops, n_s = found
         lanes = vector_lanes(target, dtype_bits(sch, block))
         ni, nj = (static_extent(sch, x) for x in loops[n_s - 2 : n_s])
+        if ni is None and nj is not None:  # rows known at run time (a symbolic length)
+            cols = tile_cols(nj, lanes)
+            if cols is None or nj % cols:
+                return None
+            # the row split's predicate is outside the vector loop, which stays whole. Panels
+            # are packed whatever the rows turn out to be (the estimator lowers symbolic
+            # matmuls and reads the kernel's workspace)
+            panel = _panel_operand(sch, block, n_s)
+            if panel is not None and not _packs(PACK_MIN_ROWS, panel[1], dtype_bits(sch, block)):
+                panel = None
+            self._tile(sch, block, n_s, ROWS[0], cols, local=True, panel=panel and panel[0])
+            return sch
         cols = tile_cols(nj, lanes) if nj is not None and ni is not None else None
         if cols is None:
             return None  # under 4 columns: the fallback schedules it
