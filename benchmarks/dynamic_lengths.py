@@ -4,10 +4,11 @@ Per case ``family:bound`` (the model exported with ``Dim("S", min=2, max=bound)`
 
 * the dynamic build under ``--share`` of its unchunked peak at the bound, exported once;
 * at each length L (the minimum, an odd length, half the bound, the bound): the dynamic
-  artifact's peak measured in a fresh process and its error against torch; a static build at
-  L under the same budget, and the same static build with attention left unfused (the
-  symbolic module's attention is unfused: the fused CPU kernel is built per static shape),
-  all timed interleaved in one process at the same threads (median of ``--repeats``);
+  artifact's peak measured in a fresh process and its error against torch; torch eager, a
+  static build at L under the same budget, and that static build with attention left
+  unfused, timed interleaved with it in one process at the same threads (median of
+  ``--repeats``); TVM's default build of the symbolic module (``tvm.compile``, nothing
+  scheduled: slow, so timed apart, median of ``--default-repeats``);
 * compile time (search and build) of the dynamic build at each of ``--bounds``.
 
 Rows go to ``benchmarks/results/dynamic_lengths.jsonl``.
@@ -51,7 +52,8 @@ def _inputs(w, n: int):
     return [np.random.default_rng(n).standard_normal(shape).astype("float32")]
 
 
-def run_case(case: str, share: float, threads: int, repeats: int, lengths=None) -> dict:
+def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
+             default_repeats: int = 1) -> dict:
     import torch
 
     import tvm_autochunk as ac
@@ -69,6 +71,11 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None) 
     t0 = time.perf_counter()
     art = ac.build(dyn, target="llvm", budget=budget)
     build_s = time.perf_counter() - t0
+    # TVM's default build of the same symbolic module (no schedules: slow, timed apart)
+    import tvm
+
+    default_vm = tvm.relax.VirtualMachine(tvm.compile(dyn, target=tvm.target.Target("llvm")),
+                                          tvm.cpu())
     torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +97,16 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None) 
                     builds[name] = None
                     print(f"  {case} L={n}: {name} refused: {str(e)[:160]}")
             fns = {k: (lambda *_, a=a: a(*x)) for k, a in builds.items() if a is not None}
-            med = interleaved_medians(fns, (), repeats)
+            tx = torch.from_numpy(x[0])
+
+            def eager(tx=tx):
+                with torch.no_grad():
+                    return w.module(tx)
+
+            med = interleaved_medians({**fns, "torch": eager}, (), repeats)
+            tv = tvm.runtime.tensor(x[0])
+            med.update(interleaved_medians({"tvm_default": lambda: default_vm["main"](tv)}, (),
+                                           default_repeats))
             row = {
                 "length": n,
                 "measured_peak_bytes": m.peak_bytes,
@@ -107,7 +123,8 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None) 
         "unchunked_peak_bytes": full, "planned_peak_bytes": art.report.planned_peak_bytes,
         "estimated_peak_bytes": art.report.estimated_peak_bytes, "build_seconds": build_s,
         "regions": len((art.report.chunking or {}).get("regions", [])),
-        "threads": threads, "repeats": repeats, "rows": rows, "env": env_info(),
+        "threads": threads, "repeats": repeats, "default_repeats": default_repeats,
+        "rows": rows, "env": env_info(),
     }
 
 
@@ -134,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bounds", type=int, nargs="*", default=[2048, 32768],
                     help="bounds whose compile times are compared (gpt)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--default-repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="default: every core")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/dynamic_lengths.jsonl"))
     ap.add_argument("--quick", action="store_true", help="GPT bound 128, 1 repeat: smoke test")
@@ -149,22 +167,24 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for case in args.case or ["gpt:2048"]:
-            r = run_case(case, args.share, threads, args.repeats, lengths)
+            r = run_case(case, args.share, threads, args.repeats, lengths, args.default_repeats)
             f.write(json.dumps(r) + "\n")
             f.flush()
             print(f"\n{case}: budget {r['budget_bytes'] / MIB:.1f} MiB ({args.share:.0%} of "
                   f"{r['unchunked_peak_bytes'] / MIB:.1f}), TVM's plan at the bound "
                   f"{r['planned_peak_bytes'] / MIB:.2f} MiB, {r['regions']} region(s), "
                   f"built in {r['build_seconds']:.1f} s")
-            print("| L | measured peak MiB | max err | dynamic ms | static ms | static, attention "
-                  "unfused, ms | dynamic / static | dynamic / static unfused |")
-            print("|---|---|---|---|---|---|---|---|")
+            print("| L | measured peak MiB | max err | torch ms | TVM default ms | dynamic ms | "
+                  "static ms | static, attention unfused, ms | dynamic / torch | "
+                  "dynamic / static |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for row in r["rows"]:
                 print(f"| {row['length']} | {row['measured_peak_bytes'] / MIB:.2f} | "
-                      f"{row['max_abs_err_vs_torch']:.1e} | {row['dynamic_ms']} | "
+                      f"{row['max_abs_err_vs_torch']:.1e} | {row['torch_ms']} | "
+                      f"{row['tvm_default_ms']} | {row['dynamic_ms']} | "
                       f"{row.get('static_ms', '-')} | {row.get('static_unfused_ms', '-')} | "
-                      f"{row.get('dynamic_vs_static', '-')} | "
-                      f"{row.get('dynamic_vs_static_unfused', '-')} |", flush=True)
+                      f"{row['dynamic_vs_torch']} | {row.get('dynamic_vs_static', '-')} |",
+                      flush=True)
         if args.bounds:
             ct = compile_times("gpt", args.bounds, args.share)
             f.write(json.dumps({"compile_times": ct, "share": args.share}) + "\n")

@@ -126,10 +126,19 @@ def free_tir_vars(exprs: Iterable) -> list:
 
 def upper_bounds_of(func) -> dict[str, int]:
     """``tir_var_upper_bound`` attribute of a Relax function as {name: int}."""
+    return _bounds_attr(func, "tir_var_upper_bound")
+
+
+def lower_bounds_of(func) -> dict[str, int]:
+    """``tir_var_lower_bound`` attribute of a Relax function as {name: int}."""
+    return _bounds_attr(func, "tir_var_lower_bound")
+
+
+def _bounds_attr(func, key: str) -> dict[str, int]:
     attrs = func.attrs
-    if attrs is None or "tir_var_upper_bound" not in attrs:
+    if attrs is None or key not in attrs:
         return {}
-    return {str(k): int(v) for k, v in attrs["tir_var_upper_bound"].items()}
+    return {str(k): int(v) for k, v in attrs[key].items()}
 
 
 def eval_upper(expr, bounds: dict[str, int]) -> int | None:

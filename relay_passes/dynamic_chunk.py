@@ -84,11 +84,7 @@ def _signature(ra):
 def apply_plan(mod: tvm.IRModule, plan: ChunkPlan, *, entry: str = "main") -> tvm.IRModule:
     """Apply ``plan`` (searched on ``specialize(mod)``) to the symbolic ``mod``."""
     bounds = symbolic_bounds(mod, entry)
-    attrs = mod[entry].attrs
-    lower = {}
-    if attrs is not None and "tir_var_lower_bound" in attrs:
-        lower = {str(k): int(v) for k, v in attrs["tir_var_lower_bound"].items()}
-    probe = _probe_values(bounds, lower)
+    probe = _probe_values(bounds, C.lower_bounds_of(mod[entry]))
     for region in plan.regions:
         at_bound = specialize(mod, bounds, entry)
         ra = analyze_region(at_bound, region.start, region.end, region.seed, region.dim,

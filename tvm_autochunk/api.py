@@ -81,11 +81,8 @@ def signature(mod, entry: str = "main") -> dict:
                 walk(f, f"{prefix}[{i}]")
 
     walk(func.ret_ty, "output")
-    lower = {}
-    if func.attrs is not None and "tir_var_lower_bound" in func.attrs:
-        lower = {str(k): int(v) for k, v in func.attrs["tir_var_lower_bound"].items()}
     return {"inputs": inputs, "params": params, "outputs": outs,
-            "bounds": C.upper_bounds_of(func), "lower_bounds": lower}
+            "bounds": C.upper_bounds_of(func), "lower_bounds": C.lower_bounds_of(func)}
 
 
 def _tvm_ffi_version() -> str | None:

@@ -39,6 +39,7 @@ class _Fuse(PyExprMutator):
         self.found = found  # output var -> Attention
         self.gvs: dict = {}  # AttentionShape -> GlobalVar
         self.analyzer = tvm.sym.Analyzer()
+        self.syms: dict = {}  # symbolic dim name -> its PrimExpr at the site being fused
 
     def _as(self, e, shape: tuple, name: str):
         e = self.visit_expr(e)
