@@ -9,6 +9,7 @@ Per case ``family:bound`` (the model exported with ``Dim("S", min=2, max=bound)`
   unfused, timed interleaved with it in one process at the same threads (median of
   ``--repeats``); TVM's default build of the symbolic module (``tvm.compile``, nothing
   scheduled: slow, so timed apart, median of ``--default-repeats``);
+* the peak in a fresh process at evenly spaced lengths (the memory curve, printed as bars);
 * compile time (search and build) of the dynamic build at each of ``--bounds``.
 
 Rows go to ``benchmarks/results/dynamic_lengths.jsonl``.
@@ -53,7 +54,7 @@ def _inputs(w, n: int):
 
 
 def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
-             default_repeats: int = 1) -> dict:
+             default_repeats: int = 1, points: int = 9) -> dict:
     import torch
 
     import tvm_autochunk as ac
@@ -61,11 +62,13 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
     from benchmarks.models import workload
     from benchmarks.timing import interleaved_medians
     from relay_passes.attention import leave_unfused
+    from relay_passes.dynamic_chunk import symbolic_bounds
     from tvm_autochunk.measure import measure_peak
 
     family, bound = case.split(":")
     bound = int(bound)
     w, dyn = _export(family, bound)
+    (name,) = symbolic_bounds(dyn)
     full = ac.estimate(dyn, target="llvm").peak_bytes
     budget = int(full * share)
     t0 = time.perf_counter()
@@ -109,6 +112,7 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
                                            default_repeats))
             row = {
                 "length": n,
+                "function": art.entry_for({name: n}),
                 "measured_peak_bytes": m.peak_bytes,
                 "max_abs_err_vs_torch": float(np.abs(art(*x) - ref).max()),
                 **{f"{k}_ms": round(v * 1e3, 3) for k, v in med.items()},
@@ -118,13 +122,19 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
                                       for k, a in builds.items() if k != "dynamic"},
             }
             rows.append(row)
+        # the memory curve: the peak in a fresh process at evenly spaced lengths
+        curve = []
+        for n in sorted({max(2, bound * k // (points - 1)) for k in range(points)}):
+            curve.append({"length": n, "function": art.entry_for({name: n}),
+                          "measured_peak_bytes": measure_peak(path, _inputs(w, n)).peak_bytes})
     return {
         "case": case, "bound": bound, "share": share, "budget_bytes": budget,
         "unchunked_peak_bytes": full, "planned_peak_bytes": art.report.planned_peak_bytes,
         "estimated_peak_bytes": art.report.estimated_peak_bytes, "build_seconds": build_s,
         "regions": len((art.report.chunking or {}).get("regions", [])),
         "threads": threads, "repeats": repeats, "default_repeats": default_repeats,
-        "rows": rows, "env": env_info(),
+        "rows": rows, "curve": curve, "short_entry": art.meta.get("short_entry"),
+        "report_lengths": art.report.to_dict().get("lengths"), "env": env_info(),
     }
 
 
@@ -159,32 +169,42 @@ def main(argv=None) -> int:
     import tvm_autochunk as ac
 
     threads = ac.set_threads(args.threads)
-    lengths = None
+    lengths, points = None, 9
     if args.quick:
         args.case, args.repeats, args.share, args.bounds = ["gpt:128"], 1, 0.8, []
-        lengths = (2, 37)
+        lengths, points = (2, 37), 3
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for case in args.case or ["gpt:2048"]:
-            r = run_case(case, args.share, threads, args.repeats, lengths, args.default_repeats)
+            r = run_case(case, args.share, threads, args.repeats, lengths, args.default_repeats,
+                         points)
             f.write(json.dumps(r) + "\n")
             f.flush()
             print(f"\n{case}: budget {r['budget_bytes'] / MIB:.1f} MiB ({args.share:.0%} of "
                   f"{r['unchunked_peak_bytes'] / MIB:.1f}), TVM's plan at the bound "
                   f"{r['planned_peak_bytes'] / MIB:.2f} MiB, {r['regions']} region(s), "
                   f"built in {r['build_seconds']:.1f} s")
-            print("| L | measured peak MiB | max err | torch ms | TVM default ms | dynamic ms | "
-                  "static ms | static, attention unfused, ms | dynamic / torch | "
+            if r["short_entry"]:
+                print(f"lengths up to {r['short_entry']['bound']} run main_short (unchunked)")
+            print("| L | runs | measured peak MiB | max err | torch ms | TVM default ms | "
+                  "dynamic ms | static ms | static, attention unfused, ms | dynamic / torch | "
                   "dynamic / static |")
-            print("|---|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
             for row in r["rows"]:
-                print(f"| {row['length']} | {row['measured_peak_bytes'] / MIB:.2f} | "
+                print(f"| {row['length']} | {row['function']} | "
+                      f"{row['measured_peak_bytes'] / MIB:.2f} | "
                       f"{row['max_abs_err_vs_torch']:.1e} | {row['torch_ms']} | "
                       f"{row['tvm_default_ms']} | {row['dynamic_ms']} | "
                       f"{row.get('static_ms', '-')} | {row.get('static_unfused_ms', '-')} | "
                       f"{row['dynamic_vs_torch']} | {row.get('dynamic_vs_static', '-')} |",
                       flush=True)
+            top = max(c["measured_peak_bytes"] for c in r["curve"])
+            print(f"measured peak by length (budget {r['budget_bytes'] / MIB:.1f} MiB):")
+            for c in r["curve"]:
+                bar = "#" * max(1, round(40 * c["measured_peak_bytes"] / top))
+                print(f"  {c['length']:>6} {c['measured_peak_bytes'] / MIB:7.2f} MiB "
+                      f"{c['function']:<10} {bar}")
         if args.bounds:
             ct = compile_times("gpt", args.bounds, args.share)
             f.write(json.dumps({"compile_times": ct, "share": args.share}) + "\n")

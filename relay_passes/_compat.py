@@ -259,13 +259,14 @@ STACK_BYTES = 1024
 
 def kept_matmul_workspace(call, target) -> tuple[int, ...]:
     """The workspace requests of the CPU kernel TVM lowers a static ``relax.matmul`` to."""
-    from .cpu_schedules.matmul import pack_bytes
+    from .cpu_schedules.matmul import pack_bytes, pad_bytes
 
     out, b = static_shape(call.ty), static_shape(call.args[1].ty)
     if out is None or b is None:
         return ()
-    n = pack_bytes(out, b, str(call.ty.dtype), target)
-    return (n,) if n > STACK_BYTES else ()
+    dtype = str(call.ty.dtype)
+    sizes = (pack_bytes(out, b, dtype, target), *pad_bytes(out, b, dtype, target))
+    return tuple(n for n in sizes if n > STACK_BYTES)
 
 
 def _workspace(pf, target, bounds: dict[str, int]) -> tuple[int, ...]:

@@ -135,7 +135,7 @@ def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] |
         # a chunk loop (recursive, so not analysable here) returns its buffers, written in
         # place, by construction (``chunk_loop``)
         return [[int(i)] for i in func.attrs[LOOP_BUFFERS]]
-    groups = function_groups(mod, func, seen | {gv})
+    groups = function_groups(mod, func, seen | {gv}, precise_tuples=True)
     roots = [groups.find(p) for p in func.params]
     out = []
     for leaf in _return_leaves(func):
@@ -168,9 +168,28 @@ def _call_sources(mod, call, seen) -> list:
     return [x for a in call.args for x in tensor_leaves(a)]
 
 
-def function_groups(mod, func: relax.Function, seen: frozenset = frozenset(), skip=()) -> _Groups:
-    """May-alias groups of ``func``'s vars (bindings named in ``skip`` are left out)."""
+def function_groups(
+    mod, func: relax.Function, seen: frozenset = frozenset(), skip=(), precise_tuples=False
+) -> _Groups:
+    """May-alias groups of ``func``'s vars (bindings named in ``skip`` are left out).
+
+    By default a var bound to a tuple joins the groups of all its fields. ``precise_tuples``
+    keeps a tuple's fields apart (a field read back is linked to that field only), so that a
+    function returning several in-place buffers maps each result to its own parameter."""
     groups = _Groups()
+    fields: dict[int, list] = {}  # precise_tuples: tuple-bound var -> its field exprs
+
+    def expand(xs):
+        out = []
+        for x in xs:
+            f = fields.get(hash(x)) if isinstance(x, relax.Var) else None
+            out.extend(expand([y for e in f for y in tensor_leaves(e)]) if f is not None else [x])
+        return out
+
+    def item(v: relax.TupleGetItem):
+        f = fields.get(hash(v.tuple_value)) if isinstance(v.tuple_value, relax.Var) else None
+        return expand(tensor_leaves(f[v.index])) if f is not None else expand(tensor_leaves(v))
+
     for p in func.params:
         groups.find(p)
         groups.taint(p)
@@ -179,14 +198,20 @@ def function_groups(mod, func: relax.Function, seen: frozenset = frozenset(), sk
             if str(b.var.name) in skip:
                 continue
             v = b.value
-            if isinstance(b, relax.MatchCast) or isinstance(
+            if precise_tuples and isinstance(v, relax.Tuple):
+                fields[hash(b.var)] = list(v.fields)
+            elif precise_tuples and isinstance(v, relax.Var) and hash(v) in fields:
+                fields[hash(b.var)] = fields[hash(v)]
+            elif precise_tuples and isinstance(v, relax.TupleGetItem):
+                _link(groups, b.var, item(v))
+            elif isinstance(b, relax.MatchCast) or isinstance(
                 v, (relax.Var, relax.Tuple, relax.TupleGetItem)
             ):
-                _link(groups, b.var, tensor_leaves(v))
+                _link(groups, b.var, expand(tensor_leaves(v)))
             elif isinstance(v, C.Call):
-                _link(groups, b.var, _call_sources(mod, v, seen))
+                _link(groups, b.var, expand(_call_sources(mod, v, seen)))
             elif isinstance(v, relax.If):  # branches may return anything they can see
-                _link(groups, b.var, relax.analysis.free_vars(v))
+                _link(groups, b.var, expand(relax.analysis.free_vars(v)))
             else:
                 groups.find(b.var)
     return groups

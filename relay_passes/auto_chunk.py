@@ -58,6 +58,9 @@ class AutoChunkResult:
     cost_model: str = ""
     # estimate_memory of the returned module (the search made it; no need to estimate again)
     profile: object = field(default=None, repr=False, compare=False)
+    # the peak of the module the search chunked, when another one is built from its plan (a
+    # symbolic module's loops, from a search at the bounds: driver._chunk_symbolic)
+    searched_peak: int | None = field(default=None, compare=False)
 
     @property
     def plan(self) -> ChunkPlan:

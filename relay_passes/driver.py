@@ -23,9 +23,18 @@ from collections.abc import Callable
 import tvm
 from tvm import relax
 
+from . import _compat as C
 from . import caches
 from .auto_chunk import AutoChunkResult, auto_chunk, need_bytes
-from .dynamic_chunk import apply_plan, is_symbolic, specialize, symbolic_bounds
+from .dynamic_chunk import (
+    SHORT,
+    add_short_entry,
+    apply_plan,
+    is_symbolic,
+    short_bound,
+    specialize,
+    symbolic_bounds,
+)
 from .errors import BudgetInfeasibleError, UnsupportedTargetError
 from .estimate_memory import estimate_memory
 from .fold_weight_layouts import fold_weight_layouts
@@ -200,6 +209,10 @@ class AutochunkPipeline:
         self.result: AutoChunkResult | None = None  # the search's, when it chunked
         self.plan = None  # TVM's plan (planned_memory.PlannedMemory)
         self.module = None  # the module built, before lowering (chunked)
+        # the unchunked entry for short lengths, when one was added (``_check_short``)
+        self.short: dict | None = None
+        # a chunked symbolic module's peak at several lengths (``_length_table``)
+        self.lengths: list[dict] | None = None
         self.error: Exception | None = None
 
     @property
@@ -221,6 +234,8 @@ class AutochunkPipeline:
         try:
             with caches.scope():
                 planned = self._plan(mod, tgt)
+                if self.result is not None and is_symbolic(self.module, self.entry):
+                    self.lengths = self._length_table(tgt)
             # planning_passes ended with StaticPlanBlockMemory, finalize_passes' first pass
             return run_passes(planned, finalize_passes(tgt)[1:], tgt)
         except Exception as e:
@@ -240,7 +255,11 @@ class AutochunkPipeline:
         mod = fold_weight_layouts(mod)  # weights transposed once here, not in every call
         self.progress(f"estimating memory for {tgt.kind.name}")
         base = estimate_memory(mod, tgt, entry=entry)
-        aim = budget
+        aim, self.short = budget, None
+        gap = 0  # how much more than the plan searched at the bound its loops needed
+        short = None  # (dim, bound): the lengths up to it fit unchunked (``short_bound``)
+        if symbolic and budget is not None and need_bytes(base) > budget:
+            short = self._short_bound(mod, tgt, budget)
         for attempt in range(MAX_ATTEMPTS):
             chunked, prof, self.result = mod, base, None
             if aim is not None and need_bytes(base) > aim:
@@ -249,7 +268,7 @@ class AutochunkPipeline:
                     f"{format_bytes(aim)}: searching chunk regions"
                 )
                 if symbolic:
-                    chunked, self.result = self._chunk_symbolic(mod, tgt, aim)
+                    chunked, self.result = self._chunk_symbolic(mod, tgt, aim, gap)
                 else:
                     chunked, self.result = chunk_to_budget(
                         mod, tgt, aim, entry=entry, profile=base, options=self.options,
@@ -261,34 +280,123 @@ class AutochunkPipeline:
                     f"{self.result.search_seconds:.1f}s: estimated peak "
                     f"{format_bytes(self.result.final_peak)}"
                 )
+            if short is not None and self.result is not None:
+                chunked = add_short_entry(chunked, mod, *short, entry=entry)
             self.progress(f"lowering and planning with TVM for {tgt.kind.name}")
             planned = run_passes(chunked, planning_passes(tgt), tgt)
             self.profile, self.module = prof, chunked
             self.plan = read_plan(planned, entry, tgt)
             peak = max(int(self.plan.peak_bytes), int(prof.runtime_peak_bytes))
             if budget is None or peak <= budget:
+                if any(gv.name_hint == entry + SHORT for gv in chunked.get_global_vars()):
+                    return self._check_short(planned, chunked, tgt, short)
                 return planned
             if self.result is None or attempt == MAX_ATTEMPTS - 1:
                 raise plan_refusal(self.plan, entry, budget, tgt, int(prof.runtime_peak_bytes))
             # the promise is checked on TVM's own plan: aim lower and search again
             aim = int(aim * 0.95)
+            if symbolic:  # searched at the bound, the loops can need more (a tail's frame)
+                gap = max(gap, peak - self.result.searched_peak)
+                aim = min(aim, budget - gap)
             self.progress(f"TVM's plan is over the budget; searching again for {aim} bytes")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _chunk_symbolic(self, mod, tgt, aim: int):
+    def _symbolic_refusal(self, err, mod, tgt, gap: int) -> BudgetInfeasibleError:
+        """``err`` (a refusal of the search at the bounds) with a suggested budget that the
+        loops meet too: the plan searched at the suggestion, applied to ``mod``, can need more
+        (``gap``, or what that plan's loops need beyond it)."""
+        if not gap:
+            try:
+                _, res = chunk_to_budget(specialize(mod, entry=self.entry), tgt, err.min_budget,
+                                         entry=self.entry, options=self.options)
+            except BudgetInfeasibleError:
+                return err
+            loops = estimate_memory(apply_plan(mod, res.plan, entry=self.entry), tgt,
+                                    entry=self.entry)
+            gap = max(0, need_bytes(loops) - res.final_peak)
+        return _with(err, min_budget=max(err.min_budget, err.best_peak + gap))
+
+    def _short_bound(self, mod, tgt, budget: int):
+        """``short_bound`` on the estimate, aiming the search's safety margin under the
+        budget; logged."""
+        aim = int(budget * (1 - (self.options or SearchOptions()).safety_margin))
+        entry = self.entry
+        found = short_bound(
+            mod, lambda m: need_bytes(estimate_memory(m, tgt, entry=entry)) <= aim, entry
+        )
+        if found is not None:
+            self.progress(f"lengths up to {found[0]}={found[1]} fit unchunked: they get "
+                          f"'{entry}{SHORT}'")
+        return found
+
+    def _check_short(self, planned, chunked, tgt, short):
+        """``planned`` when ``<entry>_short`` holds the budget on TVM's plan and the run-time
+        model too (``self.short`` then describes it); else the module planned again without
+        it."""
+        name = self.entry + SHORT
+        plan = read_plan(planned, name, tgt)
+        prof = estimate_memory(chunked, tgt, entry=name)
+        peak = max(int(plan.peak_bytes), int(prof.runtime_peak_bytes))
+        if peak <= self.budget_bytes:
+            self.short = {"function": name, "dim": short[0], "bound": short[1],
+                          "planned_peak_bytes": int(plan.peak_bytes),
+                          "estimated_peak_bytes": need_bytes(prof),
+                          "storage_bytes": int(prof.frame.storage_bytes)}
+            return planned
+        self.progress(f"'{name}' misses the budget on TVM's plan ({format_bytes(peak)}): "
+                      "left out, every length runs chunked")
+        funcs = {gv: f for gv, f in chunked.functions_items() if gv.name_hint != name}
+        self.module = tvm.IRModule(funcs, attrs=chunked.attrs, global_infos=chunked.global_infos)
+        return run_passes(self.module, planning_passes(tgt), tgt)
+
+    def _length_table(self, tgt) -> list[dict] | None:
+        """The estimated peak of one call at a few lengths up to the bound, each in the function
+        that runs it (``<entry>_short`` up to its bound): estimated at that length, plus the
+        storage TVM plans at the function's bound beyond what the length needs (it is
+        allocated whole). None with several symbolic dims."""
+        mod, entry = self.module, self.entry
+        bounds = symbolic_bounds(mod, entry)
+        if len(bounds) != 1:
+            return None
+        (name, top), = bounds.items()
+        lo = C.lower_bounds_of(mod[entry]).get(name, 1)
+        short = self.short["bound"] if self.short else None
+        lengths = {lo, top // 2 + 1, top, *((short, short + 1) if short else ())}
+        storage = {entry: self.profile.frame.storage_bytes}
+        if self.short:
+            storage[self.short["function"]] = self.short["storage_bytes"]
+        rows = []
+        for n in sorted(x for x in lengths if lo <= x <= top):
+            fn = self.short["function"] if short and n <= short else entry
+            one = relax.transform.DeadCodeElimination([fn])(mod)
+            prof = estimate_memory(specialize(one, {name: n}), tgt, entry=fn)
+            extra = max(0, storage[fn] - prof.frame.storage_bytes)
+            rows.append({"dim": name, "length": n, "function": fn,
+                         "estimated_peak_bytes": need_bytes(prof) + extra})
+        return rows
+
+    def _chunk_symbolic(self, mod, tgt, aim: int, gap: int = 0):
         """Search on ``mod`` with its symbolic dims at their bounds; apply the plan found to
-        ``mod`` itself, whose regions become run-time loops (``dynamic_chunk``)."""
+        ``mod`` itself, whose regions become run-time loops (``dynamic_chunk``). ``gap``: how
+        much more than the searched plan an earlier attempt's loops needed; a refusal's
+        suggested budget adds it, so that the suggestion builds."""
         entry = self.entry
         bounds = symbolic_bounds(mod, entry)
         self.progress(f"searching at the bounds {bounds}")
-        _, res = chunk_to_budget(
-            specialize(mod, entry=entry), tgt, aim, entry=entry, options=self.options,
-            budget=self.budget_bytes,
-        )
+        try:
+            _, res = chunk_to_budget(
+                specialize(mod, entry=entry), tgt, aim, entry=entry, options=self.options,
+                budget=self.budget_bytes,
+            )
+        except BudgetInfeasibleError as e:
+            if e.min_budget is None or (e.unchunked_peak and e.min_budget >= e.unchunked_peak):
+                raise
+            raise self._symbolic_refusal(e, mod, tgt, gap) from None
         chunked = apply_plan(mod, res.plan, entry=entry)
         prof = estimate_memory(chunked, tgt, entry=entry)
         note = (f"symbolic dims {bounds}: searched at these bounds; each region is a run-time "
                 "loop, and its chunk count is the one at the bound")
         return chunked, dataclasses.replace(
-            res, profile=prof, final_peak=need_bytes(prof), notes=(*res.notes, note)
+            res, profile=prof, final_peak=need_bytes(prof), notes=(*res.notes, note),
+            searched_peak=res.final_peak,
         )

@@ -8,6 +8,10 @@ one call of a run-time loop (``chunk_loop``) with a static chunk size.
 
 A region is applied only where its analysis holds at every length: it is analysed again at a
 second length (``_PROBE``), and must chunk the same tensors along the same dims there.
+
+Lengths well under the bound may fit the budget unchunked: ``short_bound`` finds the largest
+that does, and ``add_short_entry`` adds the entry's unchunked copy bounded by it
+(``<entry>_short``), which callers that know the length take (``Artifact`` does).
 """
 
 from __future__ import annotations
@@ -21,7 +25,18 @@ from .errors import PassContractError, SymbolicShapeError
 from .plan import ChunkPlan
 from .rewrite import apply_region, check_well_formed
 
-__all__ = ["apply_plan", "is_symbolic", "specialize", "symbolic_bounds"]
+__all__ = [
+    "SHORT",
+    "add_short_entry",
+    "apply_plan",
+    "is_symbolic",
+    "short_bound",
+    "specialize",
+    "symbolic_bounds",
+    "with_bound",
+]
+
+SHORT = "_short"  # suffix of the entry's unchunked copy for the lengths that fit unchunked
 
 
 def symbolic_bounds(mod: tvm.IRModule, entry: str = "main") -> dict[str, int]:
@@ -117,3 +132,45 @@ def _with_bounds(mod: tvm.IRModule, bounds: dict[str, int]) -> tvm.IRModule:
                 f = f.with_attr("tir_var_upper_bound", {**ub, **add})
         funcs[gv] = f
     return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
+
+
+def with_bound(mod: tvm.IRModule, name: str, value: int, entry: str = "main") -> tvm.IRModule:
+    """``mod`` with the upper bound of ``entry``'s symbolic dim ``name`` set to ``value``."""
+    func = mod[entry]
+    func = func.with_attr("tir_var_upper_bound", {**C.upper_bounds_of(func), name: int(value)})
+    funcs = {gv: (func if gv.name_hint == entry else f) for gv, f in mod.functions_items()}
+    return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
+
+
+def short_bound(mod: tvm.IRModule, fits, entry: str = "main", steps: int = 64):
+    """(name, L): the largest bound L of ``entry``'s one symbolic dim at which the module
+    unchunked ``fits`` (a predicate on ``with_bound(mod, name, L)``), to 1/``steps`` of the
+    bound (bisection: the peak grows with the length); None when there are several symbolic
+    dims, or not even the minimum length fits."""
+    bounds = symbolic_bounds(mod, entry)
+    if len(bounds) != 1:
+        return None
+    (name, hi), = bounds.items()
+    lo = max(1, C.lower_bounds_of(mod[entry]).get(name, 1))
+    if lo >= hi or not fits(with_bound(mod, name, lo, entry)):
+        return None
+    step = max(1, hi // steps)
+    while hi - lo > step:  # lo fits; hi does not (the entry is chunked because it does not)
+        mid = (lo + hi) // 2
+        if fits(with_bound(mod, name, mid, entry)):
+            lo = mid
+        else:
+            hi = mid
+    return name, lo
+
+
+def add_short_entry(chunked: tvm.IRModule, unchunked: tvm.IRModule, name: str, value: int,
+                    entry: str = "main") -> tvm.IRModule:
+    """``chunked`` with ``<entry>_short``: ``unchunked[entry]`` with the symbolic dim ``name``
+    bounded by ``value`` (its own symbolic vars: one var is defined in one function only)."""
+    func = relax.utils.copy_with_new_vars(with_bound(unchunked, name, value, entry)[entry])
+    short = entry + SHORT
+    func = func.with_attr("global_symbol", short)
+    funcs = dict(chunked.functions_items())
+    funcs[tvm.ir.GlobalVar(short)] = func
+    return tvm.IRModule(funcs, attrs=chunked.attrs, global_infos=chunked.global_infos)

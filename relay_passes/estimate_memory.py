@@ -17,12 +17,13 @@ from tvm import relax
 
 from . import _compat as C
 from . import caches
+from .dataflow_reshape import DataflowReshapeUnknown
 from .errors import PassContractError, SymbolicShapeError
 from .frame import FrameAnalysis
-from .liveness import DataflowReshapeUnknown, FrameWalker
+from .liveness import FrameWalker
 from .lowering import as_target, estimate_passes, is_gpu, run_passes
 from .plan import FrameMemory, MemoryProfile, TensorRecord, fold_callees
-from .runtime_memory import live_records, runtime_peak, timeline
+from .runtime_memory import Footprint, live_records, runtime_footprint, timeline
 
 
 def _check_module(mod, entry: str) -> relax.Function:
@@ -248,10 +249,10 @@ def estimate_memory(
     peak = frame.total_bytes + workspace
 
     transient = {n: t.total_bytes - t.output_bytes for n, t in totals.items()}
-    rt_peaks: dict[str, int] = {}
+    rt_peaks: dict[str, Footprint] = {}
     gpu = is_gpu(tgt)
     for name in _callee_order(frames, entry):
-        rt_peaks[name] = runtime_peak(frames[name], rt_peaks, gpu)
+        rt_peaks[name] = runtime_footprint(frames[name], rt_peaks, gpu)
     tl = timeline(main, transient)
     if tl:
         top = max(tl, key=lambda e: (e.live_bytes, -e.index))
@@ -276,7 +277,7 @@ def estimate_memory(
         target=str(tgt.kind.name),
         function=entry,
         peak_bytes=peak,
-        runtime_peak_bytes=rt_peaks[entry],
+        runtime_peak_bytes=rt_peaks[entry].peak,
         frame=frame,
         workspace_bytes=workspace,
         workspace_func=workspace_func,

@@ -25,20 +25,11 @@ import re
 from tvm import relax
 
 from . import _compat as C
-from . import caches
 from . import legalize_cache as LC
 from .alias import returned_params
+from .dataflow_reshape import reshape_source
 from .errors import SymbolicShapeError
-from .frame import (
-    Event,
-    FrameAnalysis,
-    Proto,
-    Storage,
-    TokenAllocator1D,
-    call_args,
-    element_count,
-    nested,
-)
+from .frame import Event, FrameAnalysis, Proto, Storage, TokenAllocator1D, call_args, nested
 from .ir_index import call_info, call_vars
 from .plan import FrameMemory
 
@@ -87,7 +78,9 @@ class FrameWalker:
         self.dataflow_reshape = dataflow_reshape
         self._in_dataflow = False
         self.func = func
-        self._params = set(func.params)
+        # var handle -> True (a tensor in the caller's storage: a parameter, or a callee's
+        # result that is one written in place) or a tuple of such flags, per field
+        self._caller: dict = {p.__chandle__(): True for p in func.params}
         self.fname = fname
         self.bounds = bounds
         self.op_names = op_names or {}
@@ -154,6 +147,17 @@ class FrameWalker:
             t = self._tokens_of(expr.tuple_value)
             return t[expr.index] if isinstance(t, tuple) else None
         return None
+
+    def _caller_of(self, expr):
+        """``self._caller``'s flag(s) for ``expr``; False when it is not the caller's."""
+        if isinstance(expr, relax.Var):
+            return self._caller.get(expr.__chandle__(), False)
+        if isinstance(expr, relax.Tuple):
+            return tuple(self._caller_of(f) for f in expr.fields)
+        if isinstance(expr, relax.TupleGetItem):
+            t = self._caller_of(expr.tuple_value)
+            return t[expr.index] if isinstance(t, tuple) else False
+        return False
 
     def _discard(self, tokens) -> None:
         for p in nested(tokens):
@@ -240,6 +244,8 @@ class FrameWalker:
             self.tokens[var.__chandle__()] = None
         elif isinstance(value, (relax.Var, relax.Tuple, relax.TupleGetItem)):
             self.tokens[var.__chandle__()] = self._tokens_of(value)
+            if caller := self._caller_of(value):
+                self._caller[var.__chandle__()] = caller
             ev.op = type(value).__name__.lower()
         else:
             self.tokens[var.__chandle__()] = None
@@ -351,6 +357,10 @@ class FrameWalker:
             # the callee returns (views of) its arguments, e.g. a chunk function its in-place
             # buffer: the result is that storage, which stays live while the result is used
             self.tokens[var.__chandle__()] = shared[0]
+            leaves = shared[0]
+            self._caller[var.__chandle__()] = (
+                tuple(x is None for x in leaves) if isinstance(leaves, tuple) else leaves is None
+            )
             return
         outs = self._protos_for_type(
             var.ty, name, ev.op, runtime=True, planned=False, from_callee=ev.callee is not None
@@ -371,42 +381,10 @@ class FrameWalker:
         self.tokens[var.__chandle__()] = outs
 
     def _dataflow_reshape_arg(self, var, call, args: tuple):
-        """The argument that TVM's ``RewriteDataflowReshape`` would reshape in place of this
-        ``call_tir`` (rewrite_dataflow_reshape.cc, TVM 0.27), else None: a binding of a
-        DataflowVar in a dataflow block, calling a PrimFunc with a reshape pattern
-        (``has_reshape_pattern``, memoised per PrimFunc) on one tensor of the result's dtype
-        and element count. TVM's pass reshapes the one argument the PrimFunc reads when it
-        has several (fused functions, not made on CPU): met here, ``DataflowReshapeUnknown``
-        makes the estimator run TVM's pass instead."""
-        if not self._in_dataflow or not isinstance(var, relax.DataflowVar):
+        """``dataflow_reshape.reshape_source`` here (only inside a dataflow block)."""
+        if not self._in_dataflow:
             return None
-        gv = args[0]
-        func = self.mod[gv] if isinstance(gv, C.GlobalVar) and gv in self.mod.functions else None
-        if not isinstance(func, C.PrimFunc):
-            return None
-        args = call_args(args)
-        if len(args) != 1:
-            # TVM reshapes the one argument such a PrimFunc reads
-            if _has_reshape_pattern(func):
-                raise DataflowReshapeUnknown(str(gv.name_hint))
-            return None
-        # TVM tests the pattern first; the cheap tests come first here (the same answer)
-        arg = args[0]
-        src, res = arg.ty, var.ty
-        if not isinstance(src, C.TensorType) or not isinstance(res, C.TensorType):
-            return None
-        s_shape, r_shape = C.tensor_shape(src), C.tensor_shape(res)
-        s_dtype, r_dtype = C.tensor_dtype(src), C.tensor_dtype(res)
-        if s_dtype in ("", "void") or s_dtype != r_dtype or s_shape is None or r_shape is None:
-            return None
-        a, b = element_count(s_shape), element_count(r_shape)
-        if isinstance(a, int) and isinstance(b, int):
-            same = a == b
-        else:
-            import tvm.sym  # TVM 0.27: tvm.arith moved here
-
-            same = tvm.sym.Analyzer().can_prove_equal(a, b)
-        return arg if same and _has_reshape_pattern(func) else None
+        return reshape_source(self.mod, var, args)
 
     def _returned_args(self, per_leaf, args: tuple, ty):
         """The tokens of the arguments a Relax callee returns, leaf for leaf, when every leaf
@@ -421,7 +399,7 @@ class FrameWalker:
             arg = args[ps[0]] if len(ps) == 1 else None
             tok = self._tokens_of(arg) if arg is not None else None
             own = isinstance(tok, Proto)  # else this frame's parameter: the caller's storage
-            if not isinstance(t, C.TensorType) or not (own or arg in self._params):
+            if not isinstance(t, C.TensorType) or not (own or self._caller_of(arg) is True):
                 return None
             leaves.append(tok if own else None)
         return (tuple(leaves) if isinstance(ty, C.TupleType) else leaves[0],)
@@ -482,14 +460,3 @@ class FrameWalker:
             n,
             tuple(blocks),
         )
-
-
-class DataflowReshapeUnknown(Exception):
-    """A reshape-pattern PrimFunc called with several arguments (see ``_dataflow_reshape_arg``)."""
-
-
-def _has_reshape_pattern(func) -> bool:
-    # memoised per PrimFunc object: the estimator's lowering hands back the same ones
-    pattern = relax.analysis.has_reshape_pattern
-    return C.identity_memo(caches.current().reshape, None, func, lambda: bool(pattern(func)), 16384)
-

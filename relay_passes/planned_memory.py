@@ -92,8 +92,15 @@ def read_plan(planned: tvm.IRModule, entry: str, target) -> PlannedMemory:
     gpu = is_gpu(target)
     if not gpu:
         bounds = C.upper_bounds_of(planned[entry])
+        # the kernels the entry reaches (a module may hold other entries: main_short)
+        called: set[str] = set()
+        for name in folded:
+            relax.analysis.post_order_visit(
+                planned[name].body,
+                lambda e: called.add(e.name_hint) if isinstance(e, C.GlobalVar) else None,
+            )
         for gv, f in planned.functions_items():
-            if isinstance(f, C.PrimFunc):
+            if isinstance(f, C.PrimFunc) and gv.name_hint in called:
                 b = sum(C.prim_func_workspace(f, target, bounds))
                 if b > ws:
                     ws, ws_func = b, str(gv.name_hint)

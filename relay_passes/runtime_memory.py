@@ -7,6 +7,7 @@ simulates what the VM's pooled allocator and TVM's workspace pool really touch i
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 
 from .frame import FrameAnalysis
 from .plan import TensorRecord, TimelineEntry
@@ -81,18 +82,38 @@ class _WorkspacePool:
         bisect.insort(self.free, n)
 
 
-def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], gpu: bool = False) -> int:
+@dataclass(frozen=True)
+class Footprint:
+    """What one call of a frame leaves in the pools (they never shrink): its high-water mark
+    (``peak``), the storage blocks its pool made (pool key, bytes) and the workspace blocks."""
+
+    peak: int
+    blocks: tuple = ()
+    workspace: tuple = ()
+
+
+def runtime_peak(analysis: FrameAnalysis, callee_peak: dict, gpu: bool = False) -> int:
+    """``runtime_footprint(...).peak``."""
+    return runtime_footprint(analysis, callee_peak, gpu).peak
+
+
+def runtime_footprint(analysis: FrameAnalysis, callee_peak: dict, gpu: bool = False) -> Footprint:
     """Simulate the run-time memory of one call of the frame.
 
     The VM allocates a storage at its first use and frees it after its last use into a pool
     that never shrinks and hands a freed block to the next request of the same (page-rounded)
-    size; kernel workspace comes from TVM's workspace pool (``_WorkspacePool``). A callee's
-    frame is taken from the storage pool for the duration of the call. The result is the
-    high-water mark of both pools, i.e. what the process really touches.
+    size; kernel workspace comes from TVM's workspace pool (``_WorkspacePool``). The result's
+    ``peak`` is the high-water mark of both pools, i.e. what the process really touches.
+
+    ``callee_peak``: each callee's ``Footprint`` (or its peak, as one block). On CPUs a call
+    asks the caller's pools for the callee's blocks, storage and workspace, for the duration
+    of the call: there is one pool per process, so a chunk's blocks are the ones the chunk
+    before it freed, and a loop's shorter last chunk (its own function, with a padded
+    matmul's workspace besides) reuses the full chunk's storage blocks.
 
     Pages are 4 KiB on CPUs. On GPUs (``gpu``), a new block of at least ``GPU_SMALL_ALLOC``
     (1 MiB) costs whole ``GPU_ALLOC_GRANULARITY`` (2 MiB) pages (smaller ones their size: the
-    driver packs them into shared pages), and a callee's frame its size in whole pages; the
+    driver packs them into shared pages), and a callee's frame its peak in whole pages; the
     pool still matches a request to a freed block by its 4 KiB-rounded size (so a freed 9 MiB
     block serves no 0.1 MiB request), and a callee's frame, which is several allocations of its
     own sizes, is reused only by calls of the same function (docs/gpu.md).
@@ -108,13 +129,21 @@ def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], gpu: bool
         blk = ((None, _pages(size)), cost)
         starts.setdefault(lo, []).append(blk)
         ends.setdefault(min(hi, n), []).append(blk)
+    callee_ws: dict[int, list[int]] = {}
     for ev in analysis.events:
-        if ev.callee and callee_peak.get(ev.callee):
-            r = _pages(callee_peak[ev.callee], page)
-            blk = ((ev.callee if gpu else None, r), r)
-            starts.setdefault(ev.index, []).append(blk)
-            ends.setdefault(ev.index, []).append(blk)
+        fp = callee_peak.get(ev.callee) if ev.callee else None
+        if not fp:
+            continue
+        if gpu or not isinstance(fp, Footprint):
+            r = _pages(fp.peak if isinstance(fp, Footprint) else fp, page)
+            blks = [((ev.callee if gpu else None, r), r)]
+        else:
+            blks = list(fp.blocks)
+            callee_ws.setdefault(ev.index, []).extend(fp.workspace)
+        starts.setdefault(ev.index, []).extend(blks)
+        ends.setdefault(ev.index, []).extend(blks)
     free: dict[tuple, int] = {}
+    made: list[tuple] = []
     wsp = _WorkspacePool()
     total = peak = 0
     for i in range(n + 1):
@@ -123,10 +152,12 @@ def runtime_peak(analysis: FrameAnalysis, callee_peak: dict[str, int], gpu: bool
                 free[key] -= 1
             else:
                 total += cost
-        taken = [wsp.alloc(b) for b in analysis.workspace_by_index.get(i, ())]
+                made.append((key, cost))
+        asks = [*callee_ws.get(i, ()), *analysis.workspace_by_index.get(i, ())]
+        taken = [wsp.alloc(b) for b in asks]
         peak = max(peak, total + wsp.total)
         for b in reversed(taken):
             wsp.release(b)
         for key, _cost in ends.get(i, ()):
             free[key] = free.get(key, 0) + 1
-    return peak
+    return Footprint(peak, tuple(made), tuple(wsp.free))

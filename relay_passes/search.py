@@ -55,6 +55,10 @@ class SearchOptions:
     reread_overhead: float = 0.1926
     small_rows: int = 16  # chunks shorter than this may be charged small_penalty
     small_penalty: float = 2.0  # x the per-chunk cost below small_rows rows
+    # chunks of 4 * row_multiple rows or more are multiples of it where that keeps the number
+    # of calls: the CPU matmul tile is 4 rows, and an odd chunk (97 rows) runs its matmuls
+    # 2.5-4x slower per row (chunk_for_calls)
+    row_multiple: int = 4
 
     @classmethod
     def for_target(cls, gpu: bool, **kw) -> SearchOptions:
@@ -74,7 +78,8 @@ CUDA_COSTS = {
     "small_rows": 16,
     "small_penalty": 1.0,
 }
-GPU_OPTIONS = dict(CUDA_COSTS)
+# chunk sizes the CUDA kernels favour: not measured on a GPU yet
+GPU_OPTIONS = {**CUDA_COSTS, "row_multiple": 1}
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,24 @@ def rank_candidates(cands: list[Candidate]) -> list[Candidate]:
     )
 
 
-def chunk_for_calls(extent: int, n: int, gran: int = 1, *, balanced: bool = False) -> int:
+def chunk_for_calls(
+    extent: int, n: int, gran: int = 1, *, balanced: bool = False, prefer: int = 1
+) -> int:
+    """``_chunk_for_calls``'s chunk, moved to a multiple of ``prefer`` (and ``gran``) when it
+    is at least 4 such multiples long and the multiple below or above it makes ``n`` calls
+    too (``SearchOptions.row_multiple``: kernels are tiled by that many rows). Balanced chunks
+    stay ``ceil(extent / n)``: they are the fallback that makes other kernel shapes."""
+    c = _chunk_for_calls(extent, n, gran, balanced=balanced)
+    m = prefer * max(1, gran) // math.gcd(prefer, max(1, gran))
+    if prefer <= 1 or balanced or c % m == 0 or c < 4 * m:
+        return c
+    for k in (c // m * m, -(-c // m) * m):
+        if k <= extent and -(-extent // k) == n:
+            return k
+    return c
+
+
+def _chunk_for_calls(extent: int, n: int, gran: int = 1, *, balanced: bool = False) -> int:
     """The chunk (a multiple of ``gran``) that computes ``extent`` rows in ``n`` calls.
 
     ``n`` divides the extent: ``extent / n``, no last, shorter chunk. Otherwise (3 or more
@@ -221,6 +243,7 @@ def fit_chunk(
     if opts.last_chunk not in ("short", "balanced"):
         raise ValueError(f"last_chunk must be 'short' or 'balanced', got {opts.last_chunk!r}")
     balanced = opts.last_chunk == "balanced"
+    pm = opts.row_multiple
     seen: dict[int, int] = {}  # chunk -> evaluated peak
     parts: dict[int, tuple[int, int]] = {}  # chunk -> (static plan, run-time) peaks
     virtual: set[int] = set()  # keys of seen that were not evaluated (the unchunked point)
@@ -239,7 +262,7 @@ def fit_chunk(
     def snap(c: int) -> int:
         """The chunk tried for as many calls as chunks of ``c`` rows make."""
         c = max(g, min(top, c // g * g))
-        return chunk_for_calls(cand.extent, -(-cand.extent // c), g, balanced=balanced)
+        return chunk_for_calls(cand.extent, -(-cand.extent // c), g, balanced=balanced, prefer=pm)
 
     def rows(c: int) -> int:
         """Rows of the frames held at once with chunks of ``c``: a chunk and the last one."""
@@ -273,7 +296,7 @@ def fit_chunk(
     def fewest(predict: Callable[[int], float], n_from: int, n_to: int) -> int | None:
         """The chunk of the fewest calls in [n_from, n_to) predicted to fit."""
         for n in range(n_from, n_to):
-            k = chunk_for_calls(cand.extent, n, g, balanced=balanced)
+            k = chunk_for_calls(cand.extent, n, g, balanced=balanced, prefer=pm)
             if n_of(k) == n and predict(k) <= target:
                 return k
         return None
@@ -312,7 +335,7 @@ def fit_chunk(
             if cand.extent % c == 0:
                 return c
             for m in range(n + 1, n + max(1, n // 3) + 1):
-                k = chunk_for_calls(cand.extent, m, g, balanced=balanced)
+                k = chunk_for_calls(cand.extent, m, g, balanced=balanced, prefer=pm)
                 if cand.extent % k == 0 and n_of(k) == m and k not in seen:
                     return k
             return c
@@ -452,9 +475,10 @@ def refit_calls(
     """
     g = max(1, cand.granularity)
     balanced = opts.last_chunk == "balanced"
+    pm = opts.row_multiple
     chunks, n = [], n_now  # chunks[k - 1]: the chunk for the calls halved k times
     while n // 2 >= 2:
-        c = chunk_for_calls(cand.extent, n // 2, g, balanced=balanced)
+        c = chunk_for_calls(cand.extent, n // 2, g, balanced=balanced, prefer=pm)
         if -(-cand.extent // c) >= n:  # the granularity allows no fewer calls
             break
         n = -(-cand.extent // c)

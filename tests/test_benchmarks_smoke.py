@@ -209,3 +209,7 @@ def test_dynamic_lengths_smoke(tmp_path):
         assert r["max_abs_err_vs_torch"] < 1e-4
         assert 0 < r["measured_peak_bytes"] <= row["budget_bytes"]
         assert r["dynamic_ms"] > 0 and r["static_ms"] > 0
+        assert r["function"] in ("main", "main_short")
+    # the memory curve: every length up to the bound within the budget, in a fresh process
+    assert [c["length"] for c in row["curve"]] == [2, 64, 128]
+    assert all(0 < c["measured_peak_bytes"] <= row["budget_bytes"] for c in row["curve"])

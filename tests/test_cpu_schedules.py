@@ -286,3 +286,37 @@ def test_matmul_with_symbolic_rows_is_register_blocked():
     for rows in (1, 4, 7, 300):
         a = RNG.standard_normal((rows, 96), dtype=np.float32)
         np.testing.assert_allclose(art(a), a @ w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [97, "symbolic"])
+def test_rows_the_tile_does_not_divide_are_padded_per_tile(rows):
+    """Rows the 4-row tile does not divide (an odd chunk) or known at run time only are padded
+    per tile: the kernel's buffers are one packed panel (256 x 16) and one padded tile of the
+    left operand (4 x 256), whatever the rows, and the accumulator a 4 x 16 tile (on the stack:
+    under the workspace threshold). A row predicate or a partitioned remainder made the
+    accumulator the whole output, or the tile unpacked (2.5-4x slower per row measured)."""
+    from relay_passes import _compat as C
+
+    n = tvm.tirx.Var("n", "int64") if rows == "symbolic" else rows
+    w = RNG.standard_normal((256, 1024), dtype=np.float32)  # rows 4 KiB apart: packed panels
+    x = relax.Var("x", relax.TensorType((n, 256), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(op.matmul(x, relax.const(w))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", {"n": 2048})
+    tgt = ac.resolve_target("llvm")
+    with tgt:
+        low = tvm.transform.Sequential(legalize_passes(tgt))(mod)
+    (f,) = [f for _, f in low.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    cols = 2 * cpu_schedules.common.vector_lanes(tgt)  # the tile: 4 rows x 2 vectors
+    assert C.prim_func_workspace(f, tgt, {"n": 2048}) == (256 * cols * 4, 4 * 256 * 4)
+    if rows != "symbolic":
+        assert C.kept_matmul_workspace(mod["main"].body.blocks[0].bindings[0].value, tgt) == (
+            256 * cols * 4, 4 * 256 * 4)
+    art = ac.build(mod, target="llvm")
+    for m in (1, 5, 97, 300) if rows == "symbolic" else (97,):
+        a = RNG.standard_normal((m, 256), dtype=np.float32)
+        np.testing.assert_allclose(art(a), a @ w, rtol=1e-4, atol=1e-4)

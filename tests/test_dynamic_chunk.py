@@ -12,6 +12,10 @@ CLI; the CUDA pipeline compiles a loop; an ONNX dynamic axis, once bounded, buil
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,12 +26,13 @@ import tvm_autochunk as ac
 from benchmarks.models import FAMILIES
 from relay_passes.alias import returned_params
 from relay_passes.chunk_loop import build_loop
-from relay_passes.dynamic_chunk import is_symbolic, specialize, symbolic_bounds
+from relay_passes.dynamic_chunk import _with_bounds, is_symbolic, specialize, symbolic_bounds
 from relay_passes.errors import SymbolicShapeError
-from relay_passes.estimate_memory import estimate_memory
+from relay_passes.estimate_memory import _lower_and_walk, estimate_memory
 from relay_passes.planned_memory import planned_memory
 from relay_passes.rewrite import make_write_slice
 
+ROOT = Path(__file__).resolve().parents[1]
 D = 256  # the GPT family's width
 
 
@@ -77,6 +82,9 @@ def test_loop_covers_every_length(outputs):
     mod, loop = _loop_module(3, outputs)
     relax.analysis.well_formed(mod)
     assert returned_params(mod, loop) == [[1 + k] for k in range(outputs)]
+    # each result of a chunk is its own buffer, also when several come back in one tuple
+    for fn in ("chunk", "tail"):
+        assert returned_params(mod, mod.get_global_var(fn)) == [[1 + k] for k in range(outputs)]
     vm = relax.VirtualMachine(tvm.compile(mod, tvm.target.Target("llvm")), tvm.cpu())
     for n in (1, 2, 3, 4, 6, 7, 100):
         x = np.random.default_rng(n).standard_normal((n, 4)).astype("float32")
@@ -85,6 +93,24 @@ def test_loop_covers_every_length(outputs):
         np.testing.assert_allclose(got[0], np.exp(x), rtol=1e-6)
         if outputs > 1:
             np.testing.assert_allclose(got[1], 2 * x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_a_loop_frame_allocates_nothing(outputs):
+    """A loop writes in place into the buffers it is passed: its recursion's result and its
+    chunks' results (one tensor or a tuple) are those buffers, not new allocations; the
+    estimate of one call is the zero buffers plus a chunk's frame."""
+    mod, _loop = _loop_module(4, outputs)
+    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", {"n": 4096})
+    mod["tail"] = mod["tail"].with_attr("tir_var_upper_bound", {"t": 4})
+    mod = _with_bounds(mod, {"n": 4096})  # as apply_plan leaves them: storage sized statically
+    tgt = ac.resolve_target("llvm")
+    frames = _lower_and_walk(mod, "main", tgt, {})
+    assert frames["loop"].blocks == () and not frames["loop"].protos
+    buffers = outputs * 4096 * 4 * 4
+    prof = estimate_memory(mod, tgt)
+    assert buffers <= prof.runtime_peak_bytes < buffers + 16 * 1024
+    assert prof.peak_bytes == planned_memory(mod, tgt).peak_bytes
 
 
 def _dyn_gpt(bound: int, lo: int = 2):
@@ -129,6 +155,52 @@ def test_build_under_budget_at_every_length(gpt_built):
         ref = w.module(torch.from_numpy(x))
         ref = (ref[0] if isinstance(ref, tuple) else ref).detach().numpy()
         np.testing.assert_allclose(art(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_short_lengths_run_the_unchunked_entry(gpt_built):
+    """Lengths up to the short bound fit the budget unchunked: they run ``main_short`` (TVM's
+    plan at that bound within the budget), longer ones the chunked ``main``; both equal torch
+    on either side of the bound, and the report lists the peak at lengths on both sides."""
+    w, _mod, art, budget, _full, bound = gpt_built
+    short = art.meta["short_entry"]
+    name, top = short["dim"], short["bound"]
+    assert short["function"] == "main_short" and 2 <= top < bound
+    assert short["planned_peak_bytes"] <= budget
+    assert art.entry_for({name: top}) == "main_short" and art.entry_for({name: top + 1}) == "main"
+    for n in (top, top + 1):
+        x = np.random.default_rng(n).standard_normal((1, n, D)).astype("float32")
+        ref = w.module(torch.from_numpy(x))
+        ref = (ref[0] if isinstance(ref, tuple) else ref).detach().numpy()
+        np.testing.assert_allclose(art(x), ref, rtol=1e-4, atol=1e-4)
+    rows = art.report.to_dict()["lengths"]
+    assert {r["length"]: r["function"] for r in rows if r["length"] in (top, top + 1)} == {
+        top: "main_short", top + 1: "main"}
+    assert all(r["estimated_peak_bytes"] <= budget for r in rows)
+    assert f"{name} <= {top} runs 'main_short'" in str(art.report)
+
+
+def test_memory_does_not_pile_up_over_many_lengths(gpt_built, tmp_path):
+    """The VM's pool reuses a freed block only for a request of its size: calls at ever new
+    lengths would keep every length's blocks. The artifact empties the pool when the length
+    changes, so the process stays near one call's peak (measured: +140 MiB over 32 lengths
+    of a 1024-bound GPT before)."""
+    _w, _mod, art, budget, _full, bound = gpt_built
+    path = art.export(tmp_path / "dyn.so")
+    code = f"""
+import numpy as np, tvm_autochunk as ac
+art = ac.load({str(path)!r})
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+art(np.zeros((1, {bound // 2}, {D}), "float32"))
+start = rss()
+for n in range({bound // 2 + 1}, {bound + 1}, 2):
+    art(np.zeros((1, n, {D}), "float32"))
+print(rss() - start)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    grew = int(out.stdout.split()[-1])
+    assert grew < 2 * budget, (grew, budget)
 
 
 def test_calls_outside_the_bounds_are_refused(gpt_built):
@@ -181,7 +253,10 @@ def test_cli_bound_flag_budget_and_out_of_bounds_run(tmp_path, capsys):
                      "s27=128", "-q"]) == 0  # 2.1 MiB unchunked
     capsys.readouterr()
     assert cli.main(["inspect", str(so)]) == 0
-    assert "2 <= s27 <= 128" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "2 <= s27 <= 128" in shown
+    short = ac.read_metadata(so)["short_entry"]
+    assert f"s27 <= {short['bound']} runs 'main_short' unchunked" in shown
     x = np.random.default_rng(0).standard_normal((1, 129, D)).astype("float32")
     np.savez(tmp_path / "in.npz", arg0=x)
     assert cli.main(["run", str(so), "--inputs", str(tmp_path / "in.npz")]) == 2

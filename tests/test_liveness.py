@@ -13,9 +13,9 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
+from relay_passes.dataflow_reshape import DataflowReshapeUnknown
 from relay_passes.errors import PassContractError, SymbolicShapeError
 from relay_passes.estimate_memory import estimate_memory
-from relay_passes.liveness import DataflowReshapeUnknown
 from relay_passes.lowering import as_target, estimate_passes, run_passes
 from relay_passes.planned_memory import planned_memory
 

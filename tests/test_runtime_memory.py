@@ -121,3 +121,28 @@ def test_a_callees_fresh_result_stays_live_in_the_run_time_model(tmp_path):
     np.testing.assert_allclose(art(x), 3 * np.ones((512, 512), "float32"))
     m = measure_peak(art.export(tmp_path / "callee.so"), [x])
     assert m.peak_bytes <= est.runtime_peak_bytes + mib
+
+
+def test_callee_frames_share_the_process_pool_on_cpus():
+    """On CPUs a call asks the one process-wide pool for its callee's blocks (``Footprint``):
+    a loop's last chunk (a function of its own: the full chunk's storage blocks, plus a padded
+    matmul's workspace) reuses the full chunk's blocks. Taking each frame as one block of its
+    peak added the two (20 KiB where 12 are touched), and a budget the loops met was refused."""
+    from relay_passes.frame import Event, FrameAnalysis
+    from relay_passes.plan import FrameMemory
+    from relay_passes.runtime_memory import PAGE, Footprint, runtime_footprint, runtime_peak
+
+    fa = FrameAnalysis(
+        memory=FrameMemory("loop", 0, 0, 0, 0, 0, None), protos=(),
+        events=(Event(1, "c", "call chunk", callee="chunk"),
+                Event(2, "t", "call tail", callee="tail")),
+        callees=("chunk", "tail"), workspace_by_index={}, num_bindings=3, blocks=(),
+    )
+    page = ((None, PAGE), PAGE)
+    chunk = Footprint(2 * PAGE, (page, page))
+    tail = Footprint(3 * PAGE, (page, page), (PAGE,))
+    fp = runtime_footprint(fa, {"chunk": chunk, "tail": tail})
+    assert fp.peak == 3 * PAGE and fp.blocks == (page, page) and fp.workspace == (PAGE,)
+    assert runtime_peak(fa, {"chunk": 2 * PAGE, "tail": 3 * PAGE}) == 5 * PAGE  # one block each
+    # on GPUs a frame stays one block, reused by calls of the same function only
+    assert runtime_peak(fa, {"chunk": chunk, "tail": tail}, gpu=True) == 2 * 2**21

@@ -4,6 +4,7 @@ the guesses and the floor), ``chunk_for_calls``, ``refit_calls``, ``rank_candida
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from relay_passes.search import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# the call-count logic on its own: no preferred row multiple (tested apart)
+OPTS = SearchOptions(row_multiple=1)
 
 
 def test_search_module_imports_no_tvm():
@@ -42,19 +45,19 @@ def test_fit_takes_the_fewest_chunks_that_fit_not_one():
     # frame) or 511 (the last 2 rows: 5110 + 20): neither fits; 4 calls of 256 do
     calls = []
     fit = fit_chunk(
-        _cand(), 6000, lambda c: calls.append(c) or _pool_model(c), SearchOptions()
+        _cand(), 6000, lambda c: calls.append(c) or _pool_model(c), OPTS
     )
     assert fit is not None and fit.peak <= 6000
     assert max(_pool_model(342)) > 6000 and max(_pool_model(511)) > 6000
     assert fit.chunk == 256 and -(-1024 // fit.chunk) == 4
-    assert fit.evaluations == len(calls) <= SearchOptions().max_evals_per_candidate
+    assert fit.evaluations == len(calls) <= OPTS.max_evals_per_candidate
     # 1001 rows in 5000: 4 calls of 333 (the last 2 rows) fit; balanced 4 calls (251, the
     # last 248) would not, and would need a fifth call
-    fit = fit_chunk(_cand(extent=1001), 5000, lambda c: _pool_model(c, 1001), SearchOptions())
+    fit = fit_chunk(_cand(extent=1001), 5000, lambda c: _pool_model(c, 1001), OPTS)
     assert fit.chunk == 333 and -(-1001 // 333) == 4
     assert max(_pool_model(251, 1001)) > 5000 and max(_pool_model(201, 1001)) <= 5000
     # two chunks fit: no smaller chunk is tried after that
-    fit = fit_chunk(_cand(), 10**6, lambda c: 1000 + 10 * c, SearchOptions())
+    fit = fit_chunk(_cand(), 10**6, lambda c: 1000 + 10 * c, OPTS)
     assert fit.chunk == 512 and fit.evaluations == 1
 
 
@@ -80,7 +83,7 @@ def test_fit_under_half_the_peak_skips_two_chunks_and_brackets_with_the_unchunke
     # peak before the stage 20000 (one call); memory ~ 1000 + 10 * rows held
     calls = []
     fit = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or _pool_model(c),
-                    SearchOptions(), unchunked=(20000, 20000))
+                    OPTS, unchunked=(20000, 20000))
     assert 512 not in calls  # two chunks are not probed under half of the peak
     assert fit.chunk == 256 and fit.evaluations == len(calls) <= 2
     # the unchunked point is a bracket, never a result, and not counted as an estimate
@@ -88,11 +91,11 @@ def test_fit_under_half_the_peak_skips_two_chunks_and_brackets_with_the_unchunke
     # at or above half of the peak, two chunks are probed first (and fit here)
     calls = []
     fit = fit_chunk(_cand(), 12000, lambda c: calls.append(c) or _pool_model(c),
-                    SearchOptions(), unchunked=(20000, 20000))
+                    OPTS, unchunked=(20000, 20000))
     assert calls[0] == 512 and fit.chunk == 512
     # a region whose chunks save nothing: 2 chunks are evaluated to say so, as without it
     calls = []
-    fit = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or 19000, SearchOptions(),
+    fit = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or 19000, OPTS,
                     unchunked=(20000, 20000))
     assert 512 in calls and fit.chunk == 512 and fit.peak == 19000
 
@@ -111,9 +114,9 @@ def test_fit_predicts_static_and_run_time_peaks_apart():
         if -(-extent // (c := chunk_for_calls(extent, n))) == n and max(parts(c)) <= budget
     )
     full = (1000 + 10 * extent,) * 2
-    fit = fit_chunk(_cand(extent=extent), budget, parts, SearchOptions(), unchunked=full)
+    fit = fit_chunk(_cand(extent=extent), budget, parts, OPTS, unchunked=full)
     assert -(-extent // fit.chunk) == fewest == 52 and fit.evaluations <= 3
-    fit = fit_chunk(_cand(extent=extent), budget, lambda c: max(parts(c)), SearchOptions(),
+    fit = fit_chunk(_cand(extent=extent), budget, lambda c: max(parts(c)), OPTS,
                     unchunked=full)
     assert -(-extent // fit.chunk) > fewest
 
@@ -144,14 +147,14 @@ def test_fit_guesses_the_first_try_from_the_unchunked_point():
     peaks, full = _linear(300, 10, 4096)
     calls = []
     fit = fit_chunk(_cand(extent=4096), 6000, lambda c: calls.append(c) or peaks(c),
-                    SearchOptions(), unchunked=full)
+                    OPTS, unchunked=full)
     assert calls == [512] and fit.chunk == 512 and fit.evaluations == 1
     assert _fewest_calls(4096, 1, 6000, peaks) == 8
     # the first guess is moved to a divisor (no last, shorter chunk: a cheaper estimate) for
     # at most a third more calls; the chord then tries fewer: 6 calls of 819 fit
     calls = []
     fit = fit_chunk(_cand(extent=4096), 10000, lambda c: calls.append(c) or peaks(c),
-                    SearchOptions(), unchunked=full)
+                    OPTS, unchunked=full)
     assert calls == [512, 819] and -(-4096 // fit.chunk) == 6
     assert _fewest_calls(4096, 1, 10000, peaks) == 6
     # much memory that does not shrink: the first guess (8 calls of 512) misses; the line
@@ -160,7 +163,7 @@ def test_fit_guesses_the_first_try_from_the_unchunked_point():
     peaks, full = _linear(6000, 10, 4096)
     calls = []
     fit = fit_chunk(_cand(extent=4096), 10000, lambda c: calls.append(c) or peaks(c),
-                    SearchOptions(), unchunked=full)
+                    OPTS, unchunked=full)
     assert calls == [512, 372] and fit.chunk == 372
     assert _fewest_calls(4096, 1, 10000, peaks) == 12
 
@@ -196,7 +199,7 @@ def test_fit_guesses_on_the_static_line_when_chunking_raised_the_run_time_peak()
         calls.append(c)
         return tuple(int(v * 1024) for v in peaks(c))
 
-    fit = fit_chunk(_cand(extent=65536, gran=256), int(85.7 * 1024), kib, SearchOptions(),
+    fit = fit_chunk(_cand(extent=65536, gran=256), int(85.7 * 1024), kib, OPTS,
                     unchunked=(int(100.7 * 1024), int(69.2 * 1024)))
     assert calls == [32768, 16384]
     assert fit.chunk == 16384 and fit.evaluations == 2 and max(peaks(16384)) <= 85.7
@@ -204,7 +207,7 @@ def test_fit_guesses_on_the_static_line_when_chunking_raised_the_run_time_peak()
     peaks = _through({32768: (90.3, 85.5), 16384: (87.0, 80.0), 2048: (68.7, 62.7),
                       256: (60.0, 55.0)})
     calls.clear()
-    fit = fit_chunk(_cand(extent=65536, gran=256), int(85.7 * 1024), kib, SearchOptions(),
+    fit = fit_chunk(_cand(extent=65536, gran=256), int(85.7 * 1024), kib, OPTS,
                     unchunked=(int(100.7 * 1024), int(69.2 * 1024)))
     assert fit is not None and max(peaks(fit.chunk)) <= 85.7 and fit.chunk < 16384
     assert calls[:2] == [32768, 16384]
@@ -228,9 +231,9 @@ def test_fit_stops_refining_when_the_predicted_saving_is_within_the_tolerance():
                         unchunked=(883 * 1024, 867 * 1024))
         return fit, calls
 
-    fit, calls = run(SearchOptions())
+    fit, calls = run(OPTS)
     assert calls == [8192, 4864] and fit.chunk == 4864
-    fit, calls = run(SearchOptions(chunk_tolerance=0.0))
+    fit, calls = run(SearchOptions(chunk_tolerance=0.0, row_multiple=1))
     assert calls == [8192, 4864, 5376] and fit.chunk == 5376
 
 
@@ -247,7 +250,7 @@ def test_fit_near_a_floor_probes_small_rows_before_shorter_chunks():
         calls.append(c)
         return tuple(int(v * 1024) for v in peaks(c))
 
-    fit = fit_chunk(_cand(extent=2305), int(28.8 * 1024), kib, SearchOptions(),
+    fit = fit_chunk(_cand(extent=2305), int(28.8 * 1024), kib, OPTS,
                     unchunked=(297 * 1024, 287 * 1024))
     assert fit.chunk == 16 and min(calls) == 16 and len(calls) == 2, calls
 
@@ -259,7 +262,7 @@ def test_fit_finds_the_fewest_calls_on_random_linear_models():
     import random
 
     rng = random.Random(7)
-    opts = SearchOptions()
+    opts = OPTS
     for _ in range(300):
         extent = rng.choice([96, 1000, 2305, 4096, 65536])
         gran = rng.choice([1, 1, 8]) if extent % 8 == 0 else 1
@@ -282,7 +285,7 @@ def test_fit_finds_the_fewest_calls_on_random_linear_models():
 
 
 def test_fit_drops_a_candidate_that_cannot_beat_the_best():
-    opts = SearchOptions()
+    opts = OPTS
     best = fit_chunk(_cand(), 6000, lambda c: 1000 + 10 * c, opts)
     # the same memory and cost (another seed of the same region): one evaluation, dropped
     calls = []
@@ -300,15 +303,15 @@ def test_fit_drops_a_candidate_that_cannot_beat_the_best():
 
 
 def test_fit_respects_granularity_and_floor():
-    fit = fit_chunk(_cand(gran=16), 6000, lambda c: 1000 + 10 * c, SearchOptions())
+    fit = fit_chunk(_cand(gran=16), 6000, lambda c: 1000 + 10 * c, OPTS)
     assert fit.chunk % 16 == 0
     # a floor above the budget: best effort near the floor, not chunk 1
-    fit = fit_chunk(_cand(), 500, lambda c: 5000 + c, SearchOptions())
+    fit = fit_chunk(_cand(), 500, lambda c: 5000 + c, OPTS)
     assert fit.peak > 500 and fit.chunk > 1
 
 
 def test_refit_bisects_the_halvings_while_the_plan_fits():
-    cand, opts = _cand(extent=4096), SearchOptions(refit_evals=4)
+    cand, opts = _cand(extent=4096), SearchOptions(refit_evals=4, row_multiple=1)
     calls = []
 
     def plan_peak(c):  # the whole plan: 5000 bytes elsewhere + 10 per row of this stage
@@ -325,7 +328,7 @@ def test_refit_bisects_the_halvings_while_the_plan_fits():
     fit = refit_calls(cand, 256, 10**6, plan_peak, opts)
     assert (fit.chunk, fit.evaluations) == (2048, 2) and calls == [128, 2]
     calls.clear()
-    fit = refit_calls(cand, 256, 6000, plan_peak, SearchOptions(refit_evals=1))
+    fit = refit_calls(cand, 256, 6000, plan_peak, SearchOptions(refit_evals=1, row_multiple=1))
     assert fit.chunk == 32 and calls == [128]  # the estimate limit
     calls.clear()
     # half the calls do not fit: one estimate, nothing found
@@ -356,7 +359,7 @@ def test_cost_model_defaults_are_the_recorded_llvm_calibration():
     rows = (ROOT / "benchmarks/results/cost_calibration.jsonl").read_text().splitlines()
     summary = json.loads(rows[-1])
     assert summary["kind"] == "summary" and summary["target"] == "llvm"
-    o = SearchOptions()
+    o = OPTS
     assert o.small_rows == summary["small_rows"]
     for k in ("call_overhead", "op_overhead", "reread_overhead", "small_penalty"):
         assert getattr(o, k) == pytest.approx(summary[k], rel=0.3), (
@@ -405,11 +408,33 @@ def test_cost_constants_follow_the_target():
                                    + 64 * gpu.reread_overhead))
 
 
+def test_chunks_are_moved_to_the_preferred_row_multiple_at_the_same_calls():
+    # 22 calls over 2048 rows: 97 (odd) becomes 96; 5 calls over 1025: 205 (a divisor)
+    # becomes 208 (204 would need 6 calls)
+    assert chunk_for_calls(2048, 22) == 97 and chunk_for_calls(2048, 22, prefer=4) == 96
+    assert chunk_for_calls(1025, 5) == 205 and chunk_for_calls(1025, 5, prefer=4) == 208
+    # short chunks are left alone, and so is a chunk no multiple keeps at n calls
+    assert chunk_for_calls(100, 8, prefer=4) == chunk_for_calls(100, 8) == 14
+    assert chunk_for_calls(97, 6, prefer=4) == chunk_for_calls(97, 6) == 19  # 16: 7, 20: 5
+    for extent in (97, 1025, 2048, 4099):
+        for n in range(2, 40):
+            for gran in (1, 2, 3):
+                c0 = chunk_for_calls(extent, n, gran)
+                c = chunk_for_calls(extent, n, gran, prefer=4)
+                assert c % gran == 0 and -(-extent // c) == -(-extent // c0)
+                assert c == c0 or c % (4 * gran // math.gcd(4, gran)) == 0
+    # the search's default (CPU) prefers multiples of 4; fitted on the pool model
+    fit = fit_chunk(_cand(extent=2048), 2000 + 10 * 200, lambda c: _pool_model(c, 2048),
+                    SearchOptions())
+    assert fit.chunk % 4 == 0 and max(_pool_model(fit.chunk, 2048)) <= 4000
+    assert SearchOptions.for_target(gpu=True).row_multiple == 1
+
+
 def test_balanced_option_makes_ceil_chunks():
     assert chunk_for_calls(4096, 12, balanced=True) == 342
     assert chunk_for_calls(4096, 16, balanced=True) == 256  # a divisor either way
     calls = []
-    opts = SearchOptions(last_chunk="balanced")
+    opts = SearchOptions(last_chunk="balanced", row_multiple=1)
     fit = fit_chunk(_cand(), 6000, lambda c: calls.append(c) or _pool_model(c), opts)
     assert all(c == -(-1024 // -(-1024 // c)) for c in calls), calls
     with pytest.raises(ValueError, match="last_chunk"):
@@ -421,5 +446,6 @@ def test_smallest_chunk_probed_is_bounded_by_max_calls():
     # a floor search evaluates the smallest chunk: at most max_calls calls over the copies
     cand = Candidate("main", "a", "b", "x", 0, 4096, 1, 10, 100, 10, copies=(("c", "d", "y"),))
     calls = []
-    fit_chunk(cand, 10, lambda c: calls.append(c) or 10**6 + c, SearchOptions(max_calls=512))
+    opts = SearchOptions(max_calls=512, row_multiple=1)
+    fit_chunk(cand, 10, lambda c: calls.append(c) or 10**6 + c, opts)
     assert min(calls) == 16  # 4096 rows x 2 regions / 512 calls

@@ -192,7 +192,9 @@ def build(
         drv.plan,
         budget_bytes,
         chunking=chunking,
-        extra={"build_seconds": round(seconds, 3)},
+        extra={"build_seconds": round(seconds, 3),
+               **({"short_entry": drv.short} if drv.short else {}),
+               **({"lengths": drv.lengths} if drv.lengths else {})},
     )
     cross = is_cross(tgt)
     meta = {
@@ -208,6 +210,8 @@ def build(
         "budget_bytes": budget_bytes,
         "device_code": device_code if tgt.kind.name == "cuda" else None,
         **signature(drv.module, entry),
+        # lengths up to its bound run the entry unchunked (Artifact.entry_for)
+        "short_entry": drv.short,
         "report": report.to_dict(),
     }
     _progress(

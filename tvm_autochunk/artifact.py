@@ -29,6 +29,7 @@ import numpy as np
 from relay_passes.errors import ArtifactError, InputError
 
 from . import weights as W
+from .device_code import FATBIN_MAGIC, device_code, fatbin_entries  # noqa: F401 (API)
 
 METADATA_SECTION = ".tvm_autochunk"
 METADATA_SYMBOL = "tvm_autochunk_metadata"
@@ -144,73 +145,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-# ----------------------------------------------------------------------------- device code
-FATBIN_MAGIC = 0xBA55ED50
-EM_CUDA = 190
-_FATBIN_KINDS = {1: "ptx", 2: "elf"}
-
-
-def fatbin_entries(data: bytes) -> list[dict]:
-    """The CUDA fatbins embedded in ``data`` (an exported library), one dict per fatbin.
-
-    Each: ``offset``, ``size`` and ``entries``, a list of ``{"kind": "elf" | "ptx", "arch":
-    "sm_90", "size": n}``; for ``elf`` entries (SASS) also ``machine`` (190, EM_CUDA) and
-    ``elf_arch``, the arch the cubin's own ELF header names. Pure Python: no TVM, no CUDA.
-    """
-    found = []
-    magic = struct.pack("<I", FATBIN_MAGIC)
-    i = data.find(magic)
-    while i >= 0:
-        fat = _parse_fatbin(data, i)
-        if fat is not None:
-            found.append(fat)
-            i = data.find(magic, i + fat["size"])
-        else:
-            i = data.find(magic, i + 4)
-    return found
-
-
-def _parse_fatbin(data: bytes, start: int) -> dict | None:
-    try:
-        _magic, version, hsize, fsize = struct.unpack_from("<IHHQ", data, start)
-        if version != 1 or hsize < 16 or start + hsize + fsize > len(data):
-            return None
-        entries, off, end = [], start + hsize, start + hsize + fsize
-        while off < end:
-            kind, _ver, ehsize, padded = struct.unpack_from("<HHIQ", data, off)
-            (sm,) = struct.unpack_from("<I", data, off + 28)
-            if ehsize < 32 or off + ehsize + padded > end:
-                return None
-            payload = data[off + ehsize : off + ehsize + padded]
-            e = {"kind": _FATBIN_KINDS.get(kind, f"kind{kind}"), "arch": f"sm_{sm}",
-                 "size": padded}
-            if payload[:4] == b"\x7fELF":
-                (e["machine"],) = struct.unpack_from("<H", payload, 18)
-                (flags,) = struct.unpack_from("<I", payload, 48)
-                # CUDA ELF e_flags: arch in bits 8..15 (current ABI) or 0..7 (older)
-                e["elf_arch"] = f"sm_{(flags >> 8) & 0xFF or flags & 0xFF}"
-            entries.append(e)
-            off += ehsize + padded
-    except struct.error:
-        return None
-    if not entries:
-        return None
-    return {"offset": start, "size": hsize + fsize, "entries": entries}
-
-
-def device_code(path: str | os.PathLike) -> dict:
-    """What device code an exported library carries, from its bytes (no loading).
-
-    ``{"fatbins": [...]}`` (see ``fatbin_entries``) plus ``"archs"``, the SASS archs, and
-    ``"cuda_source"``: whether CUDA C++ source (to be compiled on the deploy host) is embedded.
-    """
-    data = Path(path).read_bytes()
-    fats = fatbin_entries(data)
-    archs = sorted({e["arch"] for f in fats for e in f["entries"] if e["kind"] == "elf"})
-    has_source = b'extern "C" __global__' in data
-    return {"fatbins": fats, "archs": archs, "cuda_source": has_source}
-
-
 # ----------------------------------------------------------------------------- the artifact
 def _as_numpy(x, i: int) -> np.ndarray:
     if hasattr(x, "numpy") and not isinstance(x, np.ndarray):
@@ -240,6 +174,7 @@ class Artifact:
         self._vm = None
         self._threads = threads  # None: the environment, else every core (threads.resolve)
         self.threads: int | None = None  # the CPU threads its calls run on, once it ran
+        self._dims: dict[str, int] | None = None  # symbolic dim values of the last call
 
     # ------------------------------------------------------------ properties
     @property
@@ -304,7 +239,8 @@ class Artifact:
         return self._vm
 
     # ------------------------------------------------------------ calling
-    def _check_args(self, args) -> list[np.ndarray]:
+    def _check_args(self, args) -> tuple[list[np.ndarray], dict[str, int]]:
+        """The arrays to pass, and the value of each symbolic dim in them."""
         specs = self.inputs
         if len(args) != len(specs):
             names = ", ".join(s.name for s in specs)
@@ -345,18 +281,34 @@ class Artifact:
                     if why:
                         raise InputError(f"input {i} '{s.name}' dim {d}: '{want}'={got} {why}")
             arrays.append(np.ascontiguousarray(arr))
-        return arrays
+        return arrays, env
+
+    def entry_for(self, dims: dict[str, int]) -> str:
+        """The function a call with these symbolic dim values runs: ``main``, or its unchunked
+        copy for the lengths that fit the budget unchunked (``report.short_entry``)."""
+        short = self.meta.get("short_entry")
+        if short and dims.get(short["dim"], short["bound"] + 1) <= short["bound"]:
+            return short["function"]
+        return "main"
 
     def __call__(self, *args):
         import tvm
 
-        arrays = self._check_args(args)
+        arrays, dims = self._check_args(args)
         W.require(self.params, self._weights)
         vm = self._machine()
         dev = self._dev()
         if self._weights:  # the weights follow the inputs, as in the function's signature
             self._weights = W.on_device(self._weights, dev)
-        res = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays], *(self._weights or ()))
+        if dims != self._dims:
+            # the VM's pool keeps freed blocks for requests of the same size only: blocks of
+            # other lengths would pile up call after call, past the budget
+            if self._dims is not None:
+                tvm.get_global_func("vm.builtin.memory_manager.clear")()
+            self._dims = dims
+        res = vm[self.entry_for(dims)](
+            *[tvm.runtime.tensor(a, dev) for a in arrays], *(self._weights or ())
+        )
         out = _to_numpy(res)
         if isinstance(out, tuple) and len(out) == 1:
             return out[0]

@@ -268,6 +268,8 @@ def format_metadata(meta: dict, path: str | None = None) -> str:
         lo = meta.get("lower_bounds") or {}
         lines.append("symbolic dims " + ", ".join(
             f"{lo[k]} <= {k} <= {v}" if k in lo else f"{k} <= {v}" for k, v in bounds.items()))
+    if short := meta.get("short_entry"):
+        lines.append(f"  {short['dim']} <= {short['bound']} runs '{short['function']}' unchunked")
     budget = meta.get("budget_bytes")
     lines.append(f"budget        {'none' if budget is None else format_bytes(int(budget))}")
     # peak_bytes: what one call allocates (max of the static plan and the run-time pools).

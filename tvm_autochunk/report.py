@@ -157,6 +157,7 @@ class MemoryReport:
                 lines.append(f"    {t.index:>4} {t.name:<12} {t.op:<22} {size:>12} {bar}")
         if self.chunking:
             lines.extend(format_chunking(self.chunking))
+        lines.extend(format_lengths(self.extra))
         for n in e.notes:
             lines.append(f"  note: {n}")
         return "\n".join(lines)
@@ -203,4 +204,23 @@ def format_chunking(ch: dict) -> list[str]:
     if ch.get("fallback"):
         lines.append(f"    fallback: {ch['fallback']}")
     lines += [f"    note: {n}" for n in ch.get("notes") or ()]
+    return lines
+
+
+def format_lengths(extra: dict) -> list[str]:
+    """A symbolic length's lines: the unchunked entry for short lengths, and the estimated peak
+    at a few lengths (``AutochunkPipeline._length_table``)."""
+    lines = []
+    short = extra.get("short_entry")
+    if short:
+        lines.append(
+            f"  {short['dim']} <= {short['bound']} runs '{short['function']}', unchunked (TVM's "
+            f"plan {format_bytes(short['planned_peak_bytes'])}); longer runs chunked"
+        )
+    if extra.get("lengths"):
+        lines.append("  peak by length (estimated; storage TVM plans at a bound counted whole):")
+        lines += [
+            f"    {r['dim']}={r['length']:<8} {format_bytes(r['estimated_peak_bytes']):>12}   "
+            f"{r['function']}" for r in extra["lengths"]
+        ]
     return lines

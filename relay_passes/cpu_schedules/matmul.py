@@ -12,8 +12,10 @@ contiguous k x cols buffer (kernel workspace, which the estimator counts: ``pack
 
 Sizes the tile does not divide (ViT's 1025 tokens, a chunk's odd row count) would put a
 predicate on the vector loop, which LLVM then runs scalar (8x slower measured on a 1025 x
-1025 attention score). So i and j are first partitioned into a part the tile divides and the
-few rows or columns left; the divided part is tiled, the rest runs plainly in parallel.
+1025 attention score). Rows are padded to the tile instead, per tile (``_pad_rows``; also
+for rows known only at run time). Where the columns are not divided either, i and j are
+partitioned into a part the tile divides and the few rows or columns left; the divided part
+is tiled, the rest runs plainly in parallel.
 """
 
 from __future__ import annotations
@@ -62,24 +64,31 @@ class Matmul(CPURule):
             cols = tile_cols(nj, lanes)
             if cols is None or nj % cols:
                 return None
-            # the row split's predicate is outside the vector loop, which stays whole. Panels
-            # are packed whatever the rows turn out to be (the estimator lowers symbolic
+            # panels are packed whatever the rows turn out to be (the estimator lowers symbolic
             # matmuls and reads the kernel's workspace)
             panel = _panel_operand(sch, block, n_s)
             if panel is not None and not _packs(PACK_MIN_ROWS, panel[1], dtype_bits(sch, block)):
                 panel = None
-            self._tile(sch, block, n_s, ROWS[0], cols, local=True, panel=panel and panel[0])
+            _pad_rows(sch, block, n_s, ROWS[0], cols, panel and panel[0])
             return sch
         cols = tile_cols(nj, lanes) if nj is not None and ni is not None else None
         if cols is None:
             return None  # under 4 columns: the fallback schedules it
         rows = tile_rows(ni)
-        if ni % rows == 0 and nj % cols == 0:
+        if nj % cols == 0:
             panel = _panel_operand(sch, block, n_s)
             if panel is not None and not _packs(ni, panel[1], dtype_bits(sch, block)):
                 panel = None
-            self._tile(sch, block, n_s, rows, cols, local=True, panel=panel and panel[0])
-            return sch
+            if ni % rows == 0:
+                self._tile(sch, block, n_s, rows, cols, local=True, panel=panel and panel[0])
+                return sch
+            padded = sch.copy()  # pad_einsum takes plain index patterns only
+            try:
+                _pad_rows(padded, padded.get_sblock(sch.get(block).name_hint), n_s, rows,
+                          cols, panel and panel[0])
+                return padded
+            except tvm.s_tir.ScheduleError:
+                pass
         # i and j outermost, then cut off the rows and columns the tile does not divide. A cut
         # loop's parts must own the loops below it, so j is cut above i in the rows' main part
         name = sch.get(block).name_hint
@@ -111,9 +120,10 @@ class Matmul(CPURule):
     @staticmethod
     def _tile(
         sch, block, n_s: int, rows: int, cols: int, *, local: bool, panel=None, layout=None
-    ) -> None:
+    ):
         """``panel``: the right operand's buffer, copied per column panel (``layout``: an index
-        map that puts its column axis last, when it is not)."""
+        map that puts its column axis last, when it is not). Returns the loop that runs once
+        per tile (where copies made per tile go)."""
         loops = sch.get_loops(block)
         *outer, i, j = loops[:n_s]
         red = loops[n_s:]
@@ -149,6 +159,44 @@ class Matmul(CPURule):
         sch.vectorize(sch.get_loops(init)[-1])
         if acc is not None:
             sch.vectorize(sch.get_loops(acc)[-1])
+        return at or fused
+
+
+def _pad_rows(sch, block, n_s: int, rows: int, cols: int, panel) -> None:
+    """Tile a contraction whose rows the tile does not divide, or that are known at run time
+    only. The rows are padded to the tile (``pad_einsum``), and the padded copies are made per
+    tile: before it, the left operand's rows (zeros past the end); after it, the accumulator's
+    rows that exist, written back. The accumulator is a tile, and so stays in registers. (A
+    row predicate would make it the whole output, in memory: 3x slower measured. In "local"
+    scope it would be workspace memory, which LLVM cannot tell apart from the padded rows it
+    reads, so it stores every update: 2.7x slower; a small global buffer goes on the stack.)"""
+    name = sch.get(block).name_hint
+    n_red = len(sch.get_loops(block)) - n_s
+    sch.pad_einsum(block, [1] * (n_s - 2) + [rows, 1] + [1] * n_red)
+    block = sch.get_sblock(name)
+    producers = [b for b in sch.get_producers(block) if sch.get(b).name_hint.endswith("_pad")]
+    (writeback,) = sch.get_consumers(block)
+    at = Matmul._tile(sch, block, n_s, rows, cols, local=False, panel=panel)
+    for b in producers:
+        sch.compute_at(b, at, preserve_unit_loops=True)
+        _, vec = sch.split(sch.get_loops(b)[-1], factors=[None, cols])
+        sch.vectorize(vec)
+    sch.reverse_compute_at(writeback, at, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(writeback)[-1])
+
+
+def pad_bytes(out_shape, b_shape, dtype: str, target) -> tuple[int, ...]:
+    """The buffers (bytes, in program order) ``_pad_rows`` adds for a static matmul the tile
+    does not divide by rows: the accumulator tile and the left operand's padded rows (read
+    by ``_compat.kept_matmul_workspace`` beside ``pack_bytes``)."""
+    if len(out_shape) < 2 or len(b_shape) < 2 or dtype in NO_VECTORS or 1 in out_shape[-2:]:
+        return ()
+    bits = tvm.DataType(dtype).bits
+    ni, nj = out_shape[-2:]
+    cols = tile_cols(nj, vector_lanes(target, bits))
+    if cols is None or nj % cols or ni % tile_rows(ni) == 0:
+        return ()
+    return (ROWS[0] * cols * bits // 8, ROWS[0] * b_shape[-2] * bits // 8)
 
 
 def pack_bytes(out_shape, b_shape, dtype: str, target) -> int:
@@ -161,7 +209,7 @@ def pack_bytes(out_shape, b_shape, dtype: str, target) -> int:
     bits = tvm.DataType(dtype).bits
     ni, nj = out_shape[-2:]
     cols = tile_cols(nj, vector_lanes(target, bits))
-    if cols is None or ni % tile_rows(ni) or nj % cols or not _packs(ni, b_shape, bits):
+    if cols is None or nj % cols or not _packs(ni, b_shape, bits):
         return 0
     return b_shape[-2] * cols * bits // 8
 
