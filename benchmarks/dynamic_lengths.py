@@ -68,7 +68,7 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
     family, bound = case.split(":")
     bound = int(bound)
     w, dyn = _export(family, bound)
-    (name,) = symbolic_bounds(dyn)
+    (dim,) = symbolic_bounds(dyn)
     full = ac.estimate(dyn, target="llvm").peak_bytes
     budget = int(full * share)
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
                                            default_repeats))
             row = {
                 "length": n,
-                "function": art.entry_for({name: n}),
+                "function": art.entry_for({dim: n}),
                 "measured_peak_bytes": m.peak_bytes,
                 "max_abs_err_vs_torch": float(np.abs(art(*x) - ref).max()),
                 **{f"{k}_ms": round(v * 1e3, 3) for k, v in med.items()},
@@ -125,7 +125,7 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
         # the memory curve: the peak in a fresh process at evenly spaced lengths
         curve = []
         for n in sorted({max(2, bound * k // (points - 1)) for k in range(points)}):
-            curve.append({"length": n, "function": art.entry_for({name: n}),
+            curve.append({"length": n, "function": art.entry_for({dim: n}),
                           "measured_peak_bytes": measure_peak(path, _inputs(w, n)).peak_bytes})
     return {
         "case": case, "bound": bound, "share": share, "budget_bytes": budget,
