@@ -365,11 +365,11 @@ class AutochunkPipeline:
         storage = {entry: self.profile.frame.storage_bytes}
         if self.short:
             storage[self.short["function"]] = self.short["storage_bytes"]
+        alone = {fn: relax.transform.DeadCodeElimination([fn])(mod) for fn in storage}
         rows = []
         for n in sorted(x for x in lengths if lo <= x <= top):
             fn = self.short["function"] if short and n <= short else entry
-            one = relax.transform.DeadCodeElimination([fn])(mod)
-            prof = estimate_memory(specialize(one, {name: n}), tgt, entry=fn)
+            prof = estimate_memory(specialize(alone[fn], {name: n}), tgt, entry=fn)
             extra = max(0, storage[fn] - prof.frame.storage_bytes)
             rows.append({"dim": name, "length": n, "function": fn,
                          "estimated_peak_bytes": need_bytes(prof) + extra})

@@ -33,6 +33,20 @@ from .frame import Event, FrameAnalysis, Proto, Storage, TokenAllocator1D, call_
 from .ir_index import call_info, call_vars
 from .plan import FrameMemory
 
+
+def _per_var(table: dict, expr, missing):
+    """``table``'s entry (keyed by var handle) for ``expr``, through tuples and their fields
+    (a tuple of entries for a tuple); ``missing`` for anything else."""
+    if isinstance(expr, relax.Var):
+        return table.get(expr.__chandle__(), missing)
+    if isinstance(expr, relax.Tuple):
+        return tuple(_per_var(table, f, missing) for f in expr.fields)
+    if isinstance(expr, relax.TupleGetItem):
+        t = _per_var(table, expr.tuple_value, missing)
+        return t[expr.index] if isinstance(t, tuple) else missing
+    return missing
+
+
 # names of memoised PrimFuncs (fused functions on GPUs carry them inside their names)
 _MEMO_NAME = re.compile(re.escape(LC.SUFFIX) + r"\d+")
 
@@ -139,25 +153,11 @@ class FrameWalker:
 
     # ---------------------------------------------------------------- tokens
     def _tokens_of(self, expr):
-        if isinstance(expr, relax.Var):
-            return self.tokens.get(expr.__chandle__())
-        if isinstance(expr, relax.Tuple):
-            return tuple(self._tokens_of(f) for f in expr.fields)
-        if isinstance(expr, relax.TupleGetItem):
-            t = self._tokens_of(expr.tuple_value)
-            return t[expr.index] if isinstance(t, tuple) else None
-        return None
+        return _per_var(self.tokens, expr, None)
 
     def _caller_of(self, expr):
         """``self._caller``'s flag(s) for ``expr``; False when it is not the caller's."""
-        if isinstance(expr, relax.Var):
-            return self._caller.get(expr.__chandle__(), False)
-        if isinstance(expr, relax.Tuple):
-            return tuple(self._caller_of(f) for f in expr.fields)
-        if isinstance(expr, relax.TupleGetItem):
-            t = self._caller_of(expr.tuple_value)
-            return t[expr.index] if isinstance(t, tuple) else False
-        return False
+        return _per_var(self._caller, expr, False)
 
     def _discard(self, tokens) -> None:
         for p in nested(tokens):

@@ -258,23 +258,28 @@ def test_chunked_gpt_with_odd_one_row_and_shorter_last_chunks(chunk):
     np.testing.assert_allclose(art(x), base(x), rtol=2e-5, atol=2e-5)
 
 
-def test_matmul_with_symbolic_rows_is_register_blocked():
-    """A symbolic row count (a dynamic length, a loop's shorter last chunk): the Matmul rule
-    tiles it (its rows split with a predicate), equal to numpy at row counts the tile does and
-    does not divide, and the estimate (which lowers it for real) equals TVM's plan."""
-    from relay_passes.estimate_memory import estimate_memory
-    from relay_passes.planned_memory import planned_memory
-
-    n = tvm.tirx.Var("n", "int64")
-    w = RNG.standard_normal((96, 512), dtype=np.float32)  # rows 2 KiB apart: packed panels
-    x = relax.Var("x", relax.TensorType((n, 96), "float32"))
+def _matmul_by_const(n, w, bound: int):
+    """main(x: (n, k)) = x @ w, ``n`` (an int or a symbolic var) bounded by ``bound``."""
+    x = relax.Var("x", relax.TensorType((n, w.shape[0]), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
             out = bb.emit_output(bb.emit(op.matmul(x, relax.const(w))))
         bb.emit_func_output(out)
     mod = bb.get()
-    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", {"n": 300})
+    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", {"n": bound})
+    return mod
+
+
+def test_matmul_with_symbolic_rows_is_register_blocked():
+    """A symbolic row count (a dynamic length, a loop's shorter last chunk): the Matmul rule
+    tiles it (its rows padded to the tile), equal to numpy at row counts the tile does and
+    does not divide, and the estimate (which lowers it for real) equals TVM's plan."""
+    from relay_passes.estimate_memory import estimate_memory
+    from relay_passes.planned_memory import planned_memory
+
+    w = RNG.standard_normal((96, 512), dtype=np.float32)  # rows 2 KiB apart: packed panels
+    mod = _matmul_by_const(tvm.tirx.Var("n", "int64"), w, 300)
     tgt = ac.resolve_target("llvm")
     with tgt:
         low = tvm.transform.Sequential(legalize_passes(tgt))(mod)
@@ -299,14 +304,7 @@ def test_rows_the_tile_does_not_divide_are_padded_per_tile(rows):
 
     n = tvm.tirx.Var("n", "int64") if rows == "symbolic" else rows
     w = RNG.standard_normal((256, 1024), dtype=np.float32)  # rows 4 KiB apart: packed panels
-    x = relax.Var("x", relax.TensorType((n, 256), "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit(op.matmul(x, relax.const(w))))
-        bb.emit_func_output(out)
-    mod = bb.get()
-    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", {"n": 2048})
+    mod = _matmul_by_const(n, w, 2048)
     tgt = ac.resolve_target("llvm")
     with tgt:
         low = tvm.transform.Sequential(legalize_passes(tgt))(mod)
