@@ -88,7 +88,7 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
             with torch.no_grad():
                 ref = w.module(torch.from_numpy(x[0]))
             ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
-            m = measure_peak(path, x)
+            m = measure_peak(path, x, entry=art.entry_for({dim: n}))
             ws = workload(family, n)
             static_mod = ac.from_torch(ws.module, ws.inputs)
             builds = {"dynamic": art}
@@ -125,8 +125,9 @@ def run_case(case: str, share: float, threads: int, repeats: int, lengths=None,
         # the memory curve: the peak in a fresh process at evenly spaced lengths
         curve = []
         for n in sorted({max(2, bound * k // (points - 1)) for k in range(points)}):
-            curve.append({"length": n, "function": art.entry_for({dim: n}),
-                          "measured_peak_bytes": measure_peak(path, _inputs(w, n)).peak_bytes})
+            fn = art.entry_for({dim: n})
+            curve.append({"length": n, "function": fn, "measured_peak_bytes":
+                          measure_peak(path, _inputs(w, n), entry=fn).peak_bytes})
     return {
         "case": case, "bound": bound, "share": share, "budget_bytes": budget,
         "unchunked_peak_bytes": full, "planned_peak_bytes": art.report.planned_peak_bytes,

@@ -30,6 +30,8 @@ _LAZY = {
     "ChunkPlan": "plan",
     "ChunkRegion": "plan",
     "ApplyChunkPlan": "rewrite",
+    "PlanChunkCalls": "chunk_calls",
+    "RestoreChunkCalls": "chunk_calls",
     "analyze_region": "chunk_region",
     "legal_dims": "chunk_region",
     "reusable_inputs": "alias",

@@ -116,7 +116,8 @@ def _return_leaves(func: relax.Function) -> list:
     return leaves(func.body.body)
 
 
-LOOP_BUFFERS = "autochunk_loop_buffers"  # a chunk loop's attribute: its buffer parameters
+# the attribute of a chunk function or loop: the parameters it returns, written in place
+BUFFER_PARAMS = "autochunk_buffer_params"
 
 
 def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] | None:
@@ -131,10 +132,10 @@ def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] |
     func = mod[gv] if gv in mod.functions else None
     if gv in seen or not isinstance(func, relax.Function):
         return None
-    if func.attrs is not None and LOOP_BUFFERS in func.attrs:
-        # a chunk loop (recursive, so not analysable here) returns its buffers, written in
-        # place, by construction (``chunk_loop``)
-        return [[int(i)] for i in func.attrs[LOOP_BUFFERS]]
+    if func.attrs is not None and BUFFER_PARAMS in func.attrs:
+        # a chunk function or loop (recursive, so not analysable here) returns its buffers,
+        # written in place, by construction (``rewrite``, ``chunk_loop``)
+        return [[int(i)] for i in func.attrs[BUFFER_PARAMS]]
     groups = function_groups(mod, func, seen | {gv}, precise_tuples=True)
     roots = [groups.find(p) for p in func.params]
     out = []

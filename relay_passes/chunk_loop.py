@@ -17,7 +17,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .alias import LOOP_BUFFERS
+from .alias import BUFFER_PARAMS
 
 _I64 = "int64"
 
@@ -85,7 +85,7 @@ def build_loop(
     body = relax.SeqExpr([relax.BindingBlock(step)], res)
     func = relax.Function([*ins, *bufs, off, end], body, ret_ty, is_pure=True)
     func = func.with_attr("autochunk_loop", name).with_attr(
-        LOOP_BUFFERS, [len(ins) + k for k in range(len(bufs))]
+        BUFFER_PARAMS, [len(ins) + k for k in range(len(bufs))]
     )
     func = relax.utils.copy_with_new_vars(func)
     bb.update_func(gv, func)

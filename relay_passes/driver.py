@@ -236,8 +236,8 @@ class AutochunkPipeline:
                 planned = self._plan(mod, tgt)
                 if self.result is not None and is_symbolic(self.module, self.entry):
                     self.lengths = self._length_table(tgt)
-            # planning_passes ended with StaticPlanBlockMemory, finalize_passes' first pass
-            return run_passes(planned, finalize_passes(tgt)[1:], tgt)
+            # planning_passes ended with finalize_passes' first two (the planner, RestoreChunkCalls)
+            return run_passes(planned, finalize_passes(tgt)[2:], tgt)
         except Exception as e:
             self.error = e
             raise

@@ -26,7 +26,7 @@ from tvm import relax
 
 from . import _compat as C
 from . import legalize_cache as LC
-from .alias import returned_params
+from .alias import BUFFER_PARAMS, returned_params
 from .dataflow_reshape import reshape_source
 from .errors import SymbolicShapeError
 from .frame import Event, FrameAnalysis, Proto, Storage, TokenAllocator1D, call_args, nested
@@ -66,6 +66,7 @@ _KEPT = {
     for n in names
 }
 _CALL_PURE_PACKED = C.Op.get("relax.call_pure_packed")
+_ALLOC_TENSOR = C.Op.get("relax.builtin.alloc_tensor")
 _MATMUL = C.Op.get("relax.matmul")
 _DPS_OPS = (_CALL_TIR, _CALL_DPS_PACKED)
 _VIEW_OPS = tuple(
@@ -312,6 +313,13 @@ class FrameWalker:
             self.tokens[var.__chandle__()] = tok
             self._set_workspace(ev, gv)
             return
+        if isinstance(op, C.Op) and op.same_as(_ALLOC_TENSOR):
+            # a chunk loop's output buffer (rewrite): planned like a kernel's output, unwritten
+            ev.op = self._op_label(name, "alloc_tensor")
+            outs = self._protos_for_type(var.ty, name, ev.op)
+            ev.allocs.extend(nested(outs))
+            self.tokens[var.__chandle__()] = outs
+            return
         if isinstance(op, C.Op) and any(op.same_as(v) for v in _VIEW_OPS):
             ev.op = self._op_label(name, str(op.name).removeprefix("relax."))
             self.tokens[var.__chandle__()] = self._tokens_of(args[0])
@@ -326,10 +334,16 @@ class FrameWalker:
             ev.allocs.extend(nested(outs))
             self.tokens[var.__chandle__()] = outs
             return
+        info = self._callee(op) if isinstance(op, C.GlobalVar) else None
+        if info is not None and info[3]:
+            # a chunk function or loop: chunk_calls keeps its arguments in TVM's plan (used
+            # as a kernel's are) and its result is its buffer arguments
+            for a in args:
+                self._use_in_primfunc(a, ev)
         # Any other call: a Relax function or an op the planner does not look into. Its
         # arguments escape (the planner discards their tokens) and its tensor results are
         # allocated at run time by the callee.
-        if handles is not None:  # the variables it reads (call_info): the same tokens
+        elif handles is not None:  # the variables it reads (call_info): the same tokens
             tokens = self.tokens
             for h in handles:
                 for p in nested(tokens.get(h)):
@@ -338,13 +352,7 @@ class FrameWalker:
             for a in args:
                 self._discard(self._tokens_of(a))
         per_leaf = None
-        if isinstance(op, C.GlobalVar):
-            info = self._callee_info.get(op.__chandle__())
-            if info is None:
-                callee = self.mod[op] if op in self.mod.functions else None
-                is_fn = isinstance(callee, relax.Function)
-                info = (str(op.name_hint), is_fn, returned_params(self.mod, op) if is_fn else None)
-                self._callee_info[op.__chandle__()] = info
+        if info is not None:
             ev.op = f"call {info[0]}"
             if info[1]:
                 ev.callee = info[0]
@@ -367,6 +375,18 @@ class FrameWalker:
         )
         ev.allocs.extend(nested(outs))
         self.tokens[var.__chandle__()] = outs
+
+    def _callee(self, gv) -> tuple:
+        """(name, is a Relax function, its ``returned_params``, returns its buffers)."""
+        info = self._callee_info.get(gv.__chandle__())
+        if info is None:
+            callee = self.mod[gv] if gv in self.mod.functions else None
+            is_fn = isinstance(callee, relax.Function)
+            bufs = is_fn and callee.attrs is not None and BUFFER_PARAMS in callee.attrs
+            info = (str(gv.name_hint), is_fn, returned_params(self.mod, gv) if is_fn else None,
+                    bufs)
+            self._callee_info[gv.__chandle__()] = info
+        return info
 
     def _dps_call(self, var, name: str, ev: Event, inputs) -> None:
         """A kernel called in destination-passing style: it reads ``inputs`` and writes

@@ -14,6 +14,7 @@ from tvm import relax
 
 from . import cpu_schedules, gpu_schedules
 from .attention import FuseAttention
+from .chunk_calls import PlanChunkCalls, RestoreChunkCalls
 from .cpu_schedules.fast_math import fast_math_pass
 from .errors import AutochunkError, BuildError, UnsupportedTargetError
 from .legalize_cache import CachedFoldConstant, CachedLegalizeOps, cpu_lowering
@@ -116,30 +117,38 @@ def estimate_passes(target: tvm.target.Target, *, rewrite_reshape: bool = True) 
 
 
 def dataflow_lower_passes(target: tvm.target.Target) -> list:
+    """TVM's passes out of dataflow form, then ``PlanChunkCalls`` (right before the planner:
+    the tensors our chunk loops read stay in its plan)."""
     be = _backend(target)
     if be is None:
-        return [
+        passes = [
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
             relax.transform.RemovePurityChecking(),
             relax.transform.CallTIRRewrite(),
         ]
-    return be.dataflow_lower_passes(target)
+    else:
+        passes = list(be.dataflow_lower_passes(target))
+    return [*passes, PlanChunkCalls]
 
 
 def planning_passes(target: tvm.target.Target) -> list:
-    """Everything up to and including TVM's static memory planner."""
+    """Everything up to and including TVM's static memory planner (and ``RestoreChunkCalls``,
+    which undoes ``PlanChunkCalls`` once the plan is made)."""
     return [
         *lowering_passes(target),
         *dataflow_lower_passes(target),
         relax.transform.StaticPlanBlockMemory(),
+        RestoreChunkCalls,
     ]
 
 
 def finalize_passes(target: tvm.target.Target) -> list:
+    """TVM's passes from the planner to the VM code, with ``RestoreChunkCalls`` after the
+    planner (``planning_passes`` ends with the same two passes)."""
     be = _backend(target)
     if be is None:
-        return [
+        passes = [
             relax.transform.StaticPlanBlockMemory(),
             relax.transform.RewriteCUDAGraph(),
             relax.transform.LowerAllocTensor(),
@@ -149,7 +158,10 @@ def finalize_passes(target: tvm.target.Target) -> list:
             relax.transform.VMShapeLower(),
             relax.transform.AttachGlobalSymbol(),
         ]
-    return be.finalize_passes(target)
+    else:
+        passes = list(be.finalize_passes(target))
+    assert passes[0].info.name == "StaticPlanBlockMemory"
+    return [passes[0], RestoreChunkCalls, *passes[1:]]
 
 
 def build_passes(target: tvm.target.Target) -> list:

@@ -35,7 +35,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import _compat as C
 from . import caches
-from .alias import reusable_inputs
+from .alias import BUFFER_PARAMS, reusable_inputs
 from .chunk_loop import build_loop
 from .chunk_region import RegionAnalysis, analyze_region
 from .dimflow import leaf_slots, map_leaf
@@ -149,7 +149,9 @@ class _ChunkFunctionBuilder:
             extra = [relax.Var("rows", relax.ShapeType([chunk]))]
         env = {v: p for v, p in zip(self.inputs, params)}
         bb = self.bb
-        with bb.function(name, [*params, *bufs, off, *extra], private=True):
+        # the buffers it returns, written in place (chunk_calls keeps them in TVM's plan)
+        attrs = {BUFFER_PARAMS: [len(params) + k for k in range(len(bufs))]}
+        with bb.function(name, [*params, *bufs, off, *extra], attrs=attrs, private=True):
             with bb.dataflow():
                 seed = ra.seed
                 seed_var = next(v for v in self.inputs if str(v.name) == seed.name)
@@ -281,7 +283,9 @@ class _RegionReplacer(PyExprMutator):
             shape = C.tensor_shape(v.ty)
             x = self.reuse.get(o.name)
             if x is None:
-                buf = relax.op.zeros(relax.ShapeExpr(shape), C.tensor_dtype(v.ty))
+                # uninitialised: the chunks write every element. (R.zeros was folded into a
+                # constant on CUDA when small, and two such buffers into one: wrong results.)
+                buf = relax.op.builtin.alloc_tensor(relax.ShapeExpr(shape), C.tensor_dtype(v.ty), 0)
             else:  # written in place over an input that dies with the region
                 buf = self.visit_expr(x)
                 xs = C.tensor_shape(x.ty)

@@ -48,6 +48,7 @@ class Expected:
         c_buf: R.Tensor((8, 4), "float32"),
         off: T.int64,
     ) -> R.Tensor((8, 4), "float32"):
+        R.func_attr({"autochunk_buffer_params": [2]})  # returns c_buf, written in place
         cls = Expected
         with R.dataflow():
             xc = R.strided_slice(x, (0,), (off,), (off + 2,), assume_inbound=True)
@@ -71,6 +72,7 @@ class Expected:
         c_buf: R.Tensor((8, 4), "float32"),
         off: T.int64,
     ) -> R.Tensor((8, 4), "float32"):
+        R.func_attr({"autochunk_buffer_params": [2]})  # returns c_buf, written in place
         cls = Expected
         with R.dataflow():
             xc = R.strided_slice(x, (0,), (off,), (off + 3,), assume_inbound=True)
@@ -94,7 +96,7 @@ class Expected:
         cls = Expected
         with R.dataflow():
             wt = R.permute_dims(w, axes=[1, 0])
-            c_init = R.zeros(R.shape([8, 4]), dtype="float32")
+            c_init = R.builtin.alloc_tensor(R.shape([8, 4]), R.dtype("float32"), 0)
             r0 = cls.main_wt_c_chunk3(x, wt, c_init, R.prim_value(T.int64(0)))
             r1 = cls.main_wt_c_chunk3(x, wt, r0, R.prim_value(T.int64(3)))
             r2 = cls.main_wt_c_chunk2_tail(x, wt, r1, R.prim_value(T.int64(6)))
@@ -254,18 +256,17 @@ def test_reuse_saves_a_buffer_in_the_plan():
 
 def test_evoformer_residual_stream_is_reused():
     """The pair stack's residual stream: every later region writes over its dead input, so the
-    chunked block needs less than without reuse, and computes the same values."""
+    chunked block needs less than without reuse, and computes the same values. (Each reuse
+    saved a whole pair tensor while the planner counted every chunk loop's arguments at once;
+    with them planned (``chunk_calls``) a fresh buffer can take a tensor's storage that died
+    before the region, and the plan shrinks only where its peak is: 32 KiB here.)"""
     w = FAMILIES["evoformer"](16)
     mod = ac.from_torch(w.module, w.inputs)
     x = [t.numpy() for t in w.inputs]
     peak0 = estimate_memory(mod, "llvm").peak_bytes
     chunked, res = auto_chunk(mod, "llvm", int(peak0 * 0.8))
     fresh = apply_chunk_plan(mod, res.plan, reuse_inputs=False)
-    pair = 16 * 16 * 64 * 4
-    assert (
-        planned_memory(fresh, "llvm").peak_bytes - planned_memory(chunked, "llvm").peak_bytes
-        >= pair
-    )
+    assert planned_memory(fresh, "llvm").peak_bytes > planned_memory(chunked, "llvm").peak_bytes
     ref = ac.build(mod, "llvm")(*x)
     out = ac.build(chunked, "llvm")(*x)
     assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-5
@@ -360,3 +361,45 @@ def test_each_chunk_returns_the_written_buffer_as_a_view(case, target):
     for name, (sizes, calls) in found.items():
         assert sizes and max(sizes) < full, (name, sizes)
         assert not any(c.startswith("reshape") for c in calls), (name, calls)
+
+
+@I.ir_module
+class TwoSmallOutputs:  # a region with two (8, 4) outputs, small enough to constant-fold
+    @R.function
+    def main(x: R.Tensor((8, 4), "float32")):
+        with R.dataflow():
+            a = R.nn.relu(x)
+            b = R.sigmoid(a)
+            c = R.add(a, b)
+            R.output(c)
+        return c
+
+
+def test_output_buffers_are_fresh_allocations_on_every_target():
+    """A region's output buffers are allocations the chunks fill, not ``R.zeros``: TVM's CUDA
+    pipeline folded small zeros into constants, and the VM's constant pool made two equal
+    ones one, so a two-output region wrote both outputs into one buffer (and into a constant
+    that outlives the call). Lowered for CUDA, each chunk call gets two distinct buffers and
+    none is a constant; on llvm the values equal the unchunked module's."""
+    import tvm
+    from tvm import relax
+
+    from relay_passes import lowering
+
+    after = apply_chunk_plan(TwoSmallOutputs, ChunkPlan((ChunkRegion("a", "b", "x", 0, 2),)))
+    t = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    lowered = lowering.run_passes(after, lowering.build_passes(t), t)
+    calls = []
+    relax.analysis.post_order_visit(
+        lowered["main"],
+        lambda e: calls.append(e)
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.GlobalVar)
+        and "chunk" in e.op.name_hint else None,
+    )
+    assert calls
+    for c in calls:
+        bufs = c.args[1:3]
+        assert not any(isinstance(b, tvm.ir.GenericConst) for b in bufs), c
+        assert not bufs[0].same_as(bufs[1]), c
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype("float32")
+    np.testing.assert_allclose(_run(after, [x]), _run(TwoSmallOutputs, [x]), rtol=1e-6)

@@ -45,7 +45,8 @@ def _hwm_bytes() -> int:
     raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
-def _worker(lib: str, inputs: str, out_json: str, outputs: str | None, params: str | None) -> None:
+def _worker(lib: str, inputs: str, out_json: str, outputs: str | None, params: str | None,
+            entry: str = "main") -> None:
     import time
 
     import tvm
@@ -70,7 +71,7 @@ def _worker(lib: str, inputs: str, out_json: str, outputs: str | None, params: s
         f.write("5")
     base = _rss_bytes()
     t = time.perf_counter()
-    res = vm["main"](*args)
+    res = vm[entry](*args)
     secs = time.perf_counter() - t
     peak = _hwm_bytes() - base
     if outputs:
@@ -95,9 +96,11 @@ def measure_peak(
     keep_outputs: bool = False,
     timeout: float = 1800.0,
     params: str | os.PathLike | None = None,
+    entry: str = "main",
 ) -> Measurement:
     """Run one call of the exported library at ``artifact_path`` in a fresh Python process.
-    ``params``: its weights file, when it was exported with ``params=`` (not counted)."""
+    ``params``: its weights file, when it was exported with ``params=`` (not counted).
+    ``entry``: the function to call (``Artifact.entry_for`` names the one a call runs)."""
     tmp = tempfile.mkdtemp(prefix="tvm_autochunk_measure_")
     inp = os.path.join(tmp, "inputs.npz")
     np.savez(inp, **{f"arg{i}": np.asarray(a) for i, a in enumerate(inputs)})
@@ -115,6 +118,7 @@ def measure_peak(
         out_json,
         outs,
         str(params or ""),
+        entry,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
@@ -127,4 +131,5 @@ def measure_peak(
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] or None, sys.argv[5] or None)
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] or None, sys.argv[5] or None,
+            sys.argv[6])
