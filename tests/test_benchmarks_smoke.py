@@ -217,7 +217,7 @@ def test_dynamic_lengths_smoke(tmp_path):
     # the memory curve: every length up to the bound within the budget, in a fresh process
     assert [c["length"] for c in row["curve"]] == [2, 64, 128]
     assert all(0 < c["measured_peak_bytes"] <= limit for c in row["curve"])
-    # each length ran the function the artifact dispatches to (the unchunked copy below its
-    # bound), so the curve does not grow past the unchunked run at the short bound
+    # the lengths up to the short bound are measured running the unchunked copy, the function
+    # the artifact dispatches them to (measure_peak(entry=...); it once measured main there)
     short = [c for c in row["curve"] if c["function"] == "main_short"]
     assert short and all(c["length"] <= row["short_entry"]["bound"] for c in short)
