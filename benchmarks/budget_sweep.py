@@ -32,7 +32,7 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
     from benchmarks.env import env_info
     from benchmarks.models import workload
     from benchmarks.timing import interleaved_medians
-    from tvm_autochunk.measure import measure_peak
+    from tvm_autochunk.measure import allowance, measure_peak
 
     w = workload(family, size, **kw)
     mod = ac.from_torch(w.module, w.inputs)
@@ -84,7 +84,7 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
         if measure:
             with tempfile.TemporaryDirectory() as tmp:
                 m = measure_peak(art.export(Path(tmp) / "a.so"), x)
-            tol = max(MIB, budget // 100)
+            tol = allowance(budget)
             row.update(measured_bytes=m.peak_bytes, measured_within=m.peak_bytes <= budget + tol)
         if repeats:
             med = interleaved_medians({"unchunked": base, "chunked": art}, x, repeats,

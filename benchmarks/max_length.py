@@ -51,7 +51,9 @@ DEFAULT_CASES = [("gpt", 512, {"layers": 1}), ("vit", 576, {"layers": 1}),
 
 
 def _allowance(budget: int) -> int:
-    return max(MIB, budget // 100)
+    from tvm_autochunk.measure import allowance
+
+    return allowance(budget)
 
 
 def _workload(family: str, size: int, kw: dict):

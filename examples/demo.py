@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 import tvm_autochunk as ac  # noqa: E402
 from benchmarks.models import gpt  # noqa: E402
+from tvm_autochunk.measure import allowance  # noqa: E402
 
 MiB = 1024**2
 TOLERANCE = 1e-3
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  memory cut {100 * (1 - measured.peak_bytes / estimate.peak_bytes):.0f}% (measured "
           f"vs unchunked estimate); measured / built estimate = "
           f"{measured.peak_bytes / rep.peak_bytes:.3f}")
-    within = measured.peak_bytes <= ac.parse_budget(args.budget) + max(MiB, plan // 100)
+    within = measured.peak_bytes <= ac.parse_budget(args.budget) + allowance(plan)
     ok = ok and within
 
     cuda_note = ""

@@ -120,6 +120,15 @@ def _return_leaves(func: relax.Function) -> list:
 BUFFER_PARAMS = "autochunk_buffer_params"
 
 
+def buffer_params_of(func) -> list[int] | None:
+    """The buffer parameters a chunk function or loop returns (``BUFFER_PARAMS``), else None."""
+    if not isinstance(func, relax.Function) or func.attrs is None:
+        return None
+    if BUFFER_PARAMS not in func.attrs:
+        return None
+    return [int(i) for i in func.attrs[BUFFER_PARAMS]]
+
+
 def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] | None:
     """Per leaf of the Relax function ``gv``'s return value (one for a tensor), the indices of
     the parameters it may share storage with; None when ``gv`` cannot be analysed (unknown,
@@ -132,10 +141,11 @@ def returned_params(mod, gv, seen: frozenset = frozenset()) -> list[list[int]] |
     func = mod[gv] if gv in mod.functions else None
     if gv in seen or not isinstance(func, relax.Function):
         return None
-    if func.attrs is not None and BUFFER_PARAMS in func.attrs:
+    bufs = buffer_params_of(func)
+    if bufs is not None:
         # a chunk function or loop (recursive, so not analysable here) returns its buffers,
         # written in place, by construction (``rewrite``, ``chunk_loop``)
-        return [[int(i)] for i in func.attrs[BUFFER_PARAMS]]
+        return [[i] for i in bufs]
     groups = function_groups(mod, func, seen | {gv}, precise_tuples=True)
     roots = [groups.find(p) for p in func.params]
     out = []

@@ -5,7 +5,7 @@ function, since the callee might keep them: the region's inputs read whole (x, K
 output) and the in-place buffers then become run-time allocations, outside the plan. It keeps
 the tokens of an ``ExternFunc`` call's arguments, assuming the callee keeps nothing. Our chunk
 functions and loops keep nothing and return their buffer parameters, written in place, by
-construction (``alias.BUFFER_PARAMS``). So each call of one becomes an ``ExternFunc`` call of
+construction (``alias.buffer_params_of``). So each call of one becomes an ``ExternFunc`` call of
 the same function, and its result is bound to the buffer arguments themselves: the planner
 keeps the buffers live while the result is used and frees every argument after its last use.
 
@@ -22,17 +22,14 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import _compat as C
-from .alias import BUFFER_PARAMS
+from .alias import buffer_params_of
 from .errors import PassContractError
 
 
 def buffer_params(mod: tvm.IRModule) -> dict[str, list[int]]:
     """Name -> buffer parameter indices of the functions that return their buffers."""
-    out = {}
-    for gv, f in mod.functions_items():
-        if isinstance(f, relax.Function) and f.attrs is not None and BUFFER_PARAMS in f.attrs:
-            out[str(gv.name_hint)] = [int(i) for i in f.attrs[BUFFER_PARAMS]]
-    return out
+    found = ((str(gv.name_hint), buffer_params_of(f)) for gv, f in mod.functions_items())
+    return {name: bufs for name, bufs in found if bufs is not None}
 
 
 @mutator

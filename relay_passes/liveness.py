@@ -26,7 +26,7 @@ from tvm import relax
 
 from . import _compat as C
 from . import legalize_cache as LC
-from .alias import BUFFER_PARAMS, returned_params
+from .alias import buffer_params_of, returned_params
 from .dataflow_reshape import reshape_source
 from .errors import SymbolicShapeError
 from .frame import Event, FrameAnalysis, Proto, Storage, TokenAllocator1D, call_args, nested
@@ -382,7 +382,7 @@ class FrameWalker:
         if info is None:
             callee = self.mod[gv] if gv in self.mod.functions else None
             is_fn = isinstance(callee, relax.Function)
-            bufs = is_fn and callee.attrs is not None and BUFFER_PARAMS in callee.attrs
+            bufs = buffer_params_of(callee) is not None
             info = (str(gv.name_hint), is_fn, returned_params(self.mod, gv) if is_fn else None,
                     bufs)
             self._callee_info[gv.__chandle__()] = info

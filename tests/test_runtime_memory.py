@@ -75,7 +75,7 @@ def test_measured_peak_of_reused_buffers_stays_within_the_budget(tmp_path):
     """A region's result is its in-place buffer: the run-time model keeps that storage live
     while the result is used (it once freed it after the first chunk call and promised 36 MiB
     where one call really took 50 MiB). One call, fresh process: within the budget."""
-    from tvm_autochunk.measure import measure_peak
+    from tvm_autochunk.measure import allowance, measure_peak
 
     w = FAMILIES["evoformer"](128)
     mod = ac.from_torch(w.module, w.inputs)
@@ -84,7 +84,7 @@ def test_measured_peak_of_reused_buffers_stays_within_the_budget(tmp_path):
     assert len(art.report.chunking["regions"]) >= 2
     path = art.export(tmp_path / "evo.so")
     m = measure_peak(path, [t.numpy() for t in w.inputs])
-    assert m.peak_bytes <= budget + max(2**20, budget // 100), (m.peak_bytes, budget)
+    assert m.peak_bytes <= budget + allowance(budget), (m.peak_bytes, budget)
     assert m.peak_bytes <= art.report.runtime_peak_bytes + 2**20
 
 

@@ -24,6 +24,13 @@ import numpy as np
 from relay_passes.errors import ArtifactError
 
 
+def allowance(budget: int) -> int:
+    """How far a fresh-process peak may pass a budget and still count as within it:
+    max(1 MiB, 1%). A fresh process touches memory no plan holds (each TVM worker thread's
+    stack and malloc arena, about 0.25 MiB a thread) and RSS moves in pages."""
+    return max(2**20, budget // 100)
+
+
 @dataclass(frozen=True)
 class Measurement:
     peak_bytes: int  # peak RSS during the call minus RSS just before it
