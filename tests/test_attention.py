@@ -206,3 +206,28 @@ def test_query_chunks_pass_their_offset_as_the_causal_diagonal(chunk):
             (k,) = _attention_calls(f)
             diag = k.args[1].fields[4]
             assert str(diag) == "off", f"{gv.name_hint}: diag {diag}"
+
+
+def test_a_chunk_reads_the_causal_mask_its_caller_passes_in():
+    """transformers GPT2: the mask's 0 and -inf are variables of main, so a query chunk gets
+    them as parameters. Its kernel still sees a causal diagonal at the chunk's offset, not a
+    chunk x S bias (which kept the mask chain's chunk x S tensors: GPT2 S=1024 chunked in two
+    planned 17.3 MiB, over its unchunked 10.5)."""
+    pytest.importorskip("transformers")
+    from benchmarks.models import workload
+    from relay_passes.rewrite import apply_chunk_plan
+
+    w = workload("hf_gpt2", 96)
+    mod = fold_weight_layouts(ac.from_torch(w.module, w.inputs))
+    # the first layer's attention and MLP by query rows, as the search picks at S=1024
+    plan = ChunkPlan((ChunkRegion("lv57", "lv112", "lv56", 1, 40),))
+    chunked = fuse_attention(apply_chunk_plan(mod, plan))
+    funcs = [f for gv, f in chunked.functions.items()
+             if isinstance(f, relax.Function) and gv.name_hint.startswith("main_lv57")]
+    assert len(funcs) == 2  # 40 rows, and the last 16
+    for f in funcs:
+        (k,) = _attention_calls(f)
+        assert str(k.args[1].fields[4]) == "off" and len(k.args[1].fields) == 5
+    art = ac.build(mod, "llvm", chunk_plan=plan)
+    got = art(*[x.numpy() for x in w.inputs])
+    np.testing.assert_allclose(got, _torch_out(w), rtol=2e-4, atol=2e-4)

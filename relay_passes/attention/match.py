@@ -183,9 +183,20 @@ def _param_affine(fn: _Function, param, depth: int):
     return _Affine(tvm.tirx.IntImm("int64", found[0]), found[1], found[2])
 
 
-def _is_const(fn: _Function, e, value) -> bool:
+def _is_const(fn: _Function, e, value, depth: int = 0) -> bool:
     """``e`` is a scalar constant ``value``, inline or bound to a variable (torch's export
-    binds some, e.g. at S=1024 but not S=64)."""
+    binds some, e.g. at S=1024 but not S=64), or a parameter every call site passes it to (a
+    chunk function gets the mask's 0 and -inf from its caller)."""
+    if isinstance(e, relax.Var) and e not in fn.value:
+        params = list(fn.func.params)
+        if e not in params or not fn.callers or depth > 16:
+            return False
+        i = params.index(e)
+        return all(
+            _is_const(caller, call.args[i], value, depth + 1)
+            for caller, call in fn.callers
+            if not (caller.name == fn.name and call.args[i].same_as(e))  # a loop passing it on
+        )
     e = fn.bound(e)
     if not isinstance(e, C.GenericConst) or _shape(e):
         return False
