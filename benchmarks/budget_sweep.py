@@ -41,12 +41,13 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
     ref = base(*x)
     peak0 = base.report.peak_bytes
     budgets = [(f"{f * 100:g}%", int(peak0 * f)) for f in fractions]
-    if with_min:
-        try:
-            ac.build(mod, "llvm", budget=1)
-        except ac.BudgetInfeasibleError as e:
-            if e.min_budget:
-                budgets.append(("min", int(e.min_budget)))
+    bound = None  # relay_passes.lower_bound: no chunking the search can build peaks lower
+    try:
+        ac.build(mod, "llvm", budget=1)
+    except ac.BudgetInfeasibleError as e:
+        bound = e.lower_bound
+        if with_min and e.min_budget:
+            budgets.append(("min", int(e.min_budget)))
     rows = []
     for label, budget in budgets:
         row = {
@@ -55,6 +56,7 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
             "budget": label,
             "budget_bytes": budget,
             "unchunked_peak_bytes": peak0,
+            "lower_bound_bytes": bound,
             "layers": kw.get("layers"),
             "env": env_info(),
         }
@@ -140,21 +142,24 @@ def main(argv=None) -> int:
                 rows.append(r)
                 f.write(json.dumps(r) + "\n")
     print(
-        "\n| model | size | budget | plan MiB | measured MiB | cut | slowdown | regions "
-        "(chunk x n) | max rel err | search s |\n|---|---|---|---|---|---|---|---|---|---|"
+        "\n| model | size | budget | plan MiB | measured MiB | lower bound MiB | cut | slowdown "
+        "| regions (chunk x n) | max rel err | search s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
+        lb = r.get("lower_bound_bytes")
+        lb = f"{lb / MIB:.1f}" if lb is not None else "-"
         if not r["ok"]:
             print(
                 f"| {r['family']} | {r['size']} | {r['budget']} ({r['budget_bytes'] / MIB:.1f}"
-                f" MiB) | refused | - | - | - | - | - | - |"
+                f" MiB) | refused | - | {lb} | - | - | - | - | - |"
             )
             continue
         regs = ", ".join(f"{c}x{n}" for _, _, c, n in r["regions"]) or "none"
         meas = f"{r['measured_bytes'] / MIB:.1f}" if "measured_bytes" in r else "-"
         print(
             f"| {r['family']} | {r['size']} | {r['budget']} ({r['budget_bytes'] / MIB:.1f} MiB)"
-            f" | {r['plan_bytes'] / MIB:.1f} | {meas} | {r['cut_pct']}% | "
+            f" | {r['plan_bytes'] / MIB:.1f} | {meas} | {lb} | {r['cut_pct']}% | "
             f"{r.get('slowdown', '-')} | {regs} | {r['max_rel_err']:.1e} | {r['search_s']} |"
         )
     bad = [

@@ -1,7 +1,8 @@
 """How low each model goes: the peak the search reaches at budgets given as shares of the
 unchunked peak (llvm), searched as ``build`` searches (``driver.chunk_to_budget``: weight
 layouts folded, deeper aims after a refusal), without building. A refused share prints the
-smallest peak reached in brackets.
+smallest peak reached in brackets; the lower bound (``relay_passes.lower_bound``) is the least
+peak any chunking the search can build could reach.
 
     .venv/bin/python benchmarks/floors.py                     # the four models of cpu_speed.py
     .venv/bin/python benchmarks/floors.py --case vit:1024:1 --shares 0.3 0.25
@@ -30,6 +31,7 @@ def run(case: str, shares) -> dict:
     from relay_passes.driver import chunk_to_budget
     from relay_passes.estimate_memory import estimate_memory
     from relay_passes.fold_weight_layouts import fold_weight_layouts
+    from relay_passes.lower_bound import lower_bound
 
     family, size, *rest = case.split(":")
     w = workload(family, int(size), **({"layers": int(rest[0])} if rest else {}))
@@ -37,7 +39,9 @@ def run(case: str, shares) -> dict:
     target = ac.resolve_target("llvm")
     prof = estimate_memory(mod, target)
     peak = need_bytes(prof)
-    row = {"case": case, "unchunked_bytes": peak, "points": []}
+    bound = lower_bound(mod, target)
+    row = {"case": case, "unchunked_bytes": peak, "lower_bound_bytes": bound.nbytes,
+           "lower_bound": bound.describe(), "points": []}
     for share in shares:
         t = time.perf_counter()
         try:
@@ -61,14 +65,15 @@ def main(argv=None) -> int:
     if args.quick:
         args.case, args.shares = ["gpt:256:1"], [0.7]
     shares = args.shares
-    print("| model | unchunked MiB | " + " | ".join(f"{s:.0%}" for s in shares) + " |")
-    print("|---|---|" + "---|" * len(shares))
+    print("| model | unchunked MiB | lower bound MiB | "
+          + " | ".join(f"{s:.0%}" for s in shares) + " |")
+    print("|---|---|---|" + "---|" * len(shares))
     for case in args.case or CASES:
         row = run(case, shares)
         cells = [f"{p['peak_bytes'] / MIB:.1f}" if p["ok"] else f"- ({p['peak_bytes'] / MIB:.1f})"
                  for p in row["points"]]
-        print(f"| {case} | {row['unchunked_bytes'] / MIB:.1f} | " + " | ".join(cells) + " |",
-              flush=True)
+        print(f"| {case} | {row['unchunked_bytes'] / MIB:.1f} | "
+              f"{row['lower_bound_bytes'] / MIB:.1f} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

@@ -15,7 +15,8 @@ seed+graphs-1``):
   others go through the same search (``relay_passes.driver.chunk_to_budget``) and TVM's static
   plan only (no codegen), which is much cheaper. For every budget: TVM's plan <= budget, the
   estimate within 2% of the plan; the only error allowed is ``BudgetInfeasibleError``, and then
-  its ``min_budget`` must work (same checks, once per distinct ``min_budget``);
+  its ``min_budget`` must work (same checks, once per distinct ``min_budget``). The lower
+  bound (``relay_passes.lower_bound``) is never above the peak reached, built or refused;
 * the caller's IRModule is never mutated.
 
 Prints a summary (graphs, budgets tried, builds, refusals, failures by kind) and writes one
@@ -171,6 +172,10 @@ def check_graph(
             peak=r.peak_bytes,
             regions=[(x["chunk"], x["n_chunks"]) for x in (r.chunking or {}).get("regions", [])],
         )
+        lb = (r.chunking or {}).get("lower_bound_bytes")
+        if lb is not None and lb > r.estimated_peak_bytes:
+            res.fail("lower-bound-above-peak", f"lower bound {lb} > estimate "
+                     f"{r.estimated_peak_bytes}: {r.chunking.get('lower_bound')}")
         if r.planned_peak_bytes > budget:
             res.fail("plan-over-budget", f"TVM plan {r.planned_peak_bytes} > budget {budget}")
         if r.peak_bytes > budget:
@@ -200,6 +205,10 @@ def check_graph(
             peak=max(int(prof.peak_bytes), int(prof.runtime_peak_bytes)),
             regions=[(s.region.chunk, s.n_chunks) for s in search.stages],
         )
+        lb = search.lower_bound
+        if lb is not None and lb.nbytes > prof.peak_bytes:
+            res.fail("lower-bound-above-peak", f"lower bound {lb.describe()} > estimate "
+                     f"{prof.peak_bytes} (search only)")
         if plan > budget:
             res.fail("plan-over-budget", f"TVM plan {plan} > budget {budget} (search only)")
         if rec["peak"] > budget:
@@ -231,6 +240,9 @@ def check_graph(
             if e.min_budget is None or e.best_peak is None or e.unchunked_peak is None:
                 res.fail("refusal-numbers", f"min_budget/best_peak/unchunked_peak missing: {e}")
                 continue
+            if e.lower_bound is not None and e.lower_bound > e.best_peak:
+                res.fail("lower-bound-above-peak", f"refusal: lower bound {e.lower_bound} > "
+                         f"smallest peak reached {e.best_peak}")
             if e.min_budget <= budget:
                 res.fail("refusal-min-budget", f"min_budget {e.min_budget} <= budget {budget}")
                 continue

@@ -84,6 +84,8 @@ def run(case: str, threads: int, repeats: int, shares) -> dict:
         "peak_bytes": {k: a.report.peak_bytes for k, a in builds.items()},
         "max_abs_err_vs_torch": errs,
         "floors": floor["points"],
+        "lower_bound_bytes": floor["lower_bound_bytes"],
+        "lower_bound": floor["lower_bound"],
         "env": env_info(),
     }
 
@@ -105,8 +107,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print("| model | torch ms | ours ms (x torch) | masks kept ms (x torch) | peak MiB, ours / "
-          "masks kept | " + " | ".join(f"{s:.0%}" for s in args.shares) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(args.shares))
+          "masks kept | " + " | ".join(f"{s:.0%}" for s in args.shares) + " | lower bound MiB |")
+    print("|---|---|---|---|---|" + "---|" * (len(args.shares) + 1))
     with out.open("w") as f:
         for case in args.case or CASES:
             r = run(case, threads, args.repeats, args.shares)
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
             print(f"| {case} | {r['torch_ms']} | {r['ours_ms']} ({r['ours_vs_torch']}) | "
                   f"{r['ours_masks_kept_ms']} ({r['ours_masks_kept_vs_torch']}) | "
                   f"{peaks['ours'] / MIB:.1f} / {peaks['ours_masks_kept'] / MIB:.1f} | "
-                  + " | ".join(cells) + " |", flush=True)
+                  + " | ".join(cells) + f" | {r['lower_bound_bytes'] / MIB:.1f} |", flush=True)
     print(f"\nJSON lines: {out}")
     return 0
 

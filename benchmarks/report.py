@@ -361,7 +361,8 @@ def section_budget_sweep(data: Data) -> list[str]:
         model = [r["family"], r["size"]] + ([_num(r.get("layers"))] if layers else [])
         budget = f"{r['budget']} ({_mib(r.get('budget_bytes'))} MiB)"
         if not r.get("ok"):
-            body.append(model + [budget, "refused", "-", _mib(r.get("unchunked_peak_bytes"))]
+            body.append(model + [budget, "refused", "-", _mib(r.get("unchunked_peak_bytes")),
+                                 _mib(r.get("lower_bound_bytes"))]
                         + ["-"] * 5 + [_num(r.get("build_s"), "{:.1f}")])
             continue
         n_ok += 1
@@ -379,12 +380,14 @@ def section_budget_sweep(data: Data) -> list[str]:
             meas += " (" + ", ".join(flags) + ")"
         body.append([
             *model, budget, _mib(r.get("plan_bytes")), meas, _mib(r.get("unchunked_peak_bytes")),
-            _pct(r.get("cut_pct")), _num(r.get("slowdown"), "{:.3f}"),
+            _mib(r.get("lower_bound_bytes")), _pct(r.get("cut_pct")),
+            _num(r.get("slowdown"), "{:.3f}"),
             _regions(r.get("regions")), _num(err, "{:.1e}"), _num(r.get("search_s"), "{:.2f}"),
             _num(r.get("build_s"), "{:.1f}"),
         ])
     header = ["model", "size"] + (["layers"] if layers else []) + [
-        "budget", "plan MiB", "measured MiB", "unchunked MiB", "cut", "slowdown",
+        "budget", "plan MiB", "measured MiB", "unchunked MiB", "lower bound MiB", "cut",
+        "slowdown",
         "regions (chunk x n)", "max rel err", "search s", "build s"]
     out = [f"From {', '.join(f'`{f}`' for f in data.sweep_files)} (a later file overrides "
            "the same model, size and budget).", ""]

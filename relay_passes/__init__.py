@@ -34,6 +34,7 @@ _LAZY = {
     "RestoreChunkCalls": "chunk_calls",
     "analyze_region": "chunk_region",
     "legal_dims": "chunk_region",
+    "LowerBound": "lower_bound",
     "reusable_inputs": "alias",
     "register_dim_rule": "dimflow_rules",
     "AutoChunk": "auto_chunk",

@@ -61,6 +61,8 @@ class AutoChunkResult:
     # the peak of the module the search chunked, when another one is built from its plan (a
     # symbolic module's loops, from a search at the bounds: driver._chunk_symbolic)
     searched_peak: int | None = field(default=None, compare=False)
+    # ``lower_bound.LowerBound``: no chunking the search can build peaks lower (driver)
+    lower_bound: object = field(default=None, repr=False, compare=False)
 
     @property
     def plan(self) -> ChunkPlan:
@@ -96,6 +98,8 @@ class AutoChunkResult:
             "predicted_overhead_us": round(sum(s.cost for s in self.stages), 1),
             "cost_model": self.cost_model,
             "notes": list(self.notes),
+            **({"lower_bound_bytes": self.lower_bound.nbytes,
+                "lower_bound": self.lower_bound.describe()} if self.lower_bound else {}),
         }
 
 

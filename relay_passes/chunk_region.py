@@ -264,6 +264,20 @@ class _Walk:
         return None
 
 
+def walk_reach(ix: FuncIndex, bi: int, i0: int, seed_var, dim: int, limit: int) -> tuple:
+    """(n, spec, slices): regions from binding ``i0`` of block ``bi`` seeded along ``dim`` of
+    ``seed_var`` stay legal through their first ``n`` bindings (at most ``limit``); ``spec``
+    maps each variable walked to its chunk spec ((dim, scale), a tuple of those per field, or
+    None: hoisted), and ``slices`` lists the whole arguments read sliced (``ArgSlice``).
+    Shares the walks ``analyze_region`` keeps."""
+    key = (bi, ix.names[bi][i0], seed_var, dim)
+    walk = ix.walks.get(key)
+    if walk is None:
+        walk = ix.walks[key] = _Walk(ix, bi, i0, seed_var, dim)
+    walk.extend(min(limit, len(ix.blocks[bi]) - i0))
+    return min(limit, len(walk.lengths)), walk.spec, walk.slices
+
+
 @caches.scoped
 def analyze_region(
     mod, start: str, end: str, seed: str, dim: int, *, function: str = "main"

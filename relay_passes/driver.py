@@ -38,6 +38,7 @@ from .dynamic_chunk import (
 from .errors import BudgetInfeasibleError, UnsupportedTargetError
 from .estimate_memory import estimate_memory
 from .fold_weight_layouts import fold_weight_layouts
+from .lower_bound import lower_bound
 from .lowering import (
     as_target,
     finalize_passes,
@@ -146,11 +147,13 @@ def chunk_to_budget(
     user's budget, named in the refusal (default ``aim``)."""
     budget = aim if budget is None else budget
     profile = profile or estimate_memory(mod, target, entry=entry)
+    bound = _lower_bound(mod, target, entry, options)
 
     def search(b: int, explore: int | None = None):
-        return auto_chunk(
+        out, res = auto_chunk(
             mod, target, b, function=entry, profile=profile, options=options, explore=explore
         )
+        return out, dataclasses.replace(res, lower_bound=bound)
 
     try:
         return search(aim)
@@ -179,7 +182,19 @@ def chunk_to_budget(
         err = _with(err, floor=floor, remedies=fixes)
     if err.budget != budget:  # a search that aimed lower: name the user's budget
         err = _with(err, budget=budget)
+    if bound is not None:
+        err = _with(err, lower_bound=bound.nbytes, lower_bound_note=bound.describe())
     raise err from None
+
+
+def _lower_bound(mod, target, entry: str, options):
+    """``lower_bound.lower_bound``, or None (logged) when the analysis fails: it informs the
+    report and a refusal, and must not stop a build."""
+    try:
+        return lower_bound(mod, target, function=entry, options=options)
+    except Exception as e:  # an analysis bug: the build goes on without the bound
+        log.warning("lower bound not computed: %s: %s", type(e).__name__, e)
+        return None
 
 
 @tvm.transform.module_pass(opt_level=0, name="AutochunkPipeline")

@@ -45,9 +45,11 @@ class BudgetInfeasibleError(AutochunkError):
     ``stages`` chunk regions, at ``peak_site``), ``blockers`` (what stops chunking further),
     ``floor`` (what the smallest peak consists of, when chunking cannot lower it) and
     ``min_budget`` (a budget that builds; ``aimed``: (budget, peak) when a search aiming at
-    the first suggestion reached only that peak). A refusal of TVM's plan has ``planned_peak``
-    and ``plan_parts`` ({part: bytes}). An error rebuilt from its message alone (it crossed
-    TVM's FFI, which keeps the type and the text) has the message and no fields.
+    the first suggestion reached only that peak), ``lower_bound`` (no chunking the search can
+    build peaks lower; ``lower_bound_note`` says where, and what is whole there). A refusal
+    of TVM's plan has ``planned_peak`` and ``plan_parts`` ({part: bytes}). An error rebuilt
+    from its message alone (it crossed TVM's FFI, which keeps the type and the text) has the
+    message and no fields.
     """
 
     def __init__(
@@ -67,6 +69,8 @@ class BudgetInfeasibleError(AutochunkError):
         planned_peak: int | None = None,
         plan_parts: dict | None = None,
         gpu: bool = False,
+        lower_bound: int | None = None,
+        lower_bound_note: str = "",
     ):
         self.budget = budget
         self.unchunked_peak = unchunked_peak
@@ -81,6 +85,8 @@ class BudgetInfeasibleError(AutochunkError):
         self.planned_peak = planned_peak
         self.plan_parts = dict(plan_parts or {})
         self.gpu = gpu
+        self.lower_bound = lower_bound
+        self.lower_bound_note = lower_bound_note
         super().__init__(message if message is not None else self._message())
 
     def fields(self) -> dict:
@@ -115,6 +121,8 @@ class BudgetInfeasibleError(AutochunkError):
             head += f"; the peak is now after binding {self.peak_site}"
         blocked = "; ".join(self.blockers) or "nothing left to chunk"
         floor = f" {self.floor}." if self.floor else ""
+        if self.lower_bound_note:
+            floor += f" No chunking the search can build peaks under {self.lower_bound_note}."
         fixes = []
         if self.min_budget is not None:
             fix = f"raise the budget to at least {self.min_budget} bytes"

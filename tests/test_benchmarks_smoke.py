@@ -36,6 +36,7 @@ def test_budget_sweep_smoke():
             assert r["plan_within_budget"] and r["max_rel_err"] <= 1e-5
         else:
             assert "Remedy" in r["error"]
+    assert all(0 < r["lower_bound_bytes"] < r["unchunked_peak_bytes"] for r in rows)
 
 
 def test_max_length_smoke(tmp_path):
@@ -163,6 +164,7 @@ def test_floors_smoke(capsys):
     ok, refused = row["points"]
     assert ok["ok"] and ok["peak_bytes"] <= 0.7 * row["unchunked_bytes"]
     assert not refused["ok"] and refused["peak_bytes"] > 0.01 * row["unchunked_bytes"]
+    assert 0 < row["lower_bound_bytes"] <= refused["peak_bytes"]
 
 
 def test_attention_kernel_smoke(tmp_path):
@@ -192,6 +194,7 @@ def test_library_models_smoke(tmp_path):
     assert max(row["max_abs_err_vs_torch"].values()) < 1e-4
     (point,) = row["floors"]
     assert point["share"] == 0.9 and point["peak_bytes"] > 0
+    assert 0 < row["lower_bound_bytes"] <= point["peak_bytes"]
 
 
 def test_dynamic_lengths_smoke(tmp_path):

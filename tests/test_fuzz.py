@@ -4,7 +4,8 @@ regressions of the bugs the fuzzer found. The long profile is ``benchmarks/fuzz.
 Every property is checked by ``benchmarks.fuzz.check_graph``: the chunked build equals the
 unchunked one (rel err <= 1e-5), TVM's plan <= budget, our estimate within 2% of TVM's plan
 (unchunked and chunked), the caller's module is untouched, and the only error is
-``BudgetInfeasibleError``, whose ``min_budget`` must then build.
+``BudgetInfeasibleError``, whose ``min_budget`` must then build, and the lower bound is never
+above the peak reached.
 
 Bugs the fuzzer found, each with its minimized regression test below (symptom; fix):
   seed 12  PassContractError "region end 'chunk_res' comes before start" in a later stage;

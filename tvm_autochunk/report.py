@@ -181,6 +181,9 @@ def format_chunking(ch: dict) -> list[str]:
         f"  chunking (AutoChunk): {len(stages)} stage(s), {ch.get('evaluations', 0)} "
         f"estimates, search {ch.get('search_seconds', 0):.2f} s"
     ]
+    if ch.get("lower_bound"):
+        lines.append(f"    lower bound (no chunking the search can build peaks lower): "
+                     f"{ch['lower_bound']}")
     for i, rs in sorted(stages.items()):
         r = rs[0]
         copies = f" x {len(rs)} regions (repeated layers)" if len(rs) > 1 else ""
