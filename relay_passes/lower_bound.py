@@ -1,17 +1,17 @@
 """The smallest peak any chunking the search can build could reach: an analysis, plain data.
 
 A chunking is a set of disjoint regions, as the search builds them: a run of at most
-``window_before + window_after`` bindings of one block, seeded by the tensor just before it
-(a parameter at the block's start), legal by the dim-flow walk (``chunk_region.walk_reach``;
-the checks at a region's end are left out, which only lowers the bound). While binding ``i``
-runs, the memory held is at least:
+``window_before + window_after`` bindings of one block, seeded by a tensor live at its start
+(the search seeds with the binding before it, but its rewrites reorder bindings), legal by
+the dim-flow walk (``chunk_region.walk_reach``; the checks at a region's end are left out,
+which only lowers the bound). While binding ``i`` runs, the memory held is at least:
 
 * outside every region: every tensor live at ``i``, whole;
 * inside region ``[s..e]`` (its loop is one moment seen from outside): the tensors live
   through it, whole; the larger of the inputs that die in it and its outputs (an output may be
-  written over a dying input); the tensors it hoists (0 for those computed from no
-  parameter: a mask chain may be computed per chunk); and one slice of its largest per-chunk
-  tensor.
+  written over a dying input); the tensors it hoists, except chains it may compute per chunk
+  (``_sinkable``) and those computed from no parameter (a mask chain); and one slice of its
+  largest per-chunk tensor.
 
 The bound is the largest over ``i`` of the least of these. A view (``reshape`` and kin, a
 tuple field) is its source's storage; a tensor that the target's lowering removes (fused

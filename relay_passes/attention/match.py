@@ -192,11 +192,11 @@ def _is_const(fn: _Function, e, value, depth: int = 0) -> bool:
         if e not in params or not fn.callers or depth > 16:
             return False
         i = params.index(e)
-        return all(
-            _is_const(caller, call.args[i], value, depth + 1)
-            for caller, call in fn.callers
+        args = [
+            (caller, call.args[i]) for caller, call in fn.callers
             if not (caller.name == fn.name and call.args[i].same_as(e))  # a loop passing it on
-        )
+        ]
+        return bool(args) and all(_is_const(c, a, value, depth + 1) for c, a in args)
     e = fn.bound(e)
     if not isinstance(e, C.GenericConst) or _shape(e):
         return False
