@@ -113,3 +113,35 @@ def test_bool_cumsum_counts_as_torch_does():
     x = torch.randn(3, 17)
     got = ac.build(Count(), "llvm", example_args=(x,))(x.numpy())
     np.testing.assert_array_equal(got, Count()(x).numpy())
+
+
+def test_a_mask_over_the_size_read_at_import_stays_and_says_so(monkeypatch, caplog):
+    """A mask whose computation is bigger than ``MAX_MASK_ELEMENTS`` is not computed: it
+    stays a mask (correct, but its attention is not fused) and a warning says so."""
+    from tvm_autochunk import torch_masks
+
+    model, x = _model("causal")
+    ep = torch.export.export(model, (x,))
+    assert list(read_constant_masks(ep, torch).values()) == ["causal"]
+    monkeypatch.setattr(torch_masks, "MAX_MASK_ELEMENTS", S * S - 1)
+    with caplog.at_level("WARNING", logger="tvm_autochunk.torch_masks"):
+        assert read_constant_masks(ep, torch) == {}
+    assert "its attention is not fused" in caplog.text
+
+
+def test_big_intermediates_of_a_mask_chain_are_freed(monkeypatch):
+    """The chain's tensors over ``_big`` are dropped once read (the mask itself is kept): at
+    S=16384 a float S x S is 1 GiB, and a chain held whole did not fit the import."""
+    from tvm_autochunk import torch_masks
+
+    model, x = _model("causal_float")
+    ep = torch.export.export(model, (x,))
+    memo: dict = {}
+    monkeypatch.setattr(torch_masks, "_big", lambda v, t: isinstance(v, t.Tensor))
+    op = torch.ops.aten.scaled_dot_product_attention.default
+    sdpa = next(n for n in ep.graph.nodes if n.target is op)
+    mask = torch_masks._sdpa_mask(sdpa)
+    value = torch_masks._evaluate(mask, torch, torch_masks._constant_inputs(ep), memo)
+    assert isinstance(value, torch.Tensor) and memo[mask] is value
+    chain = [n for n, v in memo.items() if n is not mask and n.op == "call_function"]
+    assert chain and all(memo[n] is None for n in chain)

@@ -18,8 +18,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# masks bigger than this are not evaluated (an S x S bool mask at S=16384 is 256 MiB)
-MAX_MASK_ELEMENTS = 1 << 26
+# masks bigger than this are not evaluated: S=16384 (a float S x S mask is 1 GiB; the mask
+# chain's intermediates are freed as soon as they are read, so about three are alive)
+MAX_MASK_ELEMENTS = 1 << 28
 
 
 def _sdpa_mask(node) -> Any:
@@ -62,9 +63,12 @@ def _evaluate(node, torch: Any, consts: dict[str, Any], memo: dict) -> Any:
         stack.pop()
         seen.add(n)
         order.append(n)
+    users = {n: sum(u in seen for u in n.users) for n in order}  # readers still to run
     for n in order:
         if n.op == "placeholder":
             memo[n] = consts.get(n.name)
+        elif _too_big(n, torch):
+            memo[n] = None  # not computed at all (at S=32768 an int64 S x S is 8 GiB)
         elif n.op == "call_function" and not any(memo[a] is None for a in n.all_input_nodes):
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: memo[a])
             try:
@@ -74,10 +78,35 @@ def _evaluate(node, torch: Any, consts: dict[str, Any], memo: dict) -> Any:
                 memo[n] = None
         else:
             memo[n] = None
-        value = memo[n]
-        if isinstance(value, torch.Tensor) and value.numel() > MAX_MASK_ELEMENTS:
-            memo[n] = None
+        for a in n.all_input_nodes:  # a big intermediate of this mask is dropped once its
+            if a in users:  # readers here ran (None: a later mask reading it stays a mask)
+                users[a] -= 1
+                if users[a] == 0 and a is not node and _big(memo[a], torch):
+                    memo[a] = None
     return memo[node]
+
+
+def _too_big(n, torch) -> bool:
+    """Whether ``n``'s value (its traced shape) is over ``MAX_MASK_ELEMENTS``; logged."""
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return False
+    try:
+        numel = int(val.numel())
+    except TypeError:  # a symbolic size: not a constant anyway
+        return False
+    if numel <= MAX_MASK_ELEMENTS:
+        return False
+    logger.warning(
+        "an attention mask's computation (%s) has %d elements, over the %d read at import: "
+        "the mask stays, its attention is not fused, and memory grows with S x S",
+        n.name, numel, MAX_MASK_ELEMENTS,
+    )
+    return True
+
+
+def _big(value, torch) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() > 1 << 20
 
 
 def _read(mask: Any, q_len: int, k_len: int, torch: Any) -> str | None:
