@@ -67,15 +67,15 @@ def _evaluate(node, torch: Any, consts: dict[str, Any], memo: dict) -> Any:
     for n in order:
         if n.op == "placeholder":
             memo[n] = consts.get(n.name)
-        elif _too_big(n, torch):
-            memo[n] = None  # not computed at all (at S=32768 an int64 S x S is 8 GiB)
         elif n.op == "call_function" and not any(memo[a] is None for a in n.all_input_nodes):
-            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: memo[a])
-            try:
-                with torch.no_grad():
-                    memo[n] = n.target(*args, **kwargs)
-            except Exception:  # an op that cannot run eagerly here: leave the mask alone
-                memo[n] = None
+            memo[n] = None  # too big to compute (at S=32768 an int64 S x S is 8 GiB)
+            if not _too_big(n, torch):
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: memo[a])
+                try:
+                    with torch.no_grad():
+                        memo[n] = n.target(*args, **kwargs)
+                except Exception:  # an op that cannot run eagerly here: leave the mask alone
+                    memo[n] = None
         else:
             memo[n] = None
         for a in n.all_input_nodes:  # a big intermediate of this mask is dropped once its
@@ -93,7 +93,7 @@ def _too_big(n, torch) -> bool:
         return False
     try:
         numel = int(val.numel())
-    except TypeError:  # a symbolic size: not a constant anyway
+    except Exception:  # a symbolic size (torch raises its own types): not a constant anyway
         return False
     if numel <= MAX_MASK_ELEMENTS:
         return False
