@@ -345,3 +345,21 @@ def test_conv_tiles_use_256_bit_vectors_on_avx512():
 
             tvm_ffi.structural_visit(f.body, [(tvm.tirx.For, on_for)])
     assert widths and max(widths) == 16, widths  # 32 without the cap
+
+
+@pytest.mark.parametrize("width", [1, 12])
+def test_a_norm_over_a_unit_axis_is_not_inlined_into_its_sum(width):
+    """rms_norm over a size-1 axis: its sum over one element reads as injective to dlight,
+    and inlining the epilogue into that reduction block ran rsqrt on the running sum (NaN
+    everywhere; fuzz seed 466). The Elementwise rule now leaves blocks with an init alone."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((32, width), "float32"))
+    w = relax.const(np.full(width, 1.5, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(op.nn.rms_norm(x, w, axes=[-1], epsilon=1e-5))
+        bb.emit_func_output(out)
+    xs = np.random.default_rng(0).standard_normal((32, width)).astype("float32")
+    got = ac.build(bb.get(), "llvm")(xs)
+    want = xs / np.sqrt((xs**2).mean(-1, keepdims=True) + 1e-5) * 1.5
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

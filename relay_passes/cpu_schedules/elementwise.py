@@ -13,6 +13,10 @@ class Elementwise(CPURule):
     def schedule(self, sch, infos, target):
         if not all(info.is_injective() for info in infos):
             return None
+        if any(sch.get(info.block_rv).init is not None for info in infos):
+            # a reduction over unit axes reads as injective, and inlining its epilogue into it
+            # ran the epilogue on the running sum (rms_norm over a size-1 axis gave NaN)
+            return None
         for info in try_inline(sch, infos):
             block = info.block_rv
             parallel_vectorize(sch, block, vector_lanes(target, dtype_bits(sch, block)))
