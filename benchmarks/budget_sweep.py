@@ -32,6 +32,8 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
     from benchmarks.env import env_info
     from benchmarks.models import workload
     from benchmarks.timing import interleaved_medians
+    from relay_passes.fold_weight_layouts import fold_weight_layouts
+    from relay_passes.lower_bound import lower_bound
     from tvm_autochunk.measure import allowance, measure_peak
 
     w = workload(family, size, **kw)
@@ -41,13 +43,14 @@ def sweep(family: str, size: int, repeats: int, measure: bool, kw: dict,
     ref = base(*x)
     peak0 = base.report.peak_bytes
     budgets = [(f"{f * 100:g}%", int(peak0 * f)) for f in fractions]
-    bound = None  # relay_passes.lower_bound: no chunking the search can build peaks lower
-    try:
-        ac.build(mod, "llvm", budget=1)
-    except ac.BudgetInfeasibleError as e:
-        bound = e.lower_bound
-        if with_min and e.min_budget:
-            budgets.append(("min", int(e.min_budget)))
+    # no chunking the search can build peaks lower, on the module build() searches
+    bound = lower_bound(fold_weight_layouts(mod), ac.resolve_target("llvm")).nbytes
+    if with_min:
+        try:
+            ac.build(mod, "llvm", budget=1)
+        except ac.BudgetInfeasibleError as e:
+            if e.min_budget:
+                budgets.append(("min", int(e.min_budget)))
     rows = []
     for label, budget in budgets:
         row = {

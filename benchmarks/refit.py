@@ -49,7 +49,7 @@ def run_case(family: str, size: int, fraction: float, rounds: int) -> dict:
             "regions": [[s.region.chunk, s.n_chunks] for s in res.stages],
             "refit_from": [s.refit_from for s in res.stages],
             "planned_bytes": arts[name].report.planned_peak_bytes,
-            "predicted_overhead_us": round(sum(s.cost for s in res.stages), 1),
+            "predicted_overhead_us": round(res.predicted_overhead_us, 1),
             "evaluations": res.evaluations,
             "search_s": round(res.search_seconds, 3),
         }

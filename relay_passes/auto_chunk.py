@@ -65,6 +65,11 @@ class AutoChunkResult:
     lower_bound: object = field(default=None, repr=False, compare=False)
 
     @property
+    def predicted_overhead_us(self) -> float:
+        """The run time the stages add, as the cost model predicts it (microseconds)."""
+        return sum(s.cost for s in self.stages)
+
+    @property
     def plan(self) -> ChunkPlan:
         return ChunkPlan(tuple(r for s in self.stages for r in s.regions))
 
@@ -95,7 +100,7 @@ class AutoChunkResult:
                 for i, s in enumerate(self.stages)
                 for r in s.regions
             ],
-            "predicted_overhead_us": round(sum(s.cost for s in self.stages), 1),
+            "predicted_overhead_us": round(self.predicted_overhead_us, 1),
             "cost_model": self.cost_model,
             "notes": list(self.notes),
             **({"lower_bound_bytes": self.lower_bound.nbytes,

@@ -207,11 +207,11 @@ def _second_look(found, mod, target, aim: int, entry: str, profile, options, bou
         out2, res2 = auto_chunk(mod, target, aim, function=entry, profile=profile, options=wide)
     except BudgetInfeasibleError:
         return found
-    cost = lambda r: sum(s.cost for s in r.stages)  # noqa: E731
-    if cost(res2) >= cost(res):
+    if res2.predicted_overhead_us >= res.predicted_overhead_us:
         return found
-    note = (f"found fitting {wide.evaluate_top} candidates per stage ({cost(res2) / 1e3:.1f} "
-            f"ms predicted, against {cost(res) / 1e3:.1f} with {opts.evaluate_top})")
+    note = (f"found fitting {wide.evaluate_top} candidates per stage "
+            f"({res2.predicted_overhead_us / 1e3:.1f} ms predicted, against "
+            f"{res.predicted_overhead_us / 1e3:.1f} with {opts.evaluate_top})")
     return out2, dataclasses.replace(
         res2, cost_model=res.cost_model, lower_bound=bound, notes=(*res2.notes, note),
         search_seconds=res.search_seconds + res2.search_seconds,
